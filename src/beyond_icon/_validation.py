@@ -1,0 +1,109 @@
+"""Input checks shared by kernels, divergences and losses: a clear ValueError, never a NaN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# How far logsumexp of a row may be from 0 and still count as normalised.
+_ROW_TOLERANCE = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-3,
+    torch.float16: 5e-2,
+    torch.bfloat16: 5e-2,
+}
+
+
+def _where(mask: Tensor, limit: int = 5) -> str:
+    """Describe the positions of True entries of ``mask`` (rows for 2-D, indices for 1-D)."""
+    idx = torch.nonzero(mask)
+    shown = [tuple(i) if len(i) > 1 else i[0] for i in idx[:limit].tolist()]
+    more = "" if idx.shape[0] <= limit else f" and {idx.shape[0] - limit} more"
+    return f"{shown}{more}"
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_features(z: Tensor, name: str = "z", *, min_rows: int = 1) -> Tensor:
+    """Features: a floating (n, d) tensor, n >= min_rows, with no NaN or Inf."""
+    check_tensor(z, name)
+    if z.dim() != 2:
+        raise ValueError(f"{name} must have shape (n, d), got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {z.dtype}")
+    if z.shape[0] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {z.shape[0]}")
+    bad = ~torch.isfinite(z.detach())
+    if bool(bad.any()):
+        rows = bad.any(dim=1)
+        raise ValueError(f"{name} contains NaN or Inf in row(s) {_where(rows)}")
+    return z
+
+
+def check_labels(y: Tensor, name: str = "labels", *, n: int | None = None) -> Tensor:
+    """Labels: a 1-D integer tensor, optionally of length n."""
+    check_tensor(y, name)
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (class or index ids), got {y.dtype}")
+    if n is not None and y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} entries but the batch has {n} rows")
+    return y
+
+
+def check_positive(value: float, name: str) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_log_distributions(
+    log_p: Tensor,
+    name: str = "log_p",
+    *,
+    allow_empty_rows: bool,
+    like: Tensor | None = None,
+) -> Tensor:
+    """Rows of log-probabilities: (n, m), no NaN or +inf, each row's logsumexp equal to 0.
+
+    Rows that are entirely ``-inf`` (no mass) are accepted only with ``allow_empty_rows``.
+    """
+    check_tensor(log_p, name)
+    if log_p.dim() != 2:
+        raise ValueError(f"{name} must have shape (n, m), got {tuple(log_p.shape)}")
+    if like is not None and log_p.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(log_p.shape)} but log_p has shape {tuple(like.shape)}"
+        )
+    if not log_p.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating tensor of log-probabilities, got {log_p.dtype}"
+        )
+    values = log_p.detach()
+    bad = torch.isnan(values) | (values == math.inf)
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains NaN or +inf at {_where(bad)}")
+    total = torch.logsumexp(values.float() if values.dtype != torch.float64 else values, dim=-1)
+    empty = total == -math.inf
+    if bool(empty.any()) and not allow_empty_rows:
+        raise ValueError(
+            f"{name} has row(s) {_where(empty)} with no mass (all -inf); a distribution needs "
+            "at least one possible neighbour"
+        )
+    tolerance = _ROW_TOLERANCE.get(log_p.dtype, 1e-3)
+    off = (~empty) & (total.abs() > tolerance)
+    if bool(off.any()):
+        rows = torch.nonzero(off).flatten()[:5].tolist()
+        sums = total.exp()[off][:5].tolist()
+        raise ValueError(
+            f"{name} rows must be log-probabilities summing to 1; row(s) {rows} sum to "
+            f"{[round(s, 6) for s in sums]} (use torch.log_softmax or a beyond_icon.kernels kernel)"
+        )
+    return log_p

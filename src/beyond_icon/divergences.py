@@ -1,0 +1,350 @@
+"""Divergences between neighbourhood distributions, computed on log-probabilities.
+
+Every divergence takes ``(log_p, log_q)``, two tensors of shape ``(n, m)`` whose rows are
+log-probabilities (``-inf`` marks an impossible neighbour), and returns the ``(n,)`` per-row
+divergence ``D(p(.|i) || q(.|i))``.
+
+Conventions, shared by all divergences here:
+
+* ``0 * f(0/0) = 0``: entries where ``p`` and ``q`` are both zero contribute nothing and have a
+  zero, finite gradient. Masked inputs are replaced *before* any operation that would produce a
+  ``nan`` in the backward pass (the "double where" rule).
+* A divergence that is infinite on the given supports (KL with ``q = 0 < p``, reverse KL with
+  ``p = 0 < q``, ...) raises :class:`InfiniteDivergenceError` (a ``ValueError``) naming the rows
+  and the remedy (debias the distribution that has zeros, see :func:`beyond_icon.kernels.debias`).
+  It never returns ``inf``/``nan`` and never clamps silently.
+
+The registry maps names to :class:`Divergence` objects: :func:`get`, :func:`names`,
+:func:`register`, and :func:`f_divergence` builds one from a convex generator ``f`` with
+``f(1) = 0``: ``D_f(p || q) = sum_j q_j f(p_j / q_j)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from beyond_icon._validation import check_log_distributions
+
+__all__ = [
+    "Divergence",
+    "InfiniteDivergenceError",
+    "alpha",
+    "chi2",
+    "f_divergence",
+    "get",
+    "hellinger",
+    "jeffreys",
+    "jsd",
+    "kl",
+    "names",
+    "register",
+    "reverse_kl",
+    "tv",
+]
+
+DivergenceFn = Callable[[Tensor, Tensor], Tensor]
+
+_DEBIAS_HINT = (
+    "Mix the distribution that has zeros with the uniform distribution "
+    "(beyond_icon.kernels.debias(log_p, alpha=0.1), or debias='p'/'q' in the presets), "
+    "or choose a bounded divergence such as 'tv', 'jsd' or 'hellinger'."
+)
+
+
+class InfiniteDivergenceError(ValueError):
+    """The divergence is infinite because the supports of p and q do not fit."""
+
+
+def _raise_if(mask: Tensor, name: str, what: str) -> None:
+    """Raise InfiniteDivergenceError when ``mask`` (n, m) has any True entry."""
+    if bool(mask.any()):
+        rows = torch.nonzero(mask.any(dim=-1)).flatten()
+        shown = rows[:5].tolist()
+        more = "" if rows.numel() <= 5 else f" and {rows.numel() - 5} more"
+        raise InfiniteDivergenceError(
+            f"divergence '{name}' is infinite: {what} in row(s) {shown}{more}. {_DEBIAS_HINT}"
+        )
+
+
+def _p_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Elementwise ``a * (log a - log b)`` with ``a = exp(log_a)``, 0 where ``a = 0``.
+
+    The masked entries are replaced by zeros *before* the arithmetic so that gradients with
+    respect to both inputs are exactly 0 there (never ``nan``). Callers check that ``b > 0``
+    wherever ``a > 0``.
+    """
+    support = log_a > -math.inf
+    safe_a = torch.where(support, log_a, torch.zeros_like(log_a))
+    safe_b = torch.where(support, log_b, torch.zeros_like(log_b))
+    return torch.where(support, safe_a.exp() * (safe_a - safe_b), torch.zeros_like(log_a))
+
+
+# --------------------------------------------------------------------------------------------
+# The built-in divergences. Inputs are assumed validated (see Divergence.__call__).
+# --------------------------------------------------------------------------------------------
+
+
+def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Kullback-Leibler divergence, ``sum_j p_j (log p_j - log q_j)``, in ``[0, inf)``."""
+    _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
+    return _p_log_ratio(log_p, log_q).sum(dim=-1)
+
+
+def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Reverse KL, ``sum_j q_j (log q_j - log p_j)`` = KL(q || p), in ``[0, inf)``."""
+    _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
+    return _p_log_ratio(log_q, log_p).sum(dim=-1)
+
+
+def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Total variation distance, ``1/2 sum_j |p_j - q_j|``, in ``[0, 1]``."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+
+
+def hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Squared Hellinger distance, ``1/2 sum_j (sqrt p_j - sqrt q_j)^2``, in ``[0, 1]``."""
+    return 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()).pow(2).sum(dim=-1)
+
+
+def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence, ``1/2 KL(p || m) + 1/2 KL(q || m)``, ``m = (p + q) / 2``.
+
+    Natural logarithm, so the range is ``[0, log 2]``.
+    """
+    either = (log_p > -math.inf) | (log_q > -math.inf)
+    safe_p = torch.where(either, log_p, torch.zeros_like(log_p))
+    safe_q = torch.where(either, log_q, torch.zeros_like(log_q))
+    log_m = torch.logaddexp(safe_p, safe_q) - math.log(2.0)
+    log_m = torch.where(either, log_m, torch.full_like(log_m, -math.inf))
+    return 0.5 * (_p_log_ratio(log_p, log_m) + _p_log_ratio(log_q, log_m)).sum(dim=-1)
+
+
+def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Pearson chi-squared divergence, ``sum_j (p_j - q_j)^2 / q_j``, in ``[0, inf)``.
+
+    Infinite where ``q = 0 < p`` (the Pearson form divides by ``q``).
+    """
+    _raise_if((log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
+    support = log_q > -math.inf
+    safe_p = torch.where(support, log_p, torch.zeros_like(log_p))
+    safe_q = torch.where(support, log_q, torch.zeros_like(log_q))
+    # (p - q)^2 / q = (p - q)(p/q - 1), with p/q = exp(log p - log q): no division by a tiny q
+    # and no square of a huge ratio.
+    terms = (safe_p.exp() - safe_q.exp()) * torch.expm1(safe_p - safe_q)
+    return torch.where(support, terms, torch.zeros_like(terms)).sum(dim=-1)
+
+
+def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """Jeffreys divergence, ``KL(p || q) + KL(q || p) = sum_j (p_j - q_j)(log p_j - log q_j)``."""
+    p_only = (log_p > -math.inf) & (log_q == -math.inf)
+    q_only = (log_q > -math.inf) & (log_p == -math.inf)
+    _raise_if(p_only | q_only, "jeffreys", "p and q have different supports")
+    return (_p_log_ratio(log_p, log_q) + _p_log_ratio(log_q, log_p)).sum(dim=-1)
+
+
+def alpha(a: float) -> DivergenceFn:
+    """Amari alpha-divergence ``(1 - sum_j p_j^A q_j^(1-A)) / (A (1 - A))``.
+
+    Computed as ``sum_j (A p_j + (1 - A) q_j - p_j^A q_j^(1-A)) / (A (1 - A))``, a sum of
+    non-negative terms (weighted AM-GM), which equals the textbook form for normalised rows and
+    avoids the cancellation of ``1 - sum`` when ``p`` is close to ``q``. ``A -> 1`` is KL,
+    ``A -> 0`` reverse KL (returned exactly for A = 1 and A = 0); bounded by ``1/(A(1-A))``
+    for ``0 < A < 1``.
+    """
+    a = float(a)
+    if not math.isfinite(a):
+        raise ValueError(f"alpha must be a finite number, got {a}")
+    if a == 1.0:
+        return kl
+    if a == 0.0:
+        return reverse_kl
+    scale = 1.0 / (a * (1.0 - a))
+
+    def alpha_divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+        both_zero = (log_p == -math.inf) & (log_q == -math.inf)
+        if a > 1.0:
+            _raise_if(
+                (log_p > -math.inf) & (log_q == -math.inf), f"alpha:{a:g}", "p > 0 where q = 0"
+            )
+        if a < 0.0:
+            _raise_if(
+                (log_q > -math.inf) & (log_p == -math.inf), f"alpha:{a:g}", "q > 0 where p = 0"
+            )
+        safe_p = torch.where(both_zero, torch.zeros_like(log_p), log_p)
+        safe_q = torch.where(both_zero, torch.zeros_like(log_q), log_q)
+        # Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
+        # cases were raised above), leaving A p + (1 - A) q. Where p and q are close, the
+        # per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
+        # elsewhere the form with exponents <= 0 cannot overflow.
+        log_ratio = safe_p - safe_q
+        close = ~both_zero & (log_ratio.abs() < 1.0)
+        u = torch.where(close, log_ratio, torch.zeros_like(log_ratio))
+        near = safe_q.exp() * (a * torch.expm1(u) - torch.expm1(a * u))
+        far = a * safe_p.exp() + (1.0 - a) * safe_q.exp() - (a * safe_p + (1.0 - a) * safe_q).exp()
+        terms = torch.where(close, near, far)
+        terms = torch.where(both_zero, torch.zeros_like(terms), terms)
+        return scale * terms.sum(dim=-1)
+
+    alpha_divergence.__name__ = f"alpha_{a:g}"
+    alpha_divergence.__doc__ = f"Amari alpha-divergence with A = {a:g}."
+    return alpha_divergence
+
+
+# --------------------------------------------------------------------------------------------
+# f-divergences from a user's generator
+# --------------------------------------------------------------------------------------------
+
+
+def f_divergence(
+    f: Callable[[Tensor], Tensor],
+    *,
+    name: str = "f",
+    slope_at_infinity: float = math.inf,
+    check: bool = True,
+) -> DivergenceFn:
+    """Build ``D_f(p || q) = sum_j q_j f(p_j / q_j)`` from a convex generator ``f``, ``f(1) = 0``.
+
+    Boundary conventions: ``0 f(0/0) = 0``; where ``q = 0 < p`` the term is
+    ``p_j * lim_{t->inf} f(t)/t`` (``slope_at_infinity``, infinite by default: an error);
+    where ``p = 0 < q`` it is ``q_j * f(0)``, and an infinite ``f(0)`` is an error.
+    ``f`` receives a tensor of ratios ``t > 0`` and must be elementwise and differentiable.
+    With ``check=True`` the generator is tested for ``f(1) = 0`` and midpoint convexity on a
+    grid of ratios; a failure raises ``ValueError``.
+    """
+    if check:
+        grid = torch.logspace(-4, 4, 41, dtype=torch.float64)
+        values = f(grid)
+        if not isinstance(values, Tensor) or values.shape != grid.shape:
+            raise ValueError(f"f-divergence '{name}': f must map a tensor of ratios elementwise")
+        at_one = float(f(torch.ones(1, dtype=torch.float64))[0])
+        if not abs(at_one) <= 1e-8:
+            raise ValueError(f"f-divergence '{name}': f(1) must be 0, got {at_one:.3g}")
+        mid = f((grid[:-1] + grid[1:]) / 2)
+        chord = (values[:-1] + values[1:]) / 2
+        slack = 1e-9 * (1 + chord.abs())
+        if not bool(torch.all(torch.isfinite(values))) or bool(torch.any(mid > chord + slack)):
+            raise ValueError(f"f-divergence '{name}': f must be finite and convex on (0, inf)")
+    f_at_zero = float(f(torch.zeros(1, dtype=torch.float64))[0])
+
+    def divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
+        p_pos = log_p > -math.inf
+        q_pos = log_q > -math.inf
+        both = p_pos & q_pos
+        if not math.isfinite(slope_at_infinity):
+            _raise_if(p_pos & ~q_pos, name, "p > 0 where q = 0 and f(t)/t is unbounded")
+        if not math.isfinite(f_at_zero):
+            _raise_if(q_pos & ~p_pos, name, "q > 0 where p = 0 and f(0) is infinite")
+        safe_p = torch.where(both, log_p, torch.zeros_like(log_p))
+        safe_q = torch.where(both, log_q, torch.zeros_like(log_q))
+        inner = safe_q.exp() * f((safe_p - safe_q).exp())
+        terms = torch.where(both, inner, torch.zeros_like(inner))
+        if math.isfinite(slope_at_infinity):
+            p_only = torch.where(p_pos & ~q_pos, log_p, torch.full_like(log_p, -math.inf))
+            terms = terms + slope_at_infinity * p_only.exp()
+        if math.isfinite(f_at_zero) and f_at_zero != 0.0:
+            q_only = torch.where(q_pos & ~p_pos, log_q, torch.full_like(log_q, -math.inf))
+            terms = terms + f_at_zero * q_only.exp()
+        return terms.sum(dim=-1)
+
+    divergence.__name__ = name
+    divergence.__doc__ = f"f-divergence '{name}': sum_j q_j f(p_j / q_j)."
+    return divergence
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A named divergence: ``D(log_p, log_q) -> (n,)``, with what is known of its range.
+
+    Calling it validates the inputs (shapes, finiteness, normalised rows) unless
+    ``validate=False``; ``fn`` is the raw function.
+    """
+
+    name: str
+    fn: DivergenceFn = field(repr=False)
+    upper_bound: float = math.inf
+    symmetric: bool = False
+
+    def __call__(self, log_p: Tensor, log_q: Tensor, *, validate: bool = True) -> Tensor:
+        if validate:
+            check_log_distributions(log_p, "log_p", allow_empty_rows=False)
+            check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
+        out = self.fn(log_p, log_q)
+        if not isinstance(out, Tensor) or out.shape != log_p.shape[:-1]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"divergence '{self.name}' must return one value per row, shape "
+                f"{tuple(log_p.shape[:-1])}, got {got}"
+            )
+        return out
+
+
+_REGISTRY: dict[str, Divergence] = {}
+
+
+def register(
+    name: str,
+    fn: DivergenceFn,
+    *,
+    upper_bound: float = math.inf,
+    symmetric: bool = False,
+    overwrite: bool = False,
+) -> Divergence:
+    """Register ``fn(log_p, log_q) -> (n,)`` under ``name`` and return the Divergence."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"a divergence name must be a non-empty string without ':', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"divergence '{name}' must be callable (log_p, log_q) -> (n,)")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"divergence '{name}' is already registered (pass overwrite=True)")
+    divergence = Divergence(name, fn, upper_bound=upper_bound, symmetric=symmetric)
+    _REGISTRY[name] = divergence
+    return divergence
+
+
+def names() -> list[str]:
+    """Registered divergence names (plus the parametric family ``alpha:A``)."""
+    return sorted(_REGISTRY) + ["alpha:A"]
+
+
+def get(name: str | Divergence | DivergenceFn) -> Divergence:
+    """Look up a divergence by name (``"tv"``, ``"alpha:0.5"``, ...) or wrap a callable."""
+    if isinstance(name, Divergence):
+        return name
+    if callable(name):
+        return Divergence(getattr(name, "__name__", "custom"), name)
+    if not isinstance(name, str):
+        raise TypeError(f"divergence must be a name or a callable, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key.startswith("alpha:"):
+        try:
+            a = float(key.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"'{name}': alpha:A needs a number A, e.g. 'alpha:0.5'") from None
+        if a == 1.0:
+            return Divergence(f"alpha:{a:g}", kl)
+        if a == 0.0:
+            return Divergence(f"alpha:{a:g}", reverse_kl)
+        bound = 1.0 / (a * (1.0 - a)) if 0.0 < a < 1.0 else math.inf
+        return Divergence(f"alpha:{a:g}", alpha(a), upper_bound=bound, symmetric=a == 0.5)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown divergence '{name}'; known: {', '.join(names())}")
+    return _REGISTRY[key]
+
+
+register("kl", kl)
+register("reverse_kl", reverse_kl)
+register("tv", tv, upper_bound=1.0, symmetric=True)
+register("hellinger", hellinger, upper_bound=1.0, symmetric=True)
+register("jsd", jsd, upper_bound=math.log(2.0), symmetric=True)
+register("chi2", chi2)
+register("jeffreys", jeffreys, symmetric=True)

@@ -1,0 +1,309 @@
+"""Neighbourhood distributions p(j|i) and q(j|i) as row-normalised log-probabilities.
+
+Every kernel returns a tensor of shape ``(n_rows, n)`` whose rows are log-probabilities
+(``logsumexp`` of each row is 0) with ``-inf`` at impossible neighbours (the anchor itself for
+pairwise kernels, other classes for the label kernel).
+
+``rows`` (a ``slice`` of anchor indices, default: all) asks for just that block of rows. Row
+normalisation is per row, so a block equals the same rows of the full matrix; this is what lets
+:func:`beyond_icon.icon_loss` work in row chunks with O(chunk x n) memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from beyond_icon._validation import (
+    check_features,
+    check_labels,
+    check_log_distributions,
+    check_positive,
+)
+
+__all__ = [
+    "clusters",
+    "cosine",
+    "debias",
+    "gaussian",
+    "knn",
+    "labels",
+    "perplexity",
+    "propagate",
+    "squared_distances",
+    "student_t",
+    "views",
+]
+
+
+def _row_slice(n: int, rows: slice | None) -> slice:
+    if rows is None:
+        return slice(0, n)
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise ValueError(f"rows must be a contiguous slice, got {rows!r}")
+    start, stop, _ = rows.indices(n)
+    if start >= stop:
+        raise ValueError(f"rows {rows!r} selects no row of a batch of {n}")
+    return slice(start, stop)
+
+
+def _self_mask(rows: slice, n: int, device: torch.device) -> Tensor:
+    """Boolean (len(rows), n) mask, True at each anchor's own column."""
+    anchors = torch.arange(rows.start, rows.stop, device=device)
+    return anchors[:, None] == torch.arange(n, device=device)[None, :]
+
+
+def _masked_log_softmax(logits: Tensor, rows: slice, exclude_self: bool) -> Tensor:
+    if exclude_self:
+        logits = logits.masked_fill(_self_mask(rows, logits.shape[1], logits.device), -math.inf)
+    return torch.log_softmax(logits, dim=-1)
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``|a_i - b_j|^2`` as ``|a|^2 + |b|^2 - 2 a.b``, clamped at 0 (exact 0 on the diagonal).
+
+    No square root is taken, so the gradient is finite at distance 0. Callers centre both sets
+    on a common point first to limit cancellation for features far from the origin.
+    """
+    sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)
+    return sq.clamp_min(0.0)
+
+
+def _block_distances(z: Tensor, rows: slice) -> Tensor:
+    centre = z.detach().mean(dim=0, keepdim=True)
+    centred = z - centre
+    return squared_distances(centred[rows], centred)
+
+
+def _check_pairwise(z: Tensor, name: str) -> None:
+    check_features(z, name, min_rows=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels on embeddings (learned q, or p from input space)
+# --------------------------------------------------------------------------------------------
+
+
+def gaussian(
+    z: Tensor, sigma: float = 1.0, *, rows: slice | None = None, exclude_self: bool = True
+) -> Tensor:
+    """Gaussian kernel: ``q(j|i) ∝ exp(-|z_i - z_j|^2 / (2 sigma^2))``, ``j != i``."""
+    _check_pairwise(z, "z")
+    sigma = check_positive(sigma, "sigma")
+    block = _row_slice(z.shape[0], rows)
+    logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
+    return _masked_log_softmax(logits, block, exclude_self)
+
+
+def student_t(
+    z: Tensor, dof: float = 1.0, *, rows: slice | None = None, exclude_self: bool = True
+) -> Tensor:
+    """Student-t kernel: ``q(j|i) ∝ (1 + |z_i - z_j|^2 / dof)^(-(dof + 1) / 2)``, ``j != i``.
+
+    ``dof = 1`` is the Cauchy kernel of t-SNE.
+    """
+    _check_pairwise(z, "z")
+    dof = check_positive(dof, "dof")
+    block = _row_slice(z.shape[0], rows)
+    logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(z, block) / dof)
+    return _masked_log_softmax(logits, block, exclude_self)
+
+
+def cosine(
+    z: Tensor, temperature: float = 0.1, *, rows: slice | None = None, exclude_self: bool = True
+) -> Tensor:
+    """Cosine kernel: ``q(j|i) ∝ exp(cos(z_i, z_j) / temperature)``, ``j != i``."""
+    _check_pairwise(z, "z")
+    temperature = check_positive(temperature, "temperature")
+    block = _row_slice(z.shape[0], rows)
+    unit = F.normalize(z, dim=-1, eps=1e-12)
+    logits = (unit[block] @ unit.T) / temperature
+    return _masked_log_softmax(logits, block, exclude_self)
+
+
+@torch.no_grad()
+def perplexity(
+    x: Tensor,
+    perplexity: float = 30.0,
+    *,
+    rows: slice | None = None,
+    n_iter: int = 100,
+) -> Tensor:
+    """Perplexity-calibrated Gaussian: ``p(j|i) ∝ exp(-beta_i |x_i - x_j|^2)``, ``j != i``.
+
+    Each row's precision ``beta_i`` is found by bisection (in log space) so that the row's
+    perplexity ``exp(H(p(.|i)))`` (natural log) equals ``perplexity``. No gradient flows: this
+    is a supervisory distribution. Computed in float64, returned in ``x``'s dtype.
+    """
+    check_features(x, "x", min_rows=2)
+    n = x.shape[0]
+    perplexity = check_positive(perplexity, "perplexity")
+    if not 1.0 <= perplexity < n - 1:
+        raise ValueError(
+            f"perplexity must be in [1, n - 1) = [1, {n - 1}) for a batch of n = {n} points, "
+            f"got {perplexity:g}; lower it or use a larger batch"
+        )
+    block = _row_slice(n, rows)
+    d2 = _block_distances(x.double(), block)
+    self_mask = _self_mask(block, n, x.device)
+    d2 = d2.masked_fill(self_mask, math.inf)
+    # Shift and scale each row so that beta ~ 1 is a sensible start: the nearest neighbour is at
+    # 0 and the median neighbour at 1 (the entropy is invariant to the shift; beta absorbs scale).
+    d2 = d2 - d2.min(dim=1, keepdim=True).values
+    scale = torch.nanmedian(d2.masked_fill(self_mask, math.nan), dim=1, keepdim=True).values
+    d2 = d2 / scale.clamp_min(1e-12)
+    target = math.log(perplexity)
+    lo = torch.full((d2.shape[0], 1), -50.0, dtype=torch.float64, device=x.device)
+    hi = torch.full_like(lo, 50.0)
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        log_p = torch.log_softmax(-mid.exp() * d2, dim=1)
+        entropy = -(log_p.exp() * log_p.masked_fill(self_mask, 0.0)).sum(1, keepdim=True)
+        too_flat = entropy > target  # entropy falls as beta grows
+        lo = torch.where(too_flat, mid, lo)
+        hi = torch.where(too_flat, hi, mid)
+    log_p = torch.log_softmax(-((lo + hi) / 2).exp() * d2, dim=1)
+    return log_p.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Supervisory kernels from labels, indices and graphs
+# --------------------------------------------------------------------------------------------
+
+
+def labels(y: Tensor, *, rows: slice | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """Label kernel: ``p(j|i) = 1 / |{k != i : y_k = y_i}|`` if ``y_j = y_i``, ``j != i``.
+
+    A sample whose label appears once has an empty row (all ``-inf``); the loss leaves it out.
+    """
+    check_labels(y, "labels")
+    n = y.shape[0]
+    block = _row_slice(n, rows)
+    same = (y[block][:, None] == y[None, :]) & ~_self_mask(block, n, y.device)
+    counts = same.sum(dim=1, keepdim=True)
+    log_uniform = -torch.log(counts.clamp_min(1).to(dtype or torch.get_default_dtype()))
+    return torch.where(same, log_uniform, torch.full_like(log_uniform, -math.inf))
+
+
+def views(
+    source_index: Tensor, *, rows: slice | None = None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Views kernel: ``p(j|i)`` uniform over the other entries with the same source index.
+
+    Two augmented views of image k share index k (SimCLR); a mined k-NN pair shares a pair id.
+    """
+    return labels(source_index, rows=rows, dtype=dtype)
+
+
+def knn(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
+    """k-NN kernel: ``p(j|i) = 1/k`` for the ``k`` nearest ``j != i`` (Euclidean), else 0."""
+    check_features(x, "x", min_rows=2)
+    n = x.shape[0]
+    if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
+        raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
+    block = _row_slice(n, rows)
+    with torch.no_grad():
+        d2 = _block_distances(x.detach(), block).masked_fill(
+            _self_mask(block, n, x.device), math.inf
+        )
+        nearest = d2.topk(n_neighbors, dim=1, largest=False).indices
+    out = torch.full(d2.shape, -math.inf, dtype=x.dtype, device=x.device)
+    return out.scatter(1, nearest, -math.log(n_neighbors))
+
+
+def clusters(
+    log_assign: Tensor,
+    teacher: Tensor | None = None,
+    *,
+    rows: slice | None = None,
+    exclude_self: bool = False,
+) -> Tensor:
+    """Cluster-sharing kernel: ``q(j|i) = sum_c a_ic b_jc / sum_l b_lc``.
+
+    ``log_assign`` holds log soft assignments ``log a`` (n, k), rows summing to 1;
+    ``teacher`` (same shape) the log assignments ``log b`` of a teacher (default ``b = a``).
+    Rows sum to one because ``sum_j b_jc / sum_l b_lc = 1``. With ``exclude_self`` the
+    anchor's own entry is removed and the row renormalised. The (n x k) @ (k x n) product is
+    taken in float64 after a per-row max shift, so confident assignments do not underflow.
+    """
+    check_log_distributions(log_assign, "log_assign", allow_empty_rows=False)
+    if teacher is None:
+        teacher = log_assign
+    else:
+        check_log_distributions(teacher, "teacher", allow_empty_rows=False, like=log_assign)
+    n = log_assign.shape[0]
+    if n < 2:
+        raise ValueError("the cluster kernel needs a batch of at least 2 points")
+    block = _row_slice(n, rows)
+    la = log_assign[block].double()
+    lb = teacher.double()
+    lb = lb - torch.logsumexp(lb, dim=0, keepdim=True)  # b_jc / sum_l b_lc, in log space
+    la_max = la.max(dim=1, keepdim=True).values
+    lb_max = lb.max(dim=1, keepdim=True).values
+    shifted = (la - la_max).exp() @ (lb - lb_max).exp().T
+    positive = shifted > 0
+    safe = torch.where(positive, shifted, torch.ones_like(shifted))
+    log_q = torch.where(positive, safe.log(), torch.full_like(safe, -math.inf))
+    log_q = log_q + la_max + lb_max.T
+    if exclude_self:
+        log_q = _masked_log_softmax(log_q, block, True)
+    return log_q.to(log_assign.dtype)
+
+
+def debias(
+    log_p: Tensor, alpha: float, *, rows: slice | None = None, exclude_self: bool = True
+) -> Tensor:
+    """Debiasing: ``(1 - alpha) p(j|i) + alpha / m_i`` on the allowed entries.
+
+    Allowed entries are all ``j`` (``j != i`` with ``exclude_self``, ``rows`` giving the
+    anchors' positions); ``m_i`` counts them. ``alpha = 0`` returns ``p``, ``alpha = 1`` the
+    uniform distribution. Rows with no mass (not a distribution) stay empty.
+    """
+    check_log_distributions(log_p, "log_p", allow_empty_rows=True)
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"debias alpha must be in [0, 1], got {alpha!r}")
+    if alpha == 0.0:
+        return log_p
+    n_rows, m = log_p.shape
+    allowed = torch.ones_like(log_p, dtype=torch.bool)
+    if exclude_self:
+        block = _row_slice(m, rows) if rows is not None else slice(0, n_rows)
+        if block.stop - block.start != n_rows:
+            raise ValueError(f"rows {rows!r} does not match the {n_rows} rows of log_p")
+        allowed = ~_self_mask(block, m, log_p.device)
+    n_allowed = allowed.sum(dim=1, keepdim=True).to(log_p.dtype)
+    empty = (log_p == -math.inf).all(dim=1, keepdim=True)
+    keep = allowed & ~empty
+    kept_part = log_p + math.log1p(-alpha) if alpha < 1.0 else torch.full_like(log_p, -math.inf)
+    uniform_part = math.log(alpha) - torch.log(n_allowed).expand_as(log_p)
+    safe_kept = torch.where(keep, kept_part, torch.zeros_like(log_p))
+    mixed = torch.logaddexp(safe_kept, torch.where(keep, uniform_part, torch.zeros_like(log_p)))
+    return torch.where(keep, mixed, torch.full_like(log_p, -math.inf))
+
+
+def propagate(log_p: Tensor, steps: int = 2, *, exclude_self: bool = True) -> Tensor:
+    """k-NN walks: ``p_walk ∝ P + P^2 + ... + P^steps`` (row-stochastic ``P = exp(log_p)``).
+
+    With ``exclude_self`` the walks that return to the anchor are dropped and rows renormalised.
+    Needs the full square matrix (walks mix all rows), so it has no ``rows`` argument.
+    """
+    check_log_distributions(log_p, "log_p", allow_empty_rows=True)
+    n, m = log_p.shape
+    if n != m:
+        raise ValueError(f"propagate needs a square (n, n) matrix, got {tuple(log_p.shape)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    p = log_p.exp()
+    walk, total = p, p
+    for _ in range(steps - 1):
+        walk = walk @ p
+        total = total + walk
+    if exclude_self:
+        total = total.masked_fill(torch.eye(n, dtype=torch.bool, device=p.device), 0.0)
+    mass = total.sum(dim=1, keepdim=True)
+    positive = total > 0
+    safe = torch.where(positive, total / torch.where(mass > 0, mass, 1.0), torch.ones_like(total))
+    return torch.where(positive, safe.log(), torch.full_like(total, -math.inf))

@@ -1,0 +1,136 @@
+"""The I-Con loss: ``L = (1/|R|) sum_{i in R} D(p(.|i) || q(.|i))``.
+
+``R`` is the set of rows of ``p`` that have mass. A row with no mass (a sample whose class
+appears once in the batch) has no supervisory neighbour: it is left out of the average and
+counted, never turned into NaN or a silent 0. If no row is left, ``ValueError``.
+
+``log_p`` and ``log_q`` are (n, m) tensors of row log-probabilities, or callables
+``rows: slice -> (len(rows), m)`` that build a block of rows on demand. With ``chunk_size``
+the loss is evaluated block by block under activation checkpointing, so that forward and
+backward keep O(chunk_size x m) intermediate memory instead of O(n x m); values and gradients
+equal the dense path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from beyond_icon import divergences as _divergences
+from beyond_icon._validation import check_log_distributions
+
+__all__ = ["LossStats", "icon_loss", "icon_loss_rows"]
+
+RowsFn = Callable[[slice], Tensor]
+
+
+@dataclass(frozen=True)
+class LossStats:
+    """How many rows entered the average and how many were left out for having no mass."""
+
+    n_rows: int
+    n_empty: int
+
+
+def _block(source: Tensor | RowsFn, rows: slice) -> Tensor:
+    return source(rows) if callable(source) else source[rows]
+
+
+def _n_rows(log_p: Tensor | RowsFn, log_q: Tensor | RowsFn, n_rows: int | None) -> int:
+    for source in (log_p, log_q):
+        if isinstance(source, Tensor):
+            if source.dim() != 2:
+                raise ValueError(f"log-probabilities must be (n, m), got {tuple(source.shape)}")
+            if n_rows is not None and n_rows != source.shape[0]:
+                raise ValueError(f"n_rows={n_rows} but a tensor has {source.shape[0]} rows")
+            return source.shape[0]
+    if n_rows is None:
+        raise ValueError("when log_p and log_q are both callables, pass n_rows")
+    return n_rows
+
+
+def _block_terms(
+    log_p: Tensor, log_q: Tensor, divergence: _divergences.Divergence
+) -> tuple[Tensor, Tensor]:
+    """Validate one block; return (per-row divergence of non-empty rows, mask of those rows)."""
+    check_log_distributions(log_p, "log_p", allow_empty_rows=True)
+    check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
+    has_mass = torch.isfinite(log_p.detach()).any(dim=-1)
+    if not bool(has_mass.all()):
+        log_p, log_q = log_p[has_mass], log_q[has_mass]
+    if log_p.shape[0] == 0:
+        return log_q.new_zeros(0), has_mass
+    return divergence(log_p, log_q, validate=False), has_mass
+
+
+def icon_loss_rows(
+    log_p: Tensor | RowsFn,
+    log_q: Tensor | RowsFn,
+    divergence: str | _divergences.Divergence | Callable = "kl",
+    *,
+    n_rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergences of the rows of ``p`` that have mass, and the boolean mask of them."""
+    div = _divergences.get(divergence)
+    n = _n_rows(log_p, log_q, n_rows)
+    rows = slice(0, n)
+    return _block_terms(_block(log_p, rows), _block(log_q, rows), div)
+
+
+def icon_loss(
+    log_p: Tensor | RowsFn,
+    log_q: Tensor | RowsFn,
+    divergence: str | _divergences.Divergence | Callable = "kl",
+    *,
+    chunk_size: int | None = None,
+    n_rows: int | None = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, LossStats]:
+    """``mean_i D(p(.|i) || q(.|i))`` over the rows of ``p`` with mass.
+
+    ``reduction`` is ``"mean"`` (the I-Con loss) or ``"sum"``. ``return_stats`` also returns
+    :class:`LossStats`. ``chunk_size`` enables the row-chunked, checkpointed path.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    div = _divergences.get(divergence)
+    n = _n_rows(log_p, log_q, n_rows)
+    if chunk_size is None or chunk_size >= n:
+        values, mask = icon_loss_rows(log_p, log_q, div, n_rows=n)
+        total, count = values.sum(), int(mask.sum())
+    else:
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+        def block_sum(start: int, stop: int) -> tuple[Tensor, Tensor]:
+            rows = slice(start, stop)
+            values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div)
+            return values.sum(), mask.sum()
+
+        total, count = None, 0
+        for start in range(0, n, chunk_size):
+            stop = min(start + chunk_size, n)
+            part, part_count = checkpoint(block_sum, start, stop, use_reentrant=False)
+            total = part if total is None else total + part
+            count += int(part_count)
+    if count == 0:
+        raise ValueError(
+            f"every one of the {n} rows of p has no mass (no sample has a neighbour: e.g. every "
+            "class appears once in the batch); the loss is undefined. Use larger batches, "
+            "several views per sample, or debias p"
+        )
+    loss = total / count if reduction == "mean" else total
+    if not bool(torch.isfinite(loss.detach())):
+        raise ValueError(
+            f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss)}): q gives "
+            "some neighbour a tiny probability that p does not. Debias q, compute in float64, "
+            "or use a bounded divergence ('tv', 'jsd', 'hellinger')"
+        )
+    if return_stats:
+        return loss, LossStats(n_rows=count, n_empty=n - count)
+    return loss

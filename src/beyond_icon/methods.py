@@ -1,0 +1,357 @@
+"""Presets: representation-learning methods as I-Con (p, q) pairs with a free divergence.
+
+Each preset is an ``nn.Module`` whose forward returns the scalar loss
+``mean_i D(p(.|i) || q(.|i))``; its docstring names the pair. With ``divergence="kl"`` each
+equals the original method's loss up to an additive constant stated in the docstring (the
+entropy of ``p``, which has no gradient). ``chunk_size`` switches to the row-chunked path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from beyond_icon import divergences as _divergences
+from beyond_icon import kernels
+from beyond_icon._validation import check_features, check_labels, check_positive
+from beyond_icon.loss import LossStats, icon_loss
+
+__all__ = [
+    "ClusterLoss",
+    "CrossEntropy",
+    "IConLoss",
+    "PMI",
+    "SNE",
+    "SimCLR",
+    "SupCon",
+    "TSNE",
+]
+
+_SIDES = ("p", "q", "both")
+
+
+class IConLoss(nn.Module):
+    """Base class: holds the divergence, the chunk size and the last call's row statistics."""
+
+    def __init__(self, divergence: str | Callable = "kl", chunk_size: int | None = None):
+        super().__init__()
+        self.divergence = _divergences.get(divergence)
+        self.chunk_size = chunk_size
+        self.last_stats: LossStats | None = None
+
+    def extra_repr(self) -> str:
+        return f"divergence={self.divergence.name!r}, chunk_size={self.chunk_size}"
+
+    def _icon(
+        self,
+        log_p: Callable[[slice], Tensor],
+        log_q: Callable[[slice], Tensor],
+        n_rows: int,
+    ) -> Tensor:
+        loss, self.last_stats = icon_loss(
+            log_p,
+            log_q,
+            self.divergence,
+            chunk_size=self.chunk_size,
+            n_rows=n_rows,
+            return_stats=True,
+        )
+        return loss
+
+
+def _debiased(
+    build: Callable[[slice], Tensor], alpha: float, exclude_self: bool = True
+) -> Callable[[slice], Tensor]:
+    if alpha == 0.0:
+        return build
+    return lambda rows: kernels.debias(build(rows), alpha, rows=rows, exclude_self=exclude_self)
+
+
+class SNE(IConLoss):
+    """SNE: p = perplexity-calibrated Gaussian on inputs ``x``, q = Gaussian on embeddings ``z``.
+
+    ``q(j|i) ∝ exp(-|z_i - z_j|^2 / (2 sigma^2))``; the default ``sigma = 1/sqrt(2)`` gives
+    SNE's ``exp(-|z_i - z_j|^2)``. With KL this is the SNE cost ``(1/n) sum_i KL(P_i || Q_i)``.
+    """
+
+    def __init__(
+        self,
+        divergence: str | Callable = "kl",
+        perplexity: float = 30.0,
+        sigma: float = 1.0 / math.sqrt(2.0),
+        chunk_size: int | None = None,
+    ):
+        super().__init__(divergence, chunk_size)
+        self.perplexity = check_positive(perplexity, "perplexity")
+        self.sigma = check_positive(sigma, "sigma")
+
+    def log_q(self, z: Tensor, rows: slice) -> Tensor:
+        return kernels.gaussian(z, self.sigma, rows=rows)
+
+    def forward(self, x: Tensor, z: Tensor, log_p: Tensor | None = None) -> Tensor:
+        """``x`` (n, D) inputs (or pass a precomputed ``log_p``), ``z`` (n, d) embeddings."""
+        check_features(z, "z", min_rows=2)
+        if log_p is None:
+            check_features(x, "x", min_rows=2)
+            if x.shape[0] != z.shape[0]:
+                raise ValueError(f"x has {x.shape[0]} rows but z has {z.shape[0]}")
+            log_p = kernels.perplexity(x, self.perplexity).to(z.dtype)
+        elif log_p.shape != (z.shape[0], z.shape[0]):
+            raise ValueError(
+                f"log_p must be ({z.shape[0]}, {z.shape[0]}), got {tuple(log_p.shape)}"
+            )
+        return self._icon(lambda rows: log_p[rows], lambda rows: self.log_q(z, rows), z.shape[0])
+
+
+class TSNE(SNE):
+    """t-SNE as I-Con writes it: p = perplexity Gaussian on ``x``, q = Student-t on ``z``.
+
+    ``q(j|i) ∝ (1 + |z_i - z_j|^2 / dof)^(-(dof + 1)/2)`` (Cauchy for ``dof = 1``), row
+    normalised (conditional), as in I-Con; van der Maaten's t-SNE normalises jointly instead.
+    """
+
+    def __init__(
+        self,
+        divergence: str | Callable = "kl",
+        perplexity: float = 30.0,
+        dof: float = 1.0,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(divergence, perplexity, chunk_size=chunk_size)
+        self.dof = check_positive(dof, "dof")
+
+    def log_q(self, z: Tensor, rows: slice) -> Tensor:
+        return kernels.student_t(z, self.dof, rows=rows)
+
+
+class SimCLR(IConLoss):
+    """SimCLR / NT-Xent: p = the other view of the same image, q = cosine kernel / temperature.
+
+    ``forward(z1, z2)`` with the two views' (n, d) embeddings. With KL, p is one-hot, so the
+    loss is exactly NT-Xent ``-log q(partner | i)`` averaged over the 2n anchors.
+    """
+
+    def __init__(
+        self,
+        divergence: str | Callable = "kl",
+        temperature: float = 0.5,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(divergence, chunk_size)
+        self.temperature = check_positive(temperature, "temperature")
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        check_features(z1, "z1")
+        check_features(z2, "z2")
+        if z1.shape != z2.shape:
+            raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)} must match")
+        z = torch.cat([z1, z2])
+        index = torch.arange(z1.shape[0], device=z.device).repeat(2)
+        return self._icon(
+            lambda rows: kernels.views(index, rows=rows, dtype=z.dtype),
+            lambda rows: kernels.cosine(z, self.temperature, rows=rows),
+            z.shape[0],
+        )
+
+
+class SupCon(IConLoss):
+    """Supervised contrastive: p = uniform over same-label others, q = a kernel on features.
+
+    ``metric="cosine"``: ``q(j|i) ∝ exp(cos(z_i, z_j) / temperature)`` (Khosla et al.); with KL
+    the loss equals the SupCon "L_out" loss (base temperature = temperature) minus the entropy
+    of p, ``mean_i log |P(i)|``. ``metric="euclidean"``: ``q(j|i) ∝ exp(-|z_i - z_j|^2 /
+    (2 sigma^2))`` on the features (optionally L2-normalised first), the kernel of Beyond I-Con.
+    ``forward(z, labels)`` takes ``z`` of shape (N, d) with ``labels`` (N,), or (n, V, d) with
+    ``labels`` (n,) for V views per sample (as SupContrast). ``debias`` mixes p with uniform.
+    """
+
+    def __init__(
+        self,
+        divergence: str | Callable = "kl",
+        metric: str = "cosine",
+        temperature: float = 0.1,
+        sigma: float = 1.0,
+        normalize: bool = False,
+        debias: float = 0.0,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(divergence, chunk_size)
+        if metric not in ("cosine", "euclidean"):
+            raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+        self.metric = metric
+        self.temperature = check_positive(temperature, "temperature")
+        self.sigma = check_positive(sigma, "sigma")
+        self.normalize = normalize
+        self.debias = debias
+
+    def log_q(self, z: Tensor, rows: slice) -> Tensor:
+        if self.metric == "cosine":
+            return kernels.cosine(z, self.temperature, rows=rows)
+        if self.normalize:
+            z = F.normalize(z, dim=-1)
+        return kernels.gaussian(z, self.sigma, rows=rows)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        if z.dim() == 3:
+            n, n_views, d = z.shape
+            check_labels(labels, "labels", n=n)
+            z = z.transpose(0, 1).reshape(n * n_views, d)
+            labels = labels.repeat(n_views)
+        check_features(z, "z", min_rows=2)
+        check_labels(labels, "labels", n=z.shape[0])
+        log_p = _debiased(
+            lambda rows: kernels.labels(labels, rows=rows, dtype=z.dtype), self.debias
+        )
+        return self._icon(log_p, lambda rows: self.log_q(z, rows), z.shape[0])
+
+
+class CrossEntropy(IConLoss):
+    """Classification: p(c|i) = one-hot of the label (data-to-class), q(c|i) = softmax(logits).
+
+    With KL this is exactly ``F.cross_entropy(logits, labels)``. ``debias`` is label smoothing
+    (``(1 - alpha) onehot + alpha / C``).
+    """
+
+    def __init__(
+        self, divergence: str | Callable = "kl", debias: float = 0.0, chunk_size: int | None = None
+    ):
+        super().__init__(divergence, chunk_size)
+        self.debias = debias
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        check_features(logits, "logits")
+        check_labels(labels, "labels", n=logits.shape[0])
+        n_classes = logits.shape[1]
+        if bool(((labels < 0) | (labels >= n_classes)).any()):
+            raise ValueError(f"labels must be in [0, {n_classes}) for {n_classes} logits")
+
+        def log_p(rows: slice) -> Tensor:
+            onehot = F.one_hot(labels[rows], n_classes).bool()
+            out = torch.where(onehot, 0.0, -math.inf).to(logits.dtype)
+            return kernels.debias(out, self.debias, exclude_self=False) if self.debias else out
+
+        return self._icon(
+            log_p, lambda rows: torch.log_softmax(logits[rows], dim=-1), logits.shape[0]
+        )
+
+
+class ClusterLoss(IConLoss):
+    """Clustering: p = views over pairs (anchor and mined neighbour), q = cluster-sharing kernel.
+
+    ``q(j|i) = sum_c a_ic b_jc / sum_l b_lc`` with ``a = softmax(logits)`` and ``b`` the
+    teacher's assignments (default ``a``). ``debias`` alpha mixes p, q or both
+    (``debias_side``) with uniform over ``j != i``. Every row (both members of each pair) is
+    an anchor, so the loss is symmetric in the pair.
+    ``forward(logits, pair_index, teacher_logits=None)``.
+    """
+
+    def __init__(
+        self,
+        divergence: str | Callable = "kl",
+        debias: float = 0.0,
+        debias_side: str = "p",
+        exclude_self: bool = False,
+        chunk_size: int | None = None,
+    ):
+        super().__init__(divergence, chunk_size)
+        if debias_side not in _SIDES:
+            raise ValueError(f"debias_side must be one of {_SIDES}, got {debias_side!r}")
+        if not 0.0 <= debias <= 1.0:
+            raise ValueError(f"debias must be in [0, 1], got {debias}")
+        self.debias = debias
+        self.debias_side = debias_side
+        self.exclude_self = exclude_self
+
+    def forward(
+        self, logits: Tensor, pair_index: Tensor, teacher_logits: Tensor | None = None
+    ) -> Tensor:
+        check_features(logits, "logits", min_rows=2)
+        check_labels(pair_index, "pair_index", n=logits.shape[0])
+        log_a = torch.log_softmax(logits, dim=-1)
+        log_b = None
+        if teacher_logits is not None:
+            check_features(teacher_logits, "teacher_logits")
+            if teacher_logits.shape != logits.shape:
+                raise ValueError("teacher_logits must have the shape of logits")
+            log_b = torch.log_softmax(teacher_logits, dim=-1)
+        alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
+        alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
+        log_p = _debiased(
+            lambda rows: kernels.views(pair_index, rows=rows, dtype=logits.dtype), alpha_p
+        )
+        log_q = _debiased(
+            lambda rows: kernels.clusters(log_a, log_b, rows=rows, exclude_self=self.exclude_self),
+            alpha_q,
+            exclude_self=self.exclude_self,
+        )
+        return self._icon(log_p, log_q, logits.shape[0])
+
+
+class PMI(nn.Module):
+    """TEMI's beta-PMI clustering loss (Adaloglou et al., 2023), the KL-family reference.
+
+    For a pair (x, x') with student probabilities ``s``, ``s'`` and teacher probabilities
+    ``t``, ``t'``: ``pmi(s, t') = log sum_c (s_c t'_c)^beta / pi_c`` with ``pi`` the EMA of the
+    teacher's mean assignment, weighted by ``w = sum_c t_c t'_c`` (no gradient):
+    ``L = -1/2 mean_pairs w (pmi(s, t') + pmi(s', t))``. Without a teacher, ``t = s`` detached.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        beta: float = 0.6,
+        momentum: float = 0.9,
+        weighted: bool = True,
+        divergence: str = "kl",
+    ):
+        super().__init__()
+        if _divergences.get(divergence).name not in ("kl", "alpha:1"):
+            raise ValueError(
+                "PMI is TEMI's beta-PMI objective, which is defined for KL only; to use "
+                f"'{divergence}' take ClusterLoss(divergence={divergence!r})"
+            )
+        if not isinstance(n_clusters, int) or n_clusters < 2:
+            raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
+        self.beta = check_positive(beta, "beta")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.weighted = weighted
+        self.register_buffer("prior", torch.full((n_clusters,), 1.0 / n_clusters))
+
+    def pmi(self, log_s: Tensor, log_t: Tensor) -> Tensor:
+        """``log sum_c (s_c t_c)^beta / pi_c`` per row, in log space."""
+        return torch.logsumexp(self.beta * (log_s + log_t) - self.prior.log(), dim=-1)
+
+    def forward(
+        self,
+        logits_a: Tensor,
+        logits_b: Tensor,
+        teacher_logits_a: Tensor | None = None,
+        teacher_logits_b: Tensor | None = None,
+    ) -> Tensor:
+        for name, value in (("logits_a", logits_a), ("logits_b", logits_b)):
+            check_features(value, name)
+        if logits_a.shape != logits_b.shape or logits_a.shape[1] != self.prior.shape[0]:
+            raise ValueError(
+                f"logits must both be (n, {self.prior.shape[0]}), got {tuple(logits_a.shape)} "
+                f"and {tuple(logits_b.shape)}"
+            )
+        log_sa = torch.log_softmax(logits_a, dim=-1)
+        log_sb = torch.log_softmax(logits_b, dim=-1)
+        ta = logits_a if teacher_logits_a is None else teacher_logits_a
+        tb = logits_b if teacher_logits_b is None else teacher_logits_b
+        log_ta = torch.log_softmax(ta.detach(), dim=-1)
+        log_tb = torch.log_softmax(tb.detach(), dim=-1)
+        weight = (log_ta + log_tb).exp().sum(-1) if self.weighted else torch.ones_like(log_ta[:, 0])
+        pmi = self.pmi(log_sa, log_tb) + self.pmi(log_sb, log_ta)
+        loss = -(0.5 * weight * pmi).mean()
+        if self.training:  # the prior moves after the loss is taken, as in TEMI
+            with torch.no_grad():
+                batch_prior = torch.cat([log_ta, log_tb]).exp().mean(0).to(self.prior.dtype)
+                self.prior.mul_(self.momentum).add_((1 - self.momentum) * batch_prior)
+        return loss

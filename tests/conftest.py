@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def random_distributions(
+    rng: np.random.Generator, n: int, m: int, zero_fraction: float = 0.0
+) -> np.ndarray:
+    """Rows of a random (n, m) stochastic matrix; about ``zero_fraction`` of entries are 0."""
+    x = rng.gamma(0.7, size=(n, m))
+    if zero_fraction:
+        x[rng.random((n, m)) < zero_fraction] = 0.0
+        empty = x.sum(1) == 0
+        x[empty, 0] = 1.0
+    return x / x.sum(1, keepdims=True)
+
+
+def to_log(p: np.ndarray) -> torch.Tensor:
+    with np.errstate(divide="ignore"):
+        return torch.tensor(np.log(p), dtype=torch.float64)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

@@ -1,0 +1,345 @@
+"""Every divergence against its textbook formula in float64 numpy, entry by entry."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_distributions, to_log
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import beyond_icon as bi
+from beyond_icon import divergences
+
+# ------------------------------------------------------------------ textbook references (numpy)
+
+
+def ref_kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def ref_reverse_kl(p, q):
+    return ref_kl(q, p)
+
+
+def ref_tv(p, q):
+    return 0.5 * sum(abs(pi - qi) for pi, qi in zip(p, q))
+
+
+def ref_hellinger(p, q):
+    return 0.5 * sum((math.sqrt(pi) - math.sqrt(qi)) ** 2 for pi, qi in zip(p, q))
+
+
+def ref_jsd(p, q):
+    m = [(pi + qi) / 2 for pi, qi in zip(p, q)]
+    return 0.5 * ref_kl(p, m) + 0.5 * ref_kl(q, m)
+
+
+def ref_chi2(p, q):
+    return sum((pi - qi) ** 2 / qi for pi, qi in zip(p, q) if qi > 0)
+
+
+def ref_jeffreys(p, q):
+    return ref_kl(p, q) + ref_kl(q, p)
+
+
+def ref_alpha(a):
+    def f(p, q):
+        return (1 - sum(pi**a * qi ** (1 - a) for pi, qi in zip(p, q))) / (a * (1 - a))
+
+    return f
+
+
+REFERENCES = {
+    "kl": ref_kl,
+    "reverse_kl": ref_reverse_kl,
+    "tv": ref_tv,
+    "hellinger": ref_hellinger,
+    "jsd": ref_jsd,
+    "chi2": ref_chi2,
+    "jeffreys": ref_jeffreys,
+    "alpha:0.5": ref_alpha(0.5),
+    "alpha:0.3": ref_alpha(0.3),
+    "alpha:0.9": ref_alpha(0.9),
+    "alpha:2": ref_alpha(2.0),
+    "alpha:-0.5": ref_alpha(-0.5),
+}
+BOUNDED = ["tv", "hellinger", "jsd", "alpha:0.5", "alpha:0.3"]
+# Which zeros a divergence tolerates: finite when p has zeros (p=0<q), when q has zeros (q=0<p).
+TOLERATES_P_ZEROS = ["kl", "tv", "hellinger", "jsd", "chi2", "alpha:0.5", "alpha:0.3", "alpha:2"]
+TOLERATES_Q_ZEROS = ["reverse_kl", "tv", "hellinger", "jsd", "alpha:0.5", "alpha:0.3", "alpha:-0.5"]
+
+
+def reference(name, p, q):
+    return np.array([REFERENCES[name](pi, qi) for pi, qi in zip(p, q)])
+
+
+# ------------------------------------------------------------------ values
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_matches_formula_on_random_distributions(name, rng):
+    p, q = random_distributions(rng, 7, 11), random_distributions(rng, 7, 11)
+    got = divergences.get(name)(to_log(p), to_log(q))
+    np.testing.assert_allclose(got.numpy(), reference(name, p, q), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", TOLERATES_P_ZEROS)
+def test_matches_formula_when_p_has_zeros(name, rng):
+    p, q = random_distributions(rng, 6, 9, zero_fraction=0.4), random_distributions(rng, 6, 9)
+    got = divergences.get(name)(to_log(p), to_log(q))
+    np.testing.assert_allclose(got.numpy(), reference(name, p, q), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", TOLERATES_Q_ZEROS)
+def test_matches_formula_when_q_has_zeros(name, rng):
+    p, q = random_distributions(rng, 6, 9), random_distributions(rng, 6, 9, zero_fraction=0.4)
+    got = divergences.get(name)(to_log(p), to_log(q))
+    np.testing.assert_allclose(got.numpy(), reference(name, p, q), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_shared_zeros_contribute_nothing(name, rng):
+    p = random_distributions(rng, 5, 8, zero_fraction=0.3)
+    q = random_distributions(rng, 5, 8)
+    q[p == 0] = 0.0
+    q /= q.sum(1, keepdims=True)
+    got = divergences.get(name)(to_log(p), to_log(q))
+    # the same value as on the restricted support
+    want = [REFERENCES[name](pi[pi > 0], qi[pi > 0]) for pi, qi in zip(p, q)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_identical_inputs_give_zero(name, rng):
+    p = random_distributions(rng, 5, 8, zero_fraction=0.3)
+    got = divergences.get(name)(to_log(p), to_log(p))
+    np.testing.assert_allclose(got.numpy(), 0.0, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "name, p_zero",
+    [
+        ("kl", False),
+        ("chi2", False),
+        ("reverse_kl", True),
+        ("jeffreys", True),
+        ("jeffreys", False),
+        ("alpha:2", False),
+        ("alpha:-0.5", True),
+    ],
+)
+def test_infinite_cases_raise_with_remedy(name, p_zero, rng):
+    p, q = random_distributions(rng, 4, 6), random_distributions(rng, 4, 6)
+    (p if p_zero else q)[2, 1] = 0.0
+    p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+    with pytest.raises(bi.InfiniteDivergenceError, match=r"row\(s\) \[2\].*debias"):
+        divergences.get(name)(to_log(p), to_log(q))
+
+
+def test_alpha_tends_to_kl_and_reverse_kl(rng):
+    p, q = random_distributions(rng, 5, 7), random_distributions(rng, 5, 7)
+    lp, lq = to_log(p), to_log(q)
+    kl, rkl = divergences.kl(lp, lq), divergences.reverse_kl(lp, lq)
+    for eps in (1e-3, 1e-5):
+        torch.testing.assert_close(
+            divergences.get(f"alpha:{1 - eps}")(lp, lq), kl, rtol=5 * eps, atol=0
+        )
+        torch.testing.assert_close(
+            divergences.get(f"alpha:{eps}")(lp, lq), rkl, rtol=5 * eps, atol=0
+        )
+    assert divergences.get("alpha:1").fn is divergences.kl
+    assert divergences.get("alpha:0").fn is divergences.reverse_kl
+
+
+def test_hellinger_is_a_quarter_of_alpha_half(rng):
+    p, q = random_distributions(rng, 5, 7), random_distributions(rng, 5, 7)
+    torch.testing.assert_close(
+        4 * divergences.hellinger(to_log(p), to_log(q)),
+        divergences.get("alpha:0.5")(to_log(p), to_log(q)),
+    )
+
+
+def test_precision_near_identity_float32():
+    """Divergences of nearby distributions keep relative precision (no 1 - sum cancellation)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50, dtype=torch.float64)
+    lp = torch.log_softmax(logits, -1)
+    lq = torch.log_softmax(logits + 1e-3 * torch.randn_like(logits), -1)
+    # Values are ~1e-7: a "1 - sum" form loses everything in float32 (relative error ~0.6 for
+    # Hellinger); the per-entry forms keep about three digits, the limit set by rounding the
+    # float32 log-probabilities themselves.
+    for name in ["hellinger", "chi2", "alpha:0.5", "alpha:0.3", "alpha:2"]:
+        want = divergences.get(name)(lp, lq)
+        got = divergences.get(name)(lp.float(), lq.float())
+        torch.testing.assert_close(got.double(), want, rtol=5e-3, atol=0)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+
+# Masses are 0 or at least 1e-12: unbounded divergences of smaller masses can exceed the float64
+# range, which icon_loss reports as an overflow (tested in test_loss.py).
+mass = st.one_of(st.just(0.0), st.floats(1e-12, 10.0))
+row_pairs = st.integers(2, 12).flatmap(
+    lambda m: st.tuples(
+        st.lists(mass, min_size=m, max_size=m).filter(lambda v: sum(v) > 1e-3),
+        st.lists(mass, min_size=m, max_size=m).filter(lambda v: sum(v) > 1e-3),
+    )
+)
+
+
+def _normalise(values):
+    x = np.asarray(values, dtype=np.float64)[None, :]
+    return x / x.sum()
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=row_pairs, name=st.sampled_from(BOUNDED + ["jeffreys", "kl", "chi2", "reverse_kl"]))
+def test_non_negative_and_bounded(pair, name):
+    p, q = _normalise(pair[0]), _normalise(pair[1])
+    div = divergences.get(name)
+    try:
+        value = float(div(to_log(p), to_log(q))[0])
+    except bi.InfiniteDivergenceError:
+        return
+    assert math.isfinite(value)
+    assert value >= -1e-12
+    assert value <= div.upper_bound + 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(pair=row_pairs, name=st.sampled_from(["tv", "hellinger", "jsd", "jeffreys", "alpha:0.5"]))
+def test_symmetric(pair, name):
+    p, q = _normalise(pair[0]), _normalise(pair[1])
+    div = divergences.get(name)
+    assert div.symmetric
+    try:
+        forward = div(to_log(p), to_log(q))
+    except bi.InfiniteDivergenceError:
+        return
+    torch.testing.assert_close(forward, div(to_log(q), to_log(p)), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(mass, min_size=2, max_size=12).filter(lambda v: sum(v) > 1e-3),
+    name=st.sampled_from(list(REFERENCES)),
+)
+def test_identity(values, name):
+    p = _normalise(values)
+    assert abs(float(divergences.get(name)(to_log(p), to_log(p))[0])) < 1e-12
+
+
+# ------------------------------------------------------------------ gradients
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_gradcheck(name, rng):
+    lp = torch.log_softmax(torch.tensor(rng.normal(size=(3, 5))), -1).requires_grad_()
+    lq = torch.log_softmax(torch.tensor(rng.normal(size=(3, 5))), -1).requires_grad_()
+    fn = divergences.get(name).fn
+    assert torch.autograd.gradcheck(fn, (lp, lq))
+
+
+@pytest.mark.parametrize("name", TOLERATES_P_ZEROS)
+def test_gradients_finite_and_zero_at_masked_entries(name, rng):
+    """p has -inf entries (q does not): the gradient wrt log_p there is finite (zero for the
+    divergences whose terms vanish with p) and everything else is finite."""
+    p = random_distributions(rng, 4, 6, zero_fraction=0.4)
+    lp = to_log(p).requires_grad_()
+    lq = torch.log_softmax(torch.tensor(rng.normal(size=(4, 6))), -1).requires_grad_()
+    divergences.get(name)(lp, lq).sum().backward()
+    assert torch.isfinite(lp.grad).all() and torch.isfinite(lq.grad).all()
+    assert torch.all(lp.grad[p == 0] == 0)
+
+
+def test_shared_minus_inf_gradients_are_zero(rng):
+    lp = torch.log_softmax(torch.tensor(rng.normal(size=(3, 6))), -1)
+    lp = lp.masked_fill(torch.tensor([[True, False, False, False, False, False]] * 3), -math.inf)
+    lp = torch.log_softmax(lp, -1)
+    lq = torch.log_softmax(lp.detach() + 0.3 * torch.tensor(rng.normal(size=(3, 6))), -1)
+    for name in REFERENCES:
+        a, b = lp.clone().requires_grad_(), lq.clone().requires_grad_()
+        divergences.get(name)(a, b).sum().backward()
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all(), name
+        assert torch.all(a.grad[:, 0] == 0) and torch.all(b.grad[:, 0] == 0), name
+
+
+# ------------------------------------------------------------------ registry and user divergences
+
+
+def test_names_and_get():
+    assert {"kl", "reverse_kl", "tv", "hellinger", "jsd", "chi2", "jeffreys", "alpha:A"} <= set(
+        divergences.names()
+    )
+    assert divergences.get("TV").name == "tv"
+    with pytest.raises(ValueError, match="unknown divergence 'nope'"):
+        divergences.get("nope")
+    with pytest.raises(ValueError, match="alpha:A needs a number"):
+        divergences.get("alpha:x")
+
+
+def test_f_divergence_generators_match_builtins(rng):
+    p = random_distributions(rng, 5, 8, zero_fraction=0.3)
+    q = random_distributions(rng, 5, 8)
+    lp, lq = to_log(p), to_log(q)
+    kl_f = divergences.f_divergence(lambda t: torch.special.xlogy(t, t), name="kl_f")
+    tv_f = divergences.f_divergence(
+        lambda t: 0.5 * (t - 1).abs(), name="tv_f", slope_at_infinity=0.5
+    )
+    hel_f = divergences.f_divergence(
+        lambda t: 0.5 * (t.sqrt() - 1) ** 2, name="h", slope_at_infinity=0.5
+    )
+    torch.testing.assert_close(kl_f(lp, lq), divergences.kl(lp, lq))
+    torch.testing.assert_close(tv_f(lp, lq), divergences.tv(lp, lq))
+    torch.testing.assert_close(hel_f(lp, lq), divergences.hellinger(lp, lq))
+    # q has zeros where p > 0: TV's generator has a finite slope at infinity, KL's does not
+    torch.testing.assert_close(tv_f(lq, lp), divergences.tv(lq, lp))
+    with pytest.raises(bi.InfiniteDivergenceError):
+        kl_f(lq, lp)
+
+
+def test_f_divergence_rejects_bad_generators():
+    with pytest.raises(ValueError, match=r"f\(1\) must be 0"):
+        divergences.f_divergence(lambda t: t * t, name="bad")
+    with pytest.raises(ValueError, match="convex"):
+        divergences.f_divergence(lambda t: -torch.special.xlogy(t, t), name="concave")
+
+
+def test_register_custom_divergence_reaches_icon_loss(rng):
+    def squared_l2(log_p, log_q):
+        return (log_p.exp() - log_q.exp()).pow(2).sum(-1)
+
+    div = divergences.register("test_squared_l2", squared_l2, symmetric=True)
+    assert "test_squared_l2" in divergences.names()
+    with pytest.raises(ValueError, match="already registered"):
+        divergences.register("test_squared_l2", squared_l2)
+    p, q = random_distributions(rng, 4, 5), random_distributions(rng, 4, 5)
+    want = ((p - q) ** 2).sum(1).mean()
+    assert abs(float(bi.icon_loss(to_log(p), to_log(q), "test_squared_l2")) - want) < 1e-12
+    assert div.name == "test_squared_l2"
+
+
+def test_custom_divergence_with_wrong_output_shape_is_an_error(rng):
+    p = to_log(random_distributions(rng, 3, 4))
+    with pytest.raises(ValueError, match="one value per row"):
+        divergences.get(lambda a, b: (a.exp() - b.exp()).sum())(p, p)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: (p, p[:, :3]), "shape"),
+        (lambda p: (p.masked_fill(torch.eye(4, 5, dtype=torch.bool), math.nan), p), "NaN"),
+        (lambda p: (p + 0.1, p), "summing to 1"),
+        (lambda p: (p[0], p[0]), r"shape \(n, m\)"),
+        (lambda p: (torch.full_like(p, -math.inf), p), "no mass"),
+    ],
+)
+def test_bad_inputs_raise(make, message, rng):
+    p = to_log(random_distributions(rng, 4, 5))
+    with pytest.raises(ValueError, match=message):
+        divergences.get("kl")(*make(p))
