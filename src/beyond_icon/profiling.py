@@ -1,0 +1,31 @@
+"""Peak memory of a computation, for benchmarks and memory tests (CPU or CUDA)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
+    """Bytes of tensor memory at the peak while ``fn()`` runs, above what was live before.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch's profiler, summing every event's
+    self allocation in time order (op granularity: an op's internal workspace is not seen).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak

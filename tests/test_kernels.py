@@ -1,0 +1,304 @@
+"""Kernels against hand-written per-pair loops in float64."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from beyond_icon import kernels
+
+
+def _rows_normalised(log_p: torch.Tensor) -> None:
+    sums = torch.logsumexp(log_p, dim=1)
+    finite = sums > -math.inf
+    torch.testing.assert_close(sums[finite], torch.zeros_like(sums[finite]), atol=1e-12, rtol=0)
+
+
+def _loop_kernel(z: np.ndarray, similarity) -> np.ndarray:
+    n = len(z)
+    out = np.full((n, n), -np.inf)
+    for i in range(n):
+        w = np.array([similarity(z[i], z[j]) if j != i else 0.0 for j in range(n)])
+        total = sum(w[j] for j in range(n) if j != i)
+        for j in range(n):
+            if j != i:
+                out[i, j] = math.log(w[j] / total)
+    return out
+
+
+@pytest.fixture
+def z(rng) -> torch.Tensor:
+    return torch.tensor(rng.normal(size=(9, 4)))
+
+
+def test_gaussian_matches_loop(z):
+    sigma = 0.7
+    want = _loop_kernel(z.numpy(), lambda a, b: math.exp(-np.sum((a - b) ** 2) / (2 * sigma**2)))
+    np.testing.assert_allclose(kernels.gaussian(z, sigma).numpy(), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dof", [1.0, 3.5])
+def test_student_t_matches_loop(z, dof):
+    want = _loop_kernel(
+        z.numpy(), lambda a, b: (1 + np.sum((a - b) ** 2) / dof) ** (-(dof + 1) / 2)
+    )
+    np.testing.assert_allclose(kernels.student_t(z, dof).numpy(), want, rtol=1e-10)
+
+
+def test_cosine_matches_loop(z):
+    t = 0.3
+
+    def sim(a, b):
+        return math.exp(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) / t)
+
+    np.testing.assert_allclose(
+        kernels.cosine(z, t).numpy(), _loop_kernel(z.numpy(), sim), rtol=1e-10
+    )
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        lambda z, rows: kernels.gaussian(z, 1.3, rows=rows),
+        lambda z, rows: kernels.student_t(z, 1.0, rows=rows),
+        lambda z, rows: kernels.cosine(z, 0.2, rows=rows),
+        lambda z, rows: kernels.perplexity(z, 3.0, rows=rows),
+        lambda z, rows: kernels.knn(z, 3, rows=rows),
+        lambda z, rows: kernels.labels(torch.arange(9) % 3, rows=rows, dtype=z.dtype),
+        lambda z, rows: kernels.clusters(torch.log_softmax(z, -1), rows=rows),
+        lambda z, rows: kernels.clusters(torch.log_softmax(z, -1), rows=rows, exclude_self=True),
+    ],
+)
+def test_row_blocks_equal_rows_of_full_matrix(z, kernel):
+    full = kernel(z, None)
+    _rows_normalised(full)
+    for rows in (slice(0, 4), slice(4, 9), slice(3, 4)):
+        torch.testing.assert_close(kernel(z, rows), full[rows], rtol=1e-9, atol=1e-12)
+
+
+def test_squared_distances_exact_zero_and_finite_gradient():
+    z = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    log_q = kernels.gaussian(z)
+    assert float(log_q[0, 1].detach()) == pytest.approx(math.log(1 / (1 + math.exp(-5))))
+    log_q[0, 1].backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "student_t", "cosine"])
+@pytest.mark.parametrize("scale, temperature", [(1.0, 0.01), (1e3, 0.1), (1e3, 0.01)])
+def test_gradients_finite_at_extremes(kernel, scale, temperature, rng):
+    z = (scale * torch.tensor(rng.normal(size=(12, 5)), dtype=torch.float32)).requires_grad_()
+    fn = {
+        "gaussian": lambda z: kernels.gaussian(z, sigma=temperature),
+        "student_t": lambda z: kernels.student_t(z, dof=1.0),
+        "cosine": lambda z: kernels.cosine(z, temperature=temperature),
+    }[kernel]
+    log_q = fn(z)
+    p = kernels.labels(torch.arange(12) % 3, dtype=torch.float32)
+    finite = p > -math.inf
+    (-(p.exp() * torch.where(finite, log_q, 0.0)).sum()).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+# ------------------------------------------------------------------ perplexity
+
+
+def _loop_perplexity_row(d2: np.ndarray, target: float) -> np.ndarray:
+    """Independent per-row bisection on beta (t-SNE's classic search), float64."""
+    lo, hi = 0.0, np.inf
+    beta = 1.0
+    for _ in range(200):
+        w = np.exp(-beta * (d2 - d2.min()))
+        p = w / w.sum()
+        h = -np.sum(p[p > 0] * np.log(p[p > 0]))
+        if h > math.log(target):
+            lo = beta
+            beta = beta * 2 if hi == np.inf else (beta + hi) / 2
+        else:
+            hi = beta
+            beta = (beta + lo) / 2
+    return p
+
+
+def test_perplexity_matches_independent_search_and_target(rng):
+    x = rng.normal(size=(40, 6))
+    log_p = kernels.perplexity(torch.tensor(x), perplexity=8.0)
+    _rows_normalised(log_p)
+    p = log_p.exp().numpy()
+    for i in range(40):
+        others = [j for j in range(40) if j != i]
+        d2 = np.sum((x[others] - x[i]) ** 2, axis=1)
+        np.testing.assert_allclose(p[i, others], _loop_perplexity_row(d2, 8.0), atol=1e-7)
+        assert p[i, i] == 0.0
+
+
+@pytest.mark.parametrize("target", [2.0, 10.0, 30.0, 100.0])
+def test_perplexity_reaches_target(target):
+    x = torch.randn(300, 10, generator=torch.Generator().manual_seed(1))
+    p = kernels.perplexity(x.double(), perplexity=target).exp()
+    entropy = -(torch.special.xlogy(p, p)).sum(1)
+    assert torch.all((entropy.exp() - target).abs() < 1e-3)
+    assert kernels.perplexity(x, perplexity=target).dtype == torch.float32
+
+
+@pytest.mark.parametrize("value", [0.5, 9.0, 50.0, float("nan")])
+def test_perplexity_out_of_range(value):
+    with pytest.raises(ValueError, match="perplexity"):
+        kernels.perplexity(torch.randn(10, 3), perplexity=value)
+
+
+def test_perplexity_has_no_gradient():
+    x = torch.randn(10, 3, requires_grad=True)
+    assert not kernels.perplexity(x, 3.0).requires_grad
+
+
+# ------------------------------------------------------------------ labels, views, knn
+
+
+def test_labels_matches_loop_and_leaves_singletons_empty():
+    y = torch.tensor([0, 1, 0, 2, 0, 1])
+    got = kernels.labels(y, dtype=torch.float64).exp().numpy()
+    want = np.zeros((6, 6))
+    for i in range(6):
+        same = [j for j in range(6) if j != i and y[j] == y[i]]
+        for j in same:
+            want[i, j] = 1 / len(same)
+    np.testing.assert_allclose(got, want)
+    assert torch.all(kernels.labels(y)[3] == -math.inf)
+
+
+def test_views_pairs():
+    index = torch.tensor([0, 1, 2, 0, 1, 2])
+    p = kernels.views(index).exp()
+    assert p[0, 3] == 1 and p[4, 1] == 1 and p.sum() == 6
+
+
+@pytest.mark.parametrize(
+    "bad", [torch.tensor([0.0, 1.0]), torch.tensor([[0, 1]]), torch.tensor([True, False])]
+)
+def test_labels_reject_bad_dtype_and_shape(bad):
+    with pytest.raises(ValueError, match="labels"):
+        kernels.labels(bad)
+
+
+def test_knn_matches_brute_force(rng):
+    x = rng.normal(size=(15, 3))
+    p = kernels.knn(torch.tensor(x), 4).exp().numpy()
+    for i in range(15):
+        d = np.sum((x - x[i]) ** 2, 1)
+        d[i] = np.inf
+        want = np.zeros(15)
+        want[np.argsort(d)[:4]] = 0.25
+        np.testing.assert_allclose(p[i], want)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        kernels.knn(torch.tensor(x), 15)
+
+
+# ------------------------------------------------------------------ clusters, debias, propagate
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_clusters_matches_loop(rng, with_teacher):
+    n, k = 7, 3
+    a = rng.dirichlet(np.ones(k), size=n)
+    b = rng.dirichlet(np.ones(k), size=n) if with_teacher else a
+    got = (
+        kernels.clusters(torch.tensor(np.log(a)), torch.tensor(np.log(b)) if with_teacher else None)
+        .exp()
+        .numpy()
+    )
+    want = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            want[i, j] = sum(a[i, c] * b[j, c] / sum(b[m, c] for m in range(n)) for c in range(k))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    np.testing.assert_allclose(got.sum(1), 1.0, rtol=1e-12)
+
+
+def test_clusters_confident_assignments_do_not_underflow():
+    logits = torch.tensor([[80.0, 0.0], [0.0, 80.0], [80.0, 0.0], [0.0, 80.0]])
+    log_q = kernels.clusters(torch.log_softmax(logits, -1))
+    assert torch.isfinite(log_q).all()
+    assert torch.allclose(torch.logsumexp(log_q, 1), torch.zeros(4), atol=1e-6)
+    # q(1|0) = (1 * e^-80 + e^-80 * 1) / 2: both clusters hold two points
+    assert float(log_q[0, 1]) == pytest.approx(-80.0, abs=1e-3)
+
+
+def test_clusters_exclude_self(rng):
+    a = torch.tensor(np.log(rng.dirichlet(np.ones(3), size=5)))
+    full = kernels.clusters(a).exp()
+    excl = kernels.clusters(a, exclude_self=True).exp()
+    off = full.clone().fill_diagonal_(0)
+    torch.testing.assert_close(excl, off / off.sum(1, keepdim=True))
+
+
+def test_debias_matches_formula(rng):
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    log_p = kernels.labels(y, dtype=torch.float64)
+    got = kernels.debias(log_p, 0.2).exp().numpy()
+    p = log_p.exp().numpy()
+    want = np.zeros_like(p)
+    for i in range(6):
+        if p[i].sum() == 0:
+            continue
+        for j in range(6):
+            if j != i:
+                want[i, j] = 0.8 * p[i, j] + 0.2 / 5
+    np.testing.assert_allclose(got, want, atol=1e-15)
+    assert kernels.debias(log_p, 0.0) is log_p
+    uniform = kernels.debias(log_p, 1.0).exp()
+    assert torch.allclose(
+        uniform[0], torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.2], dtype=torch.float64)
+    )
+    # rows: the block of anchors 2..4 gets its own diagonal removed
+    block = kernels.debias(log_p[2:5], 0.2, rows=slice(2, 5)).exp().numpy()
+    np.testing.assert_allclose(block, want[2:5], atol=1e-15)
+    with pytest.raises(ValueError, match="alpha"):
+        kernels.debias(log_p, 1.5)
+
+
+def test_debias_gradient_finite():
+    log_p = torch.log_softmax(torch.randn(4, 4, dtype=torch.float64), -1)
+    log_p = torch.log_softmax(log_p.masked_fill(torch.eye(4, dtype=torch.bool), -math.inf), -1)
+    log_p.requires_grad_()
+    kernels.debias(log_p, 0.3).exp().sum().backward()
+    assert torch.isfinite(log_p.grad).all()
+
+
+def test_propagate_matches_matrix_powers(rng):
+    x = rng.normal(size=(10, 2))
+    log_p = kernels.knn(torch.tensor(x), 3)
+    p = log_p.exp().numpy()
+    walk = p + p @ p + p @ p @ p
+    np.fill_diagonal(walk, 0)
+    want = walk / walk.sum(1, keepdims=True)
+    np.testing.assert_allclose(kernels.propagate(log_p, 3).exp().numpy(), want, atol=1e-15)
+    keep_self = p + p @ p
+    np.testing.assert_allclose(
+        kernels.propagate(log_p, 2, exclude_self=False).exp().numpy(), keep_self / 2, atol=1e-15
+    )
+    with pytest.raises(ValueError, match="square"):
+        kernels.propagate(log_p[:3], 2)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kernels.gaussian(torch.randn(1, 3)), "at least 2 rows"),
+        (lambda: kernels.gaussian(torch.randn(4)), r"shape \(n, d\)"),
+        (
+            lambda: kernels.cosine(torch.tensor([[0.0, 1.0], [math.nan, 1.0]])),
+            r"NaN or Inf in row\(s\) \[1\]",
+        ),
+        (lambda: kernels.cosine(torch.randn(3, 2), temperature=0.0), "temperature"),
+        (lambda: kernels.gaussian(torch.randint(0, 3, (4, 2))), "floating"),
+        (lambda: kernels.clusters(torch.randn(4, 3)), "summing to 1"),
+        (lambda: kernels.gaussian(torch.randn(4, 2), rows=slice(5, 9)), "selects no row"),
+    ],
+)
+def test_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

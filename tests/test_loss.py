@@ -1,0 +1,145 @@
+"""icon_loss: the average, empty rows, the chunked path, validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import random_distributions, to_log
+
+import beyond_icon as bi
+from beyond_icon import divergences, kernels
+
+ALL = ["kl", "reverse_kl", "tv", "hellinger", "jsd", "chi2", "jeffreys", "alpha:0.5"]
+
+
+def test_mean_of_rows(rng):
+    p, q = random_distributions(rng, 6, 5), random_distributions(rng, 6, 5)
+    for name in ALL:
+        want = divergences.get(name)(to_log(p), to_log(q)).mean()
+        torch.testing.assert_close(bi.icon_loss(to_log(p), to_log(q), name), want)
+    want_sum = divergences.tv(to_log(p), to_log(q)).sum()
+    torch.testing.assert_close(bi.icon_loss(to_log(p), to_log(q), "tv", reduction="sum"), want_sum)
+
+
+def test_empty_rows_are_left_out_and_counted():
+    y = torch.tensor([0, 0, 1, 2, 2, 2, 3])  # classes 1 and 3 appear once
+    z = torch.randn(7, 3, dtype=torch.float64)
+    log_p, log_q = kernels.labels(y, dtype=torch.float64), kernels.gaussian(z)
+    loss, stats = bi.icon_loss(log_p, log_q, "jsd", return_stats=True)
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    torch.testing.assert_close(loss, divergences.jsd(log_p[keep], log_q[keep]).mean())
+    assert stats == bi.LossStats(n_rows=5, n_empty=2)
+
+
+def test_all_rows_empty_is_an_error():
+    y = torch.arange(5)
+    with pytest.raises(ValueError, match="every one of the 5 rows of p has no mass"):
+        bi.icon_loss(kernels.labels(y), kernels.gaussian(torch.randn(5, 2)), "kl")
+
+
+def test_empty_rows_have_no_gradient_effect():
+    y = torch.tensor([0, 0, 1, 2, 2])
+    z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bi.icon_loss(kernels.labels(y, dtype=torch.float64), kernels.gaussian(z), "tv").backward()
+    assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "jsd", "hellinger", "chi2", "alpha:0.5"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
+def test_chunked_equals_dense_values_and_gradients(name, chunk_size):
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(23, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 4, (23,), generator=gen)
+    y[0] = 99  # one empty row
+
+    def run(chunk):
+        zz = z.clone().requires_grad_()
+        loss = bi.icon_loss(
+            lambda rows: kernels.labels(y, rows=rows, dtype=zz.dtype),
+            lambda rows: kernels.gaussian(zz, 0.8, rows=rows),
+            name,
+            chunk_size=chunk,
+            n_rows=23,
+        )
+        loss.backward()
+        return loss.detach(), zz.grad
+
+    dense, dense_grad = run(None)
+    chunked, chunked_grad = run(chunk_size)
+    torch.testing.assert_close(chunked, dense, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked_grad, dense_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_chunked_with_tensors(rng):
+    p, q = random_distributions(rng, 10, 6), random_distributions(rng, 10, 6)
+    torch.testing.assert_close(
+        bi.icon_loss(to_log(p), to_log(q), "jsd", chunk_size=3),
+        bi.icon_loss(to_log(p), to_log(q), "jsd"),
+    )
+    with pytest.raises(ValueError, match="chunk_size"):
+        bi.icon_loss(to_log(p), to_log(q), "jsd", chunk_size=0)
+
+
+def test_callables_need_n_rows():
+    with pytest.raises(ValueError, match="n_rows"):
+        bi.icon_loss(lambda r: None, lambda r: None, "kl")
+
+
+def test_validation_errors(rng):
+    p, q = to_log(random_distributions(rng, 4, 5)), to_log(random_distributions(rng, 4, 5))
+    with pytest.raises(ValueError, match="summing to 1"):
+        bi.icon_loss(p, q + 0.5, "kl")
+    with pytest.raises(ValueError, match="NaN"):
+        bi.icon_loss(p, q.masked_fill(torch.eye(4, 5, dtype=torch.bool), math.nan), "kl")
+    with pytest.raises(ValueError, match="shape"):
+        bi.icon_loss(p, q[:, :4], "kl")
+    with pytest.raises(ValueError, match="no mass"):
+        bi.icon_loss(p, torch.full_like(q, -math.inf), "kl")
+    with pytest.raises(ValueError, match="reduction"):
+        bi.icon_loss(p, q, "kl", reduction="max")
+
+
+def test_overflow_is_reported_not_returned():
+    log_p = torch.log(torch.tensor([[0.5, 0.5]]))
+    log_q = torch.tensor([[0.0, -200.0]])  # q = (1, 1e-87): chi2 ~ 1e86 > float32 max
+    with pytest.raises(ValueError, match="overflowed torch.float32"):
+        bi.icon_loss(log_p, log_q, "chi2")
+    assert math.isfinite(float(bi.icon_loss(log_p.double(), log_q.double(), "chi2")))
+
+
+def test_infinite_divergence_names_remedy():
+    y = torch.tensor([0, 0, 1, 1])
+    with pytest.raises(bi.InfiniteDivergenceError, match="debias"):
+        bi.icon_loss(kernels.labels(y), kernels.gaussian(torch.randn(4, 2)), "reverse_kl")
+    # the documented remedy works
+    log_p = kernels.debias(kernels.labels(y), 0.1)
+    assert math.isfinite(
+        float(bi.icon_loss(log_p, kernels.gaussian(torch.randn(4, 2)), "reverse_kl"))
+    )
+
+
+def test_chunked_memory_is_bounded():
+    """Peak memory of the chunked path grows like chunk x n, not n x n."""
+    from beyond_icon.profiling import peak_memory
+
+    def peak(chunk, n):
+        z = torch.randn(n, 16, requires_grad=True)
+        y = torch.arange(n) % 8
+
+        def step():
+            bi.icon_loss(
+                lambda rows: kernels.labels(y, rows=rows),
+                lambda rows: kernels.gaussian(z, rows=rows),
+                "jsd",
+                chunk_size=chunk,
+                n_rows=n,
+            ).backward()
+
+        return peak_memory(step) / (n * n * 4)  # in units of one n x n float32 matrix
+
+    assert peak(None, 1024) > 4
+    small, large = peak(64, 1024), peak(64, 2048)
+    assert small < 1.0
+    assert large < 0.6 * small  # relative to n^2 it halves as n doubles: O(chunk x n)

@@ -1,0 +1,275 @@
+"""Presets against the original methods' formulas, written as per-anchor loops in float64."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from beyond_icon import divergences, kernels, methods
+
+DIVERGENCES = ["kl", "tv", "jsd", "hellinger", "alpha:0.5", "chi2"]
+
+
+def _cos(a, b):
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def supcon_loop(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Khosla et al. L_out, base temperature = temperature, averaged over anchors."""
+    n, total, anchors = len(z), 0.0, 0
+    for i in range(n):
+        positives = [j for j in range(n) if j != i and y[j] == y[i]]
+        if not positives:
+            continue
+        denom = sum(math.exp(_cos(z[i], z[a]) / temperature) for a in range(n) if a != i)
+        total += -sum(
+            math.log(math.exp(_cos(z[i], z[p]) / temperature) / denom) for p in positives
+        ) / len(positives)
+        anchors += 1
+    return total / anchors
+
+
+def test_supcon_kl_cosine_equals_khosla_minus_entropy(rng):
+    z, y = rng.normal(size=(14, 5)), rng.integers(0, 3, size=14)
+    got = methods.SupCon("kl", metric="cosine", temperature=0.2)(torch.tensor(z), torch.tensor(y))
+    entropy = np.mean(
+        [math.log(sum(1 for j in range(14) if j != i and y[j] == y[i])) for i in range(14)]
+    )
+    assert float(got) == pytest.approx(supcon_loop(z, y, 0.2) - entropy, rel=1e-10)
+
+
+def test_supcon_views_layout(rng):
+    """(n, V, d) features with (n,) labels equal the flattened (V n, d) batch."""
+    z, y = torch.tensor(rng.normal(size=(6, 2, 4))), torch.tensor(rng.integers(0, 3, size=6))
+    loss = methods.SupCon("jsd")
+    flat = torch.cat([z[:, 0], z[:, 1]])
+    torch.testing.assert_close(loss(z, y), loss(flat, y.repeat(2)))
+
+
+def test_supcon_euclidean_matches_loop(rng):
+    z, y = rng.normal(size=(10, 3)), rng.integers(0, 2, size=10)
+    sigma = 0.9
+    got = methods.SupCon("hellinger", metric="euclidean", sigma=sigma)(
+        torch.tensor(z), torch.tensor(y)
+    )
+    total = 0.0
+    for i in range(10):
+        w = np.array(
+            [
+                math.exp(-np.sum((z[i] - z[j]) ** 2) / (2 * sigma**2)) if j != i else 0
+                for j in range(10)
+            ]
+        )
+        q = w / w.sum()
+        pos = np.array([1.0 if j != i and y[j] == y[i] else 0.0 for j in range(10)])
+        p = pos / pos.sum()
+        total += 0.5 * np.sum((np.sqrt(p) - np.sqrt(q)) ** 2)
+    assert float(got) == pytest.approx(total / 10, rel=1e-10)
+
+
+def test_simclr_kl_equals_nt_xent(rng):
+    z1, z2 = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    z, t, n = np.concatenate([z1, z2]), 0.5, 10
+    loss = 0.0
+    for i in range(n):
+        partner = (i + 5) % n
+        denom = sum(math.exp(_cos(z[i], z[k]) / t) for k in range(n) if k != i)
+        loss += -math.log(math.exp(_cos(z[i], z[partner]) / t) / denom)
+    got = methods.SimCLR("kl", temperature=t)(torch.tensor(z1), torch.tensor(z2))
+    assert float(got) == pytest.approx(loss / n, rel=1e-10)
+
+
+def _sne_cost(x, z, perplexity, q_weight):
+    p = kernels.perplexity(torch.tensor(x), perplexity).exp().numpy()
+    n, total = len(x), 0.0
+    for i in range(n):
+        w = np.array([q_weight(z[i], z[j]) if j != i else 0.0 for j in range(n)])
+        q = w / w.sum()
+        total += sum(p[i, j] * math.log(p[i, j] / q[j]) for j in range(n) if p[i, j] > 0)
+    return total / n
+
+
+def test_sne_kl_equals_sne_cost(rng):
+    x, z = rng.normal(size=(20, 6)), rng.normal(size=(20, 2))
+    want = _sne_cost(x, z, 5.0, lambda a, b: math.exp(-np.sum((a - b) ** 2)))
+    got = methods.SNE("kl", perplexity=5.0)(torch.tensor(x), torch.tensor(z))
+    assert float(got) == pytest.approx(want, rel=1e-10)
+
+
+def test_tsne_kl_equals_conditional_cost(rng):
+    x, z = rng.normal(size=(20, 6)), rng.normal(size=(20, 2))
+    want = _sne_cost(x, z, 5.0, lambda a, b: 1.0 / (1.0 + np.sum((a - b) ** 2)))
+    got = methods.TSNE("kl", perplexity=5.0)(torch.tensor(x), torch.tensor(z))
+    assert float(got) == pytest.approx(want, rel=1e-10)
+
+
+def test_cross_entropy_kl_equals_torch(rng):
+    logits, y = torch.tensor(rng.normal(size=(8, 5))), torch.tensor(rng.integers(0, 5, size=8))
+    torch.testing.assert_close(methods.CrossEntropy("kl")(logits, y), F.cross_entropy(logits, y))
+    # debias = label smoothing, up to the entropy of the smoothed target
+    eps = 0.1
+    target = torch.full((8, 5), eps / 5, dtype=torch.float64)
+    target[torch.arange(8), y] += 1 - eps
+    entropy = -(target * target.log()).sum(1).mean()
+    torch.testing.assert_close(
+        methods.CrossEntropy("kl", debias=eps)(logits, y),
+        F.cross_entropy(logits, y, label_smoothing=eps) - entropy,
+    )
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\)"):
+        methods.CrossEntropy()(logits, y + 5)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+@pytest.mark.parametrize("debias_side", ["p", "q", "both"])
+def test_cluster_loss_matches_loop(rng, teacher, debias_side):
+    n, k, alpha = 8, 3, 0.2
+    logits = rng.normal(size=(n, k))
+    t_logits = rng.normal(size=(n, k)) if teacher else logits
+    pair = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    a = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    b = np.exp(t_logits) / np.exp(t_logits).sum(1, keepdims=True)
+    total = 0.0
+    for i in range(n):
+        q = np.array([sum(a[i, c] * b[j, c] / b[:, c].sum() for c in range(k)) for j in range(n)])
+        p = np.array([1.0 if j != i and pair[j] == pair[i] else 0.0 for j in range(n)])
+        p /= p.sum()
+        uniform = np.array([0.0 if j == i else 1 / (n - 1) for j in range(n)])
+        uniform_q = np.full(n, 1 / n)  # q keeps its self entry: uniform over all n
+        if debias_side in ("p", "both"):
+            p = (1 - alpha) * p + alpha * uniform
+        if debias_side in ("q", "both"):
+            q = (1 - alpha) * q + alpha * uniform_q
+        total += 0.5 * np.sum(np.abs(p - q))
+    loss = methods.ClusterLoss("tv", debias=alpha, debias_side=debias_side)
+    got = loss(
+        torch.tensor(logits), torch.tensor(pair), torch.tensor(t_logits) if teacher else None
+    )
+    assert float(got) == pytest.approx(total / n, rel=1e-10)
+
+
+def test_pmi_equals_temi_formula(rng):
+    n, k, beta = 6, 4, 0.6
+    sa, sb, ta, tb = (rng.normal(size=(n, k)) for _ in range(4))
+
+    def softmax(x):
+        return np.exp(x) / np.exp(x).sum(1, keepdims=True)
+
+    prior = rng.dirichlet(np.ones(k))
+    loss = methods.PMI(k, beta=beta, momentum=0.9).double()
+    loss.prior.copy_(torch.tensor(prior))
+    got = loss(*(torch.tensor(v) for v in (sa, sb, ta, tb)))
+    s1, s2, t1, t2 = softmax(sa), softmax(sb), softmax(ta), softmax(tb)
+    total = 0.0
+    for i in range(n):
+        w = sum(t1[i, c] * t2[i, c] for c in range(k))
+        pmi_12 = math.log(sum((s1[i, c] * t2[i, c]) ** beta / prior[c] for c in range(k)))
+        pmi_21 = math.log(sum((s2[i, c] * t1[i, c]) ** beta / prior[c] for c in range(k)))
+        total += -0.5 * w * (pmi_12 + pmi_21)
+    assert float(got) == pytest.approx(total / n, rel=1e-10)
+    # the prior moved towards the teacher's mean assignment, after the loss was taken
+    want_prior = 0.9 * prior + 0.1 * np.concatenate([t1, t2]).mean(0)
+    np.testing.assert_allclose(loss.prior.numpy(), want_prior, rtol=1e-12)
+    with pytest.raises(ValueError, match="defined for KL only"):
+        methods.PMI(k, divergence="tv")
+
+
+PRESETS = {
+    "SupCon-cosine": lambda d: (methods.SupCon(d, "cosine", temperature=0.07), "labels"),
+    "SupCon-euclidean": lambda d: (methods.SupCon(d, "euclidean"), "labels"),
+    "SimCLR": lambda d: (methods.SimCLR(d, temperature=0.1), "views"),
+    "SNE": lambda d: (methods.SNE(d, perplexity=4.0), "sne"),
+    "TSNE": lambda d: (methods.TSNE(d, perplexity=4.0), "sne"),
+    "CrossEntropy": lambda d: (methods.CrossEntropy(d), "classes"),
+    "ClusterLoss": lambda d: (methods.ClusterLoss(d, debias=0.1, debias_side="both"), "cluster"),
+}
+
+
+def _call(loss, kind, z, y):
+    if kind == "labels":
+        return loss(z, y)
+    if kind == "views":
+        return loss(z[:8], z[8:])
+    if kind == "sne":
+        return loss(z.detach() * 3 + 1, z)
+    if kind == "classes":
+        return loss(z[:, :4], y)
+    return loss(z[:, :4], torch.arange(16) % 8)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_every_preset_every_divergence_has_finite_gradients(preset, name, dtype):
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(16, 6, generator=gen, dtype=dtype).requires_grad_()
+    y = torch.arange(16) % 4
+    loss, kind = PRESETS[preset](name)
+    value = _call(loss, kind, z, y)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(z.grad).all()
+    assert divergences.get(name).name == loss.divergence.name
+
+
+@pytest.mark.parametrize("preset", ["SupCon-cosine", "SupCon-euclidean", "SimCLR", "ClusterLoss"])
+@pytest.mark.parametrize("name", ["kl", "tv", "jsd", "hellinger"])
+def test_bf16_autocast_gradients_finite(preset, name):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(10, 6)
+    x = torch.randn(16, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = net(x)
+        assert z.dtype == torch.bfloat16
+        loss, kind = PRESETS[preset](name)
+        value = _call(loss, kind, z.float(), torch.arange(16) % 4)
+    value.backward()
+    assert torch.isfinite(value) and all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("preset", ["SupCon-cosine", "SimCLR", "SNE", "ClusterLoss"])
+def test_chunked_presets_equal_dense(preset):
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    results = []
+    for chunk in (None, 5):
+        zz = z.clone().requires_grad_()
+        loss, kind = PRESETS[preset]("jsd")
+        loss.chunk_size = chunk
+        value = _call(loss, kind, zz, torch.arange(16) % 4)
+        value.backward()
+        results.append((value.detach(), zz.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_supcon_all_singletons_single_view_is_an_error_two_views_are_fine():
+    z, y = torch.randn(6, 4), torch.arange(6)
+    with pytest.raises(ValueError, match="no mass"):
+        methods.SupCon("jsd")(z, y)
+    assert torch.isfinite(methods.SupCon("jsd")(torch.randn(6, 2, 4), y))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda: methods.SupCon()(torch.randn(4, 3), torch.tensor([0.0, 1.0, 0.0, 1.0])),
+            "integer",
+        ),
+        (
+            lambda: methods.SupCon()(torch.randn(4, 3), torch.tensor([0, 1, 0])),
+            "3 entries but the batch has 4",
+        ),
+        (lambda: methods.SupCon()(torch.full((4, 3), math.nan), torch.tensor([0, 1, 0, 1])), "NaN"),
+        (lambda: methods.SupCon(metric="manhattan"), "metric"),
+        (lambda: methods.SupCon("nonsense"), "unknown divergence"),
+        (lambda: methods.SimCLR()(torch.randn(4, 3), torch.randn(5, 3)), "must match"),
+        (lambda: methods.ClusterLoss(debias_side="x"), "debias_side"),
+    ],
+)
+def test_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
