@@ -59,6 +59,40 @@ def measure(step, device: torch.device, repeats: int) -> tuple[float, int]:
     return statistics.median(times), peak_memory(step, device)
 
 
+def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
+    """Rows of the two tables for batch size n."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(n, args.dim, generator=gen).to(device)
+    labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
+
+    def make_step(loss_fn):
+        def step():
+            z = base.clone().requires_grad_()
+            loss_fn(z, labels).backward()
+
+        return step
+
+    def supcon_khosla(z, y):
+        return supcon_reference(z, y, temperature)
+
+    ref_time, ref_mem = measure(make_step(supcon_khosla), device, args.repeats)
+    rows = [(n, "reference SupCon (Khosla)", ref_time, ref_mem, 1.0, 1.0)]
+    for name in DIVERGENCES:
+        debias = 0.05 if name in ("reverse_kl", "jeffreys") else 0.0  # infinite otherwise
+        loss = methods.SupCon(name, metric="cosine", temperature=temperature, debias=debias)
+        t, m = measure(make_step(loss), device, args.repeats)
+        label = name + (f" (p debiased {debias})" if debias else "")
+        rows.append((n, label, t, m, t / ref_time, m / ref_mem))
+    chunk_rows = []
+    for name in ("kl", "jsd"):
+        dense = methods.SupCon(name, temperature=temperature)
+        chunked = methods.SupCon(name, temperature=temperature, chunk_size=args.chunk_size)
+        td, md = measure(make_step(dense), device, args.repeats)
+        tc, mc = measure(make_step(chunked), device, args.repeats)
+        chunk_rows.append((n, name, td, md, tc, mc))
+    return rows, chunk_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
@@ -75,38 +109,11 @@ def main() -> None:
         f"d = {args.dim}, {args.classes} classes, median of {args.repeats}\n"
     )
 
-    rows = []
-    chunk_rows = []
+    rows, chunk_rows = [], []
     for n in args.sizes:
-        gen = torch.Generator().manual_seed(0)
-        base = torch.randn(n, args.dim, generator=gen).to(device)
-        labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
-
-        def make_step(loss_fn):
-            def step():
-                z = base.clone().requires_grad_()
-                loss_fn(z).backward()
-
-            return step
-
-        ref_time, ref_mem = measure(
-            make_step(lambda z: supcon_reference(z, labels, temperature)), device, args.repeats
-        )
-        rows.append((n, "reference SupCon (Khosla)", ref_time, ref_mem, 1.0, 1.0))
-        for name in DIVERGENCES:
-            debias = 0.05 if name in ("reverse_kl", "jeffreys") else 0.0  # infinite otherwise
-            loss = methods.SupCon(name, metric="cosine", temperature=temperature, debias=debias)
-            t, m = measure(make_step(lambda z, loss=loss: loss(z, labels)), device, args.repeats)
-            label = name + (f" (p debiased {debias})" if debias else "")
-            rows.append((n, label, t, m, t / ref_time, m / ref_mem))
-        for name in ("kl", "jsd"):
-            dense = methods.SupCon(name, temperature=temperature)
-            chunked = methods.SupCon(name, temperature=temperature, chunk_size=args.chunk_size)
-            td, md = measure(make_step(lambda z, loss=dense: loss(z, labels)), device, args.repeats)
-            tc, mc = measure(
-                make_step(lambda z, loss=chunked: loss(z, labels)), device, args.repeats
-            )
-            chunk_rows.append((n, name, td, md, tc, mc))
+        size_rows, size_chunk_rows = bench_size(n, args, device, temperature)
+        rows += size_rows
+        chunk_rows += size_chunk_rows
 
     print("| n | loss | fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference |")
     print("|---:|---|---:|---:|---:|---:|")
