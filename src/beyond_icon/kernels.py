@@ -130,13 +130,14 @@ def perplexity(
     perplexity: float = 30.0,
     *,
     rows: slice | None = None,
-    n_iter: int = 100,
+    n_iter: int = 50,
 ) -> Tensor:
     """Perplexity-calibrated Gaussian: ``p(j|i) ∝ exp(-beta_i |x_i - x_j|^2)``, ``j != i``.
 
     Each row's precision ``beta_i`` is found by bisection (in log space) so that the row's
     perplexity ``exp(H(p(.|i)))`` (natural log) equals ``perplexity``. No gradient flows: this
-    is a supervisory distribution. Computed in float64, returned in ``x``'s dtype.
+    is a supervisory distribution. Computed in float64 for float64 input, else in float32 (50
+    bisection steps exhaust float32's resolution of log beta in [-50, 50]).
     """
     check_features(x, "x", min_rows=2)
     n = x.shape[0]
@@ -147,7 +148,8 @@ def perplexity(
             f"got {perplexity:g}; lower it or use a larger batch"
         )
     block = _row_slice(n, rows)
-    d2 = _block_distances(x.double(), block)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    d2 = _block_distances(x.to(work), block)
     self_mask = _self_mask(block, n, x.device)
     d2 = d2.masked_fill(self_mask, math.inf)
     # Shift and scale each row so that beta ~ 1 is a sensible start: the nearest neighbour is at
@@ -156,7 +158,7 @@ def perplexity(
     scale = torch.nanmedian(d2.masked_fill(self_mask, math.nan), dim=1, keepdim=True).values
     d2 = d2 / scale.clamp_min(1e-12)
     target = math.log(perplexity)
-    lo = torch.full((d2.shape[0], 1), -50.0, dtype=torch.float64, device=x.device)
+    lo = torch.full((d2.shape[0], 1), -50.0, dtype=work, device=x.device)
     hi = torch.full_like(lo, 50.0)
     for _ in range(n_iter):
         mid = (lo + hi) / 2

@@ -1,0 +1,5 @@
+import sys
+
+from beyond_icon.cli import main
+
+sys.exit(main())

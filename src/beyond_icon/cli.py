@@ -1,0 +1,154 @@
+"""The ``beyond-icon`` command line.
+
+Each task subcommand takes one option per field of its config dataclass (``--batch-size`` for
+``batch_size``), an optional ``--config FILE.yaml`` whose values the options override, and
+``--out DIR``, the run folder (config.yaml, metrics.json, history.csv, figures, checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from beyond_icon import __version__
+
+__all__ = ["main"]
+
+
+def _task_configs() -> dict[str, type]:
+    from beyond_icon.tasks.sne import SNEConfig
+
+    return {"sne": SNEConfig}
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _converter(annotation: str):
+    """An argparse type for a dataclass field annotation (as a string)."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    if base.startswith("list["):
+        inner = _converter(base[5:-1])
+        return lambda text: [inner(part) for part in text.split(",") if part.strip()]
+    simple = {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
+    if not optional:
+        return simple
+    return lambda text: None if text.strip().lower() in ("none", "null", "") else simple(text)
+
+
+def _add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    for field in dataclasses.fields(config_cls):
+        default = (
+            field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        )
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text = f"{config_cls.help.get(field.name, '')} (default: {shown})".strip()
+        flag = "--" + field.name.replace("_", "-")
+        if str(field.type) == "bool":
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=text,
+            )
+            continue
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=_converter(str(field.type)),
+            default=argparse.SUPPRESS,
+            metavar=field.name.upper(),
+            help=text,
+        )
+
+
+def _config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    from beyond_icon.tasks.common import config_from_dict
+
+    values: dict = {}
+    if getattr(args, "config", None):
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config} must hold a mapping of option: value")
+        task = loaded.pop("task", config_cls.task)
+        if task != config_cls.task:
+            raise ValueError(f"{args.config} configures task '{task}', not '{config_cls.task}'")
+        values.update(loaded)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return config_from_dict(config_cls, values)
+
+
+def _run_task(task: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    config = _config_from_args(_task_configs()[task], args)
+    module = importlib.import_module(f"beyond_icon.tasks.{task}")
+    module.run(config, out=args.out, resume=args.resume, verbose=not args.quiet)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from beyond_icon.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, verbose=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="beyond-icon",
+        description="Representation learning with the I-Con loss and any divergence.",
+    )
+    parser.add_argument("--version", action="version", version=f"beyond-icon {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for task, config_cls in _task_configs().items():
+        doc = (config_cls.__doc__ or "").strip().splitlines()[0]
+        task_parser = sub.add_parser(task, help=doc, description=doc)
+        task_parser.add_argument("--out", required=True, help="run folder to write")
+        task_parser.add_argument("--config", help="YAML file of options (command-line options win)")
+        task_parser.add_argument(
+            "--resume", action="store_true", help="continue from --out's checkpoint"
+        )
+        task_parser.add_argument("--quiet", action="store_true", help="no progress output")
+        _add_config_options(task_parser, config_cls)
+        task_parser.set_defaults(handler=lambda args, task=task: _run_task(task, args))
+    demo = sub.add_parser("demo", help="the paper in miniature on the bundled digits, one report")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="fewer epochs (a smoke test)")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
+        print(f"beyond-icon {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished epochs are checkpointed; rerun with --resume", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

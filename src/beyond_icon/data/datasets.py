@@ -1,0 +1,509 @@
+"""Datasets by spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K.
+
+:func:`load` returns a :class:`Dataset` with train and test splits. Images are stored as
+``uint8`` arrays of shape (N, C, H, W) (values 0..255); vectors as ``float32`` (N, D). Nothing
+is fetched from the network unless the user allows it (``download=True``); a missing dataset
+is a clear error that says how to get it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from beyond_icon.data.idx import read_idx
+
+__all__ = ["DATA_ENV", "Dataset", "load", "spec_names"]
+
+DATA_ENV = "BEYOND_ICON_DATA"
+SPLIT_SEED = 0  # fixed: every run of every task sees the same split
+
+
+@dataclass
+class Dataset:
+    """Train and test arrays of one dataset. ``x`` is uint8 (N, C, H, W) or float32 (N, D)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str] = field(default_factory=list)
+    has_test_split: bool = True
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise ValueError(f"{self.name}: {len(x)} {split} samples but {len(y)} labels")
+            if x.dtype != np.uint8 and not np.all(np.isfinite(x)):
+                bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
+                raise ValueError(
+                    f"{self.name}: {split} samples {bad[:5].tolist()} contain NaN or Inf"
+                )
+        self.y_train = self.y_train.astype(np.int64)
+        self.y_test = self.y_test.astype(np.int64)
+        if not self.classes:
+            n = int(max(self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
+            self.classes = [str(c) for c in range(n)]
+
+    @property
+    def is_image(self) -> bool:
+        return self.x_train.ndim == 4
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def subset(
+        self, n_train: int | None = None, n_test: int | None = None, seed: int = 0
+    ) -> Dataset:
+        """A stratified random subset of each split (``None`` keeps a split whole)."""
+        return Dataset(
+            self.name,
+            *_stratified_take(self.x_train, self.y_train, n_train, seed),
+            *_stratified_take(self.x_test, self.y_test, n_test, seed + 1),
+            classes=self.classes,
+            has_test_split=self.has_test_split,
+        )
+
+    def describe(self) -> str:
+        kind = (
+            "images " + "x".join(map(str, self.input_shape))
+            if self.is_image
+            else f"{self.input_shape[0]}-d vectors"
+        )
+        return (
+            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test, {kind}, "
+            f"{self.n_classes} classes"
+        )
+
+
+def as_float(x: np.ndarray) -> np.ndarray:
+    """uint8 images to float32 in [0, 1]; float arrays unchanged (as float32)."""
+    return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+
+
+def _stratified_take(x, y, n, seed):
+    if n is None or n >= len(x):
+        return x, y
+    if n < 1:
+        raise ValueError(f"a subset needs at least one sample, got {n}")
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(
+        np.arange(len(x)), train_size=n, stratify=_stratify(y, n), random_state=seed
+    )
+    keep = np.sort(keep)
+    return x[keep], y[keep]
+
+
+def _stratify(y, n):
+    """Stratify when every class can be represented, else a plain random split."""
+    _, counts = np.unique(y, return_counts=True)
+    return y if counts.min() >= 2 and n >= len(counts) else None
+
+
+def _split(name, x, y, classes=None, test_fraction=0.25):
+    from sklearn.model_selection import train_test_split
+
+    idx_train, idx_test = train_test_split(
+        np.arange(len(x)),
+        test_size=test_fraction,
+        stratify=_stratify(y, len(y)),
+        random_state=SPLIT_SEED,
+    )
+    return Dataset(
+        name,
+        x[idx_train],
+        y[idx_train],
+        x[idx_test],
+        y[idx_test],
+        classes or [],
+        has_test_split=False,
+    )
+
+
+# -------------------------------------------------------------------------------- the loaders
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1797 images), a fixed stratified 75/25 split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    data = _split("digits", images, bunch.target, [str(c) for c in range(10)])
+    data.has_test_split = True  # the split is part of the dataset's definition here
+    return data
+
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FASHION_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _search_dirs(data_dir: str | Path | None, sub: str) -> list[Path]:
+    dirs = []
+    for base in (data_dir, os.environ.get(DATA_ENV)):
+        if base:
+            dirs += [Path(base), Path(base) / sub]
+    return dirs
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, target: Path, md5: str | None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(target.suffix + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            while block := response.read(1 << 20):
+                out.write(block)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"could not download {url}: {error}") from error
+    if md5 is not None and _md5(partial) != md5:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"checksum mismatch for {url}: the download is corrupt, try again")
+    partial.replace(target)
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Fashion-MNIST from IDX files: --data-dir, $BEYOND_ICON_DATA, the Debian package, download."""
+    candidates = _search_dirs(data_dir, "fashion-mnist") + [FASHION_SYSTEM_DIR]
+    for directory in candidates:
+        paths = [_find_idx(directory, name[:-3]) for name in FASHION_FILES]
+        if all(paths):
+            break
+    else:
+        if not download:
+            looked = ", ".join(str(d) for d in candidates)
+            raise FileNotFoundError(
+                "Fashion-MNIST not found (looked in " + looked + "). Install the Debian package "
+                "(apt-get install dataset-fashion-mnist), put the four IDX .gz files in --data-dir "
+                f"or ${DATA_ENV}, or pass --download when online"
+            )
+        directory = (
+            Path(data_dir or os.environ.get(DATA_ENV) or Path.home() / ".cache" / "beyond-icon")
+            / "fashion-mnist"
+        )
+        for name, md5 in FASHION_FILES.items():
+            if not (directory / name).is_file():
+                _download(FASHION_URL + name, directory / name, md5)
+        paths = [directory / name for name in FASHION_FILES]
+    x_train, y_train, x_test, y_test = (read_idx(p) for p in paths)
+    if x_train.shape[1:] != (28, 28) or len(x_train) != len(y_train) or len(x_test) != len(y_test):
+        raise ValueError(
+            f"Fashion-MNIST files in {directory} have unexpected shapes {x_train.shape}"
+        )
+    return Dataset(
+        "fashion-mnist", x_train[:, None], y_train, x_test[:, None], y_test, FASHION_CLASSES
+    )
+
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+def load_cifar10(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """CIFAR-10 from the official python batches (cifar-10-batches-py), or a checked download."""
+    candidates = [d / "cifar-10-batches-py" for d in _search_dirs(data_dir, "cifar10")]
+    candidates += _search_dirs(data_dir, "cifar-10-batches-py")
+    found = next((d for d in candidates if (d / "data_batch_1").is_file()), None)
+    if found is None:
+        if not download:
+            raise FileNotFoundError(
+                "CIFAR-10 python batches not found (looked for cifar-10-batches-py in --data-dir and "
+                f"${DATA_ENV}). Pass --download when online, or use an image folder of CIFAR-10 "
+                "JPEGs with --data imagefolder:PATH"
+            )
+        root = Path(data_dir or os.environ.get(DATA_ENV) or Path.home() / ".cache" / "beyond-icon")
+        archive = root / "cifar-10-python.tar.gz"
+        if not archive.is_file():
+            _download(CIFAR10_URL, archive, CIFAR10_MD5)
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+        found = root / "cifar-10-batches-py"
+
+    def batch(name):
+        with open(found / name, "rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")
+        return np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(
+            entry[b"labels"]
+        )
+
+    parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = batch("test_batch")
+    return Dataset(
+        "cifar10",
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        x_test,
+        y_test,
+        CIFAR10_CLASSES,
+    )
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, int] | None):
+    from PIL import Image
+
+    if classes is None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"image folder {root} has no class sub-folders")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        found = (
+            sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if folder.is_dir()
+            else []
+        )
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise ValueError(
+            f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    images = []
+    mode = None
+    for path in files:
+        with Image.open(path) as image:
+            if mode is None:
+                mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
+                size = size or image.size
+            image = image.convert(mode)
+            if image.size != size:
+                image = image.resize(size, Image.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+        images.append(array[None] if array.ndim == 2 else array.transpose(2, 0, 1))
+    return np.stack(images), np.asarray(labels), classes, size
+
+
+def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
+    """Class-per-subfolder images; train/ and test/ sub-folders are the splits when present.
+
+    Images take the mode (grey or RGB) and size of the first one. The decoded arrays are cached
+    in ``PATH/.beyond-icon-cache.npz`` (or the user cache when PATH is read-only).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    stamp = hashlib.sha1()
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            stamp.update(f"{p.relative_to(root)}:{p.stat().st_size}".encode())
+    key = stamp.hexdigest()[:16]
+    cache_files = [
+        root / ".beyond-icon-cache.npz",
+        Path.home() / ".cache" / "beyond-icon" / f"imagefolder-{key}.npz",
+    ]
+    for cached in cache_files:
+        if cache and cached.is_file():
+            with np.load(cached, allow_pickle=False) as data:
+                if str(data["key"]) == key:
+                    return Dataset(
+                        root.name,
+                        data["x_train"],
+                        data["y_train"],
+                        data["x_test"],
+                        data["y_test"],
+                        [str(c) for c in data["classes"]],
+                        has_test_split=bool(data["has_test_split"]),
+                    )
+    if (root / "train").is_dir():
+        x_train, y_train, classes, size = _read_class_folders(root / "train", None, None)
+        if (root / "test").is_dir():
+            x_test, y_test, _, _ = _read_class_folders(root / "test", classes, size)
+            data = Dataset(root.name, x_train, y_train, x_test, y_test, classes)
+        else:
+            data = _split(root.name, x_train, y_train, classes)
+    else:
+        x, y, classes, _ = _read_class_folders(root, None, None)
+        data = _split(root.name, x, y, classes)
+    if cache:
+        arrays = dict(
+            x_train=data.x_train,
+            y_train=data.y_train,
+            x_test=data.x_test,
+            y_test=data.y_test,
+            classes=np.asarray(data.classes),
+            has_test_split=data.has_test_split,
+            key=key,
+        )
+        for cached in cache_files:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_suffix(".tmp.npz")
+                np.savez(tmp, **arrays)
+                tmp.replace(cached)
+                break
+            except OSError:
+                continue
+    return data
+
+
+def load_embeddings(path: str | Path) -> Dataset:
+    """Precomputed features and labels: .npz (x/features/embeddings and y/labels, optional
+    x_test/y_test), .pt (a dict of the same keys), .safetensors, or .npy (features) with
+    labels in PATH-without-suffix + '.labels.npy'. Without a test split, a fixed 75/25 split."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    elif suffix == ".pt":
+        import torch
+
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a .pt embeddings file must hold a dict of tensors")
+        arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in loaded.items()}
+    elif suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as error:
+            raise ImportError(
+                "reading .safetensors needs the safetensors package (pip install safetensors)"
+            ) from error
+        arrays = load_file(str(path))
+    elif suffix == ".npy":
+        labels = path.with_suffix(".labels.npy")
+        if not labels.is_file():
+            raise FileNotFoundError(f"labels for {path} not found: expected {labels}")
+        arrays = {"x": np.load(path), "y": np.load(labels)}
+    else:
+        raise ValueError(f"{path}: embeddings must be .npz, .npy, .pt or .safetensors")
+
+    def pick(*names):
+        return next((arrays[n] for n in names if n in arrays), None)
+
+    x = pick("x", "x_train", "features", "embeddings")
+    y = pick("y", "y_train", "labels", "targets")
+    if x is None or y is None:
+        raise ValueError(
+            f"{path}: needs features (x / features / embeddings) and labels (y / labels); "
+            f"found keys {sorted(arrays)}"
+        )
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    y = np.asarray(y).reshape(-1)
+    if len(y) != len(x):
+        raise ValueError(f"{path}: {len(x)} embeddings but {len(y)} labels")
+    if "x_test" in arrays and "y_test" in arrays:
+        x_test = np.asarray(arrays["x_test"], dtype=np.float32).reshape(len(arrays["x_test"]), -1)
+        return Dataset(path.stem, x, y, x_test, np.asarray(arrays["y_test"]).reshape(-1))
+    return _split(path.stem, x, y)
+
+
+def load_simplex(k: int, n_per_cluster: int = 300, noise: float = 0.1, seed: int = 0) -> Dataset:
+    """K Gaussian clusters at the vertices of a regular simplex in K-1 dimensions.
+
+    Vertices are the standard basis of R^K, centred and rotated into R^(K-1) (pairwise
+    distance sqrt 2); isotropic noise of standard deviation ``noise``. No 2-D embedding can keep
+    K > 3 clusters equidistant: the crowding geometry of Beyond I-Con's Appendix B.
+    """
+    if not isinstance(k, int) or k < 2:
+        raise ValueError(f"simplex:K needs an integer K >= 2, got {k!r}")
+    rng = np.random.default_rng(seed)
+    centred = np.eye(k) - 1.0 / k
+    basis = np.linalg.svd(centred)[2][: k - 1]  # orthonormal basis of the centred hyperplane
+    vertices = centred @ basis.T
+    y = np.repeat(np.arange(k), n_per_cluster)
+    x = vertices[y] + noise * rng.standard_normal((len(y), k - 1))
+    data = _split(f"simplex{k}", x.astype(np.float32), y)
+    data.has_test_split = True
+    return data
+
+
+def spec_names() -> list[str]:
+    return [
+        "digits",
+        "fashion-mnist",
+        "cifar10",
+        "imagefolder:PATH",
+        "embeddings:PATH",
+        "simplex:K",
+    ]
+
+
+def load(spec: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Load a dataset by spec (see :func:`spec_names`)."""
+    kind, _, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "digits":
+        return load_digits()
+    if kind in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        return load_fashion_mnist(data_dir, download)
+    if kind in ("cifar10", "cifar-10"):
+        return load_cifar10(data_dir, download)
+    if kind == "imagefolder" and arg:
+        return load_imagefolder(arg)
+    if kind == "embeddings" and arg:
+        return load_embeddings(arg)
+    if kind == "simplex":
+        try:
+            return load_simplex(int(arg))
+        except ValueError:
+            raise ValueError(
+                f"'{spec}': simplex:K needs an integer K >= 2, e.g. simplex:10"
+            ) from None
+    raise ValueError(f"unknown data spec '{spec}'; known: {', '.join(spec_names())}")

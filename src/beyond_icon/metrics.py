@@ -1,0 +1,121 @@
+"""Evaluation: k-NN accuracy, trustworthiness, silhouette, Hungarian accuracy, NMI, ARI and a
+linear probe. Inputs are numpy arrays or tensors; outputs are plain floats."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn import metrics as sk_metrics
+from sklearn.manifold import trustworthiness as sk_trustworthiness
+from sklearn.neighbors import KNeighborsClassifier
+
+__all__ = [
+    "adjusted_rand",
+    "hungarian_accuracy",
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "nmi",
+    "silhouette",
+    "trustworthiness",
+]
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 5, metric: str = "euclidean") -> float:
+    """Accuracy of a k-NN majority vote (``metric`` euclidean or cosine) fitted on train."""
+    train_x, test_x = _np(train_x).reshape(len(train_x), -1), _np(test_x).reshape(len(test_x), -1)
+    k = min(k, len(train_x))
+    model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute", n_jobs=-1)
+    model.fit(train_x, _np(train_y))
+    return float((model.predict(test_x) == _np(test_y)).mean())
+
+
+def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int = 0) -> float:
+    """Trustworthiness (Venna & Kaski) of the low-dimensional ``low`` w.r.t. ``high``, in [0, 1].
+
+    Computed on at most ``max_points`` points (a fixed random subset: the exact computation
+    sorts an n x n distance matrix).
+    """
+    high, low = _np(high).reshape(len(high), -1), _np(low)
+    if len(high) > max_points:
+        keep = np.random.default_rng(seed).choice(len(high), max_points, replace=False)
+        high, low = high[keep], low[keep]
+    k = min(k, len(high) // 2 - 1)
+    if k < 1:
+        raise ValueError("trustworthiness needs at least 4 points")
+    return float(sk_trustworthiness(high, low, n_neighbors=k))
+
+
+def silhouette(x, labels, max_points: int = 10_000, seed: int = 0) -> float:
+    """Mean silhouette coefficient of the classes in ``x`` (in [-1, 1])."""
+    x, labels = _np(x).reshape(len(x), -1), _np(labels)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("silhouette needs at least two classes")
+    size = min(max_points, len(x))
+    return float(
+        sk_metrics.silhouette_score(
+            x, labels, sample_size=size if size < len(x) else None, random_state=seed
+        )
+    )
+
+
+def hungarian_accuracy(labels, clusters) -> float:
+    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian method)."""
+    labels, clusters = _np(labels).astype(np.int64), _np(clusters).astype(np.int64)
+    if labels.shape != clusters.shape:
+        raise ValueError(f"{len(labels)} labels but {len(clusters)} cluster assignments")
+    size = max(labels.max(), clusters.max()) + 1
+    counts = np.zeros((size, size), dtype=np.int64)
+    np.add.at(counts, (clusters, labels), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(labels))
+
+
+def nmi(labels, clusters) -> float:
+    return float(sk_metrics.normalized_mutual_info_score(_np(labels), _np(clusters)))
+
+
+def adjusted_rand(labels, clusters) -> float:
+    return float(sk_metrics.adjusted_rand_score(_np(labels), _np(clusters)))
+
+
+def linear_probe_accuracy(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    *,
+    epochs: int = 100,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> float:
+    """Test accuracy of a linear classifier trained (Adam, cross-entropy) on frozen,
+    standardised train features."""
+    device = torch.device(device)
+    xtr = torch.as_tensor(_np(train_x), dtype=torch.float32, device=device).flatten(1)
+    xte = torch.as_tensor(_np(test_x), dtype=torch.float32, device=device).flatten(1)
+    ytr = torch.as_tensor(_np(train_y), dtype=torch.long, device=device)
+    yte = torch.as_tensor(_np(test_y), dtype=torch.long, device=device)
+    mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    n_classes = int(max(ytr.max(), yte.max())) + 1
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(xtr.shape[1], n_classes).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    for _ in range(epochs):
+        order = torch.randperm(len(xtr), generator=gen).to(device)
+        for idx in order.split(batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(probe(xtr[idx]), ytr[idx]).backward()
+            optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        return float((probe(xte).argmax(1) == yte).float().mean())

@@ -1,0 +1,244 @@
+"""Backbones and heads in plain torch: MLP, small CNN, CIFAR-stem ResNet-18/50, projection and
+cluster heads. Every backbone maps an input batch to (n, feature_dim) features."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BACKBONES",
+    "ClusterHead",
+    "MLP",
+    "ProjectionHead",
+    "ResNet",
+    "SmallCNN",
+    "Standardize",
+    "build_backbone",
+    "resnet18",
+    "resnet50",
+]
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with per-feature (vectors) or per-channel (images) statistics."""
+
+    def __init__(self, mean: Tensor, std: Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float().clamp_min(1e-6))
+
+    @classmethod
+    def fit(cls, x: Tensor) -> Standardize:
+        """Statistics of a float batch (N, D) or (N, C, H, W)."""
+        if x.dim() == 4:
+            mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
+            std = x.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
+        else:
+            x = x.reshape(len(x), -1)
+            mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
+        return cls(mean, std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mean.dim() == 2:
+            x = x.reshape(len(x), -1)
+        return (x - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    """Linear -> BatchNorm -> ReLU blocks; ``feature_dim`` is the last hidden width."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (512, 512)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            width = h
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.reshape(len(x), -1))
+
+
+def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU stages, halving the resolution until it is 4x4 or less, then global pooling.
+
+    8x8 inputs get two stride-2 stages, 28x28 and 32x32 three; widths 32, 64, 128, 256.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, width: int = 32):
+        super().__init__()
+        layers = [_conv_bn(in_channels, width)]
+        size, channels = image_size, width
+        while size > 4:
+            layers.append(_conv_bn(channels, channels * 2, stride=2))
+            layers.append(_conv_bn(channels * 2, channels * 2))
+            channels *= 2
+            size = math.ceil(size / 2)
+        layers.append(nn.AdaptiveAvgPool2d(1))
+        self.net = nn.Sequential(*layers)
+        self.feature_dim = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten(1)
+
+
+class _Basic(nn.Module):
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(c_in, planes, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int):
+        super().__init__()
+        out = planes * 4
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, planes, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, out, 1, bias=False),
+            nn.BatchNorm2d(out),
+        )
+        self.shortcut = _shortcut(c_in, out, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+class ResNet(nn.Module):
+    """ResNet with the CIFAR stem: a 3x3 first convolution, stride 1, no max-pool."""
+
+    def __init__(self, block: type[nn.Module], layers: tuple[int, ...], in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+        )
+        stages, c_in = [], 64
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), layers)):
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                stages.append(block(c_in, planes, stride))
+                c_in = planes * block.expansion
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = c_in
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool(self.stages(self.stem(x))).flatten(1)
+
+
+def resnet18(in_channels: int = 3) -> ResNet:
+    return ResNet(_Basic, (2, 2, 2, 2), in_channels)
+
+
+def resnet50(in_channels: int = 3) -> ResNet:
+    return ResNet(_Bottleneck, (3, 4, 6, 3), in_channels)
+
+
+class ProjectionHead(nn.Module):
+    """MLP projection ``feature_dim -> hidden -> out_dim`` whose output feeds the loss."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_dim
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ClusterHead(nn.Module):
+    """``n_heads`` independent heads mapping features to ``n_clusters`` logits each.
+
+    Output shape (n_heads, n, n_clusters). ``kind`` is "linear" or "mlp" (one hidden layer).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_clusters: int,
+        n_heads: int = 1,
+        kind: str = "linear",
+        hidden: int = 512,
+    ):
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise ValueError(f"head must be 'linear' or 'mlp', got {kind!r}")
+
+        def make() -> nn.Module:
+            if kind == "linear":
+                return nn.Linear(in_dim, n_clusters)
+            return nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_clusters)
+            )
+
+        self.heads = nn.ModuleList(make() for _ in range(n_heads))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([head(x) for head in self.heads])
+
+
+BACKBONES = ("auto", "mlp", "cnn", "resnet18", "resnet50")
+
+
+def build_backbone(name: str, input_shape: tuple[int, ...]) -> nn.Module:
+    """A backbone for inputs of ``input_shape`` ((D,) vectors or (C, H, W) images).
+
+    ``auto``: the small CNN for images, the MLP for vectors. The module has ``feature_dim``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    is_image = len(input_shape) == 3
+    if name == "auto":
+        name = "cnn" if is_image else "mlp"
+    if name == "mlp":
+        return MLP(int(math.prod(input_shape)))
+    if not is_image:
+        raise ValueError(
+            f"backbone {name!r} needs images (C, H, W); the data are {input_shape[0]}-d vectors"
+        )
+    channels, height, width = input_shape
+    if name == "cnn":
+        return SmallCNN(channels, max(height, width))
+    return (resnet18 if name == "resnet18" else resnet50)(channels)

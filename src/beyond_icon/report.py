@@ -1,0 +1,134 @@
+"""Figures and tables: embeddings coloured by class, gradient-norm curves, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_embedding", "plot_grad_norm", "plot_training", "save_json"]
+
+
+def save_json(obj: dict, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _scatter(
+    ax,
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    classes: Sequence[str],
+    title: str,
+    legend: bool = True,
+) -> None:
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    size = max(1.0, min(12.0, 6000.0 / max(len(embedding), 1)))
+    for c, name in enumerate(classes):
+        mask = labels == c
+        if mask.any():
+            ax.scatter(
+                embedding[mask, 0],
+                embedding[mask, 1],
+                s=size,
+                color=cmap(c % cmap.N),
+                label=name,
+                alpha=0.8,
+                linewidths=0,
+            )
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend:
+        ax.legend(
+            markerscale=max(1.0, 8.0 / size),
+            fontsize=7,
+            loc="best",
+            frameon=False,
+            ncol=1 if len(classes) <= 10 else 2,
+        )
+
+
+def plot_embedding(
+    embedding, labels, classes: Sequence[str], path: str | Path, title: str = ""
+) -> None:
+    """A 2-D embedding, one colour per class, with a legend."""
+    embedding, labels = np.asarray(embedding), np.asarray(labels)
+    if embedding.shape[1] < 2:
+        raise ValueError("plotting an embedding needs at least 2 components")
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    _scatter(ax, embedding, labels, classes, title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_embedding_grid(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "",
+) -> None:
+    """Several 2-D embeddings side by side: ``panels`` of (title, embedding, labels)."""
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, emb, lab) in zip(axes.flat, panels):
+        _scatter(ax, np.asarray(emb), np.asarray(lab), classes, name, legend=False)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=7, frameon=False, markerscale=3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grad_norm(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
+    """Gradient norm per step (log scale), one curve per run, epoch-1 boundary marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, history in histories.items():
+        steps = [h["step"] for h in history]
+        ax.plot(steps, [h["grad_norm"] for h in history], label=name, linewidth=0.9)
+    first = next(iter(histories.values()))
+    epoch_one = [h["step"] for h in first if h["epoch"] == 0]
+    if epoch_one:
+        ax.axvline(
+            epoch_one[-1], color="grey", linestyle=":", linewidth=0.8, label="end of epoch 1"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_training(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Loss, gradient norm and learning rate per step."""
+    steps = [h["step"] for h in history]
+    keys = [k for k in ("loss", "grad_norm", "lr") if history and k in history[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(steps, [h[key] for h in history], linewidth=0.9)
+        ax.set_xlabel("step")
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        if key == "grad_norm":
+            ax.set_yscale("log")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,3 @@
+"""The paper's three experiments as tasks: config dataclass + run(config) -> result."""
+
+TASKS = ("sne", "supcon", "cluster")

@@ -1,0 +1,225 @@
+"""One training loop for every task: seeding, device, AMP, progress, gradient-norm log,
+atomic checkpoints and exact resumption.
+
+Randomness that decides a batch (shuffling, augmentation) comes from a generator seeded by
+``(seed, epoch)``, passed to the task's batch function, so an epoch is the same whether the run
+was interrupted before it or not: a resumed run ends with the same parameters as an
+uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "TrainConfig",
+    "atomic_save",
+    "epoch_generator",
+    "fit",
+    "resolve_device",
+    "seed_everything",
+    "write_csv",
+]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable CUDA request is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu"
+        )
+    return device
+
+
+def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The generator for everything random in one epoch, a function of (seed, epoch) only."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    """Write dict rows as CSV atomically (columns: union of keys, in first-seen order)."""
+    path = Path(path)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by the tasks."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "none"  # none | cosine | step
+    warmup_epochs: int = 0
+    step_epochs: int = 10  # for "step": multiply lr by step_gamma every step_epochs
+    step_gamma: float = 0.5
+    grad_clip: float | None = None
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.schedule not in ("none", "cosine", "step"):
+            raise ValueError(f"schedule must be none, cosine or step, got {self.schedule!r}")
+
+
+def _lr_factor(config: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier at ``progress`` epochs (fractional)."""
+    if config.warmup_epochs and progress < config.warmup_epochs:
+        return (progress + 1e-3) / config.warmup_epochs
+    if config.schedule == "cosine":
+        span = max(config.epochs - config.warmup_epochs, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - config.warmup_epochs) / span)))
+    if config.schedule == "step":
+        return config.step_gamma ** int(progress // config.step_epochs)
+    return 1.0
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[torch.Generator], Iterable[Any]],
+    loss_fn: Callable[[Any], Tensor],
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    state_modules: dict[str, nn.Module] | None = None,
+    after_step: Callable[[], None] | None = None,
+    desc: str = "train",
+    verbose: bool = True,
+    stop_after_epochs: int | None = None,
+) -> list[dict]:
+    """Train ``model`` with Adam and return the per-step history.
+
+    ``batches(generator)`` yields one epoch of batches; ``loss_fn(batch)`` returns the scalar
+    loss. ``state_modules`` (e.g. a loss with buffers, an EMA teacher) are checkpointed with
+    the model; ``after_step`` runs after each optimiser step (EMA updates). With ``out_dir``
+    a checkpoint is written atomically after every epoch and ``history.csv`` kept current;
+    ``resume`` continues from it. ``stop_after_epochs`` ends early (for tests of resumption).
+    """
+    config.check()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    state_modules = state_modules or {}
+    history: list[dict] = []
+    start_epoch = 0
+    out = Path(out_dir) if out_dir is not None else None
+    checkpoint_path = out / CHECKPOINT if out is not None else None
+    if resume and checkpoint_path is not None and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for name, module in state_modules.items():
+            module.load_state_dict(state["modules"][name])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch = state["history"], state["epoch"]
+        if verbose:
+            tqdm.write(f"resuming {desc} from epoch {start_epoch} of {config.epochs}")
+    use_amp = config.amp and device.type == "cuda"
+    step = len(history)
+    started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    last_epoch = (
+        config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
+    )
+    for epoch in range(start_epoch, last_epoch):
+        model.train()
+        for module in state_modules.values():
+            module.train()
+        epoch_batches = list(batches(epoch_generator(config.seed, epoch)))
+        bar = tqdm(
+            epoch_batches,
+            desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
+            disable=not verbose,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        running = None
+        for i, batch in enumerate(bar):
+            factor = _lr_factor(config, epoch + i / max(len(epoch_batches), 1))
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * factor
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            value = float(loss.detach())
+            running = value if running is None else 0.9 * running + 0.1 * value
+            bar.set_postfix(loss=f"{running:.4f}")
+            history.append(
+                {
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": value,
+                    "grad_norm": float(norm),
+                    "lr": config.lr * factor,
+                    "time": time.perf_counter() - started,
+                }
+            )
+            step += 1
+        bar.close()
+        if verbose:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {running:.4f}")
+        if out is not None:
+            atomic_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "modules": {k: m.state_dict() for k, m in state_modules.items()},
+                    "torch_rng": torch.get_rng_state(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                },
+                checkpoint_path,
+            )
+            write_csv(history, out / "history.csv")
+    model.eval()
+    return history
