@@ -1,0 +1,157 @@
+"""Loaders on small data written in the real formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beyond_icon import data
+from beyond_icon.data import datasets, read_idx, write_idx
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+def test_idx_round_trip(tmp_path, suffix, dtype):
+    array = (np.arange(2 * 3 * 4) * 7 % 251).astype(dtype).reshape(2, 3, 4)
+    write_idx(tmp_path / f"a.idx{suffix}", array)
+    back = read_idx(tmp_path / f"a.idx{suffix}")
+    assert back.dtype == array.dtype and np.array_equal(back, array)
+
+
+def test_idx_reader_bytes_by_hand(tmp_path):
+    """A file written byte by byte per the IDX spec: magic 0 0 8 1, size 3, data."""
+    (tmp_path / "labels.idx").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 5, 6, 7]))
+    assert read_idx(tmp_path / "labels.idx").tolist() == [5, 6, 7]
+    (tmp_path / "short.idx").write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 5]))
+    with pytest.raises(ValueError, match="promises 9 bytes"):
+        read_idx(tmp_path / "short.idx")
+    (tmp_path / "bad.idx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        read_idx(tmp_path / "bad.idx")
+
+
+def _write_fashion(directory, n_train=20, n_test=10):
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(
+            directory / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+        )
+        write_idx(
+            directory / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8)
+        )
+
+
+def test_fashion_mnist_from_data_dir_and_env(tmp_path, monkeypatch):
+    _write_fashion(tmp_path / "fm")
+    loaded = data.load("fashion-mnist", data_dir=tmp_path / "fm")
+    assert loaded.x_train.shape == (20, 1, 28, 28) and loaded.x_test.shape == (10, 1, 28, 28)
+    assert loaded.classes[9] == "Ankle boot"
+    _write_fashion(tmp_path / "env" / "fashion-mnist", n_train=30)
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))  # $BEYOND_ICON_DATA/fashion-mnist
+    assert len(data.load("fashion-mnist").x_train) == 30
+
+
+def test_fashion_mnist_missing_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load("fashion-mnist", data_dir=tmp_path)
+
+
+def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "FASHION_SYSTEM_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets, "FASHION_URL", "http://127.0.0.1:9/")  # nothing listens there
+    with pytest.raises(RuntimeError, match="could not download"):
+        data.load("fashion-mnist", data_dir=tmp_path, download=True)
+    assert not list(tmp_path.rglob("*.part"))
+
+
+def test_download_checksum_is_checked(tmp_path, monkeypatch):
+    payload = tmp_path / "served.bin"
+    payload.write_bytes(b"not the real file")
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        datasets._download(payload.as_uri(), tmp_path / "out.gz", "0" * 32)
+    datasets._download(payload.as_uri(), tmp_path / "ok.gz", datasets._md5(payload))
+    assert (tmp_path / "ok.gz").read_bytes() == b"not the real file"
+
+
+def _write_image_folder(root, split_dirs=True, size=(12, 12), mode="RGB"):
+    rng = np.random.default_rng(1)
+    splits = ("train", "test") if split_dirs else ("",)
+    for split in splits:
+        for c, name in enumerate(("cat", "dog", "frog")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(6 if split != "test" else 2):
+                shape = (*size, 3) if mode == "RGB" else size
+                pixels = np.clip(rng.normal(60 * c + 40, 20, shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode).save(folder / f"{i}.png")
+
+
+def test_imagefolder_with_splits(tmp_path):
+    _write_image_folder(tmp_path / "imgs")
+    loaded = data.load(f"imagefolder:{tmp_path / 'imgs'}")
+    assert loaded.x_train.shape == (18, 3, 12, 12) and loaded.x_train.dtype == np.uint8
+    assert loaded.x_test.shape == (6, 3, 12, 12) and loaded.classes == ["cat", "dog", "frog"]
+    assert (tmp_path / "imgs" / ".beyond-icon-cache.npz").is_file()
+    again = data.load(f"imagefolder:{tmp_path / 'imgs'}")  # from the cache
+    assert np.array_equal(again.x_train, loaded.x_train) and again.classes == loaded.classes
+
+
+def test_imagefolder_without_splits_grey(tmp_path):
+    _write_image_folder(tmp_path / "flat", split_dirs=False, mode="L")
+    loaded = data.load(f"imagefolder:{tmp_path / 'flat'}")
+    assert loaded.x_train.shape[1:] == (1, 12, 12)
+    assert len(loaded.x_train) + len(loaded.x_test) == 18 and not loaded.has_test_split
+
+
+@pytest.mark.parametrize("fmt", ["npz", "npy", "pt"])
+def test_embeddings_formats(tmp_path, fmt):
+    x, y = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32), np.arange(40) % 4
+    path = tmp_path / f"emb.{fmt}"
+    if fmt == "npz":
+        np.savez(path, features=x, labels=y)
+    elif fmt == "npy":
+        np.save(path, x)
+        np.save(tmp_path / "emb.labels.npy", y)
+    else:
+        torch.save({"x": torch.tensor(x), "y": torch.tensor(y)}, path)
+    loaded = data.load(f"embeddings:{path}")
+    assert len(loaded.x_train) == 30 and len(loaded.x_test) == 10 and loaded.x_train.shape[1] == 5
+
+
+def test_embeddings_bad_inputs(tmp_path):
+    np.savez(tmp_path / "short.npz", x=np.zeros((5, 2)), y=np.zeros(4))
+    with pytest.raises(ValueError, match="5 embeddings but 4 labels"):
+        data.load(f"embeddings:{tmp_path / 'short.npz'}")
+    np.savez(tmp_path / "nan.npz", x=np.full((8, 2), np.nan), y=np.arange(8) % 2)
+    with pytest.raises(ValueError, match="NaN"):
+        data.load(f"embeddings:{tmp_path / 'nan.npz'}")
+    np.savez(tmp_path / "keys.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="needs features"):
+        data.load(f"embeddings:{tmp_path / 'keys.npz'}")
+
+
+def test_simplex_geometry():
+    loaded = data.load("simplex:5")
+    x = np.concatenate([loaded.x_train, loaded.x_test])
+    y = np.concatenate([loaded.y_train, loaded.y_test])
+    centres = np.stack([x[y == c].mean(0) for c in range(5)])
+    d = np.linalg.norm(centres[:, None] - centres[None], axis=-1)[np.triu_indices(5, 1)]
+    assert x.shape[1] == 4 and np.allclose(d, np.sqrt(2), atol=0.05)
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = data.load("digits"), data.load("digits")
+    assert np.array_equal(a.y_test, b.y_test) and len(a.x_train) + len(a.x_test) == 1797
+    counts = np.bincount(a.y_test)
+    assert counts.min() >= 40
+
+
+def test_unknown_spec():
+    with pytest.raises(ValueError, match="unknown data spec"):
+        data.load("mnist-but-not")

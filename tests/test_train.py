@@ -1,0 +1,81 @@
+"""The training loop: exact resumption, checkpoints, schedules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from beyond_icon import methods
+from beyond_icon.train import TrainConfig, _lr_factor, fit
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 4)
+    )
+    x = torch.randn(64, 6)
+    y = torch.arange(64) % 4
+    loss = methods.SupCon("jsd", metric="euclidean")
+
+    def batches(generator):
+        return torch.randperm(64, generator=generator).split(16)
+
+    def loss_fn(index):
+        noisy = x[index] + 0.1 * torch.randn(len(index), 6)  # global RNG: restored on resume
+        return loss(model(noisy), y[index])
+
+    return model, batches, loss_fn
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    config = TrainConfig(epochs=4, lr=1e-2, schedule="cosine", warmup_epochs=1, seed=5)
+    model, batches, loss_fn = _setup()
+    full = fit(model, batches, loss_fn, config, device=torch.device("cpu"), verbose=False)
+    reference = [p.detach().clone() for p in model.parameters()]
+
+    model, batches, loss_fn = _setup()
+    fit(
+        model,
+        batches,
+        loss_fn,
+        config,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        verbose=False,
+        stop_after_epochs=2,
+    )
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "history.csv").is_file()
+    model, batches, loss_fn = _setup()  # a fresh process would start from fresh weights
+    resumed = fit(
+        model,
+        batches,
+        loss_fn,
+        config,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        resume=True,
+        verbose=False,
+    )
+    for a, b in zip(reference, model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=0)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_schedules():
+    cosine = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
+    assert _lr_factor(cosine, 0.0) < 0.01 and _lr_factor(cosine, 2.0) == pytest.approx(1.0)
+    assert _lr_factor(cosine, 10.0) == pytest.approx(0.0, abs=1e-12)
+    step = TrainConfig(epochs=30, schedule="step", step_epochs=10, step_gamma=0.5)
+    assert [_lr_factor(step, e) for e in (0, 9.9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+
+
+@pytest.mark.parametrize(
+    "field, value", [("epochs", 0), ("lr", -1.0), ("lr", math.nan), ("schedule", "linear")]
+)
+def test_bad_config(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).check()
