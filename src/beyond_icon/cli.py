@@ -22,8 +22,9 @@ __all__ = ["main"]
 
 def _task_configs() -> dict[str, type]:
     from beyond_icon.tasks.sne import SNEConfig
+    from beyond_icon.tasks.supcon import SupConConfig
 
-    return {"sne": SNEConfig}
+    return {"sne": SNEConfig, "supcon": SupConConfig}
 
 
 def _parse_bool(text: str) -> bool:

@@ -1,0 +1,246 @@
+"""Supervised contrastive learning with any divergence: images in, linear probe and k-NN out.
+
+I-Con pair: p = uniform over the other samples of the same class in the batch (two augmented
+views of each image, so every sample has a positive); q = a Gaussian kernel on the projection
+head's outputs (``metric="euclidean"``, Beyond I-Con's setup) or the cosine kernel with a
+temperature (``metric="cosine"``, Khosla et al.). Evaluation uses the backbone's features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from beyond_icon import metrics, report
+from beyond_icon.data import Dataset, as_float
+from beyond_icon.data.augment import Augment
+from beyond_icon.methods import SupCon
+from beyond_icon.models import ProjectionHead, Standardize, build_backbone
+from beyond_icon.tasks.common import load_task_data, prepare_run_dir, write_config
+from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything
+
+__all__ = ["SupConConfig", "SupConResult", "embed", "run"]
+
+
+@dataclass
+class SupConConfig:
+    """Settings of one ``beyond-icon supcon`` run."""
+
+    task: ClassVar[str] = "supcon"
+    help: ClassVar[dict[str, str]] = {
+        "data": "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
+        "data_dir": "where to look for dataset files",
+        "download": "download the dataset when it is not found locally",
+        "n_train": "stratified subset of the train split",
+        "n_test": "stratified subset of the test split",
+        "divergence": "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name",
+        "metric": "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
+        "temperature": "cosine kernel temperature",
+        "sigma": "Gaussian kernel width for the euclidean metric",
+        "normalize": "L2-normalise projections before the euclidean kernel",
+        "debias": "mix p with uniform (0 = off)",
+        "backbone": "auto (cnn for images, mlp for vectors), cnn, mlp, resnet18, resnet50",
+        "projection_dim": "output size of the projection head fed to the loss",
+        "epochs": "passes over the train split",
+        "batch_size": "images per batch (two views each)",
+        "lr": "Adam learning rate",
+        "weight_decay": "Adam weight decay",
+        "schedule": "none or cosine (with warm-up)",
+        "warmup_epochs": "linear warm-up epochs",
+        "flip": "horizontal flips for grey images (colour images always flip)",
+        "knn_k": "k of the k-NN evaluation (cosine on backbone features)",
+        "probe_epochs": "epochs of the linear probe",
+        "amp": "bf16 autocast on CUDA",
+        "chunk_size": "row-chunked loss (memory O(chunk x batch))",
+        "seed": "random seed",
+        "device": "auto, cpu, cuda or cuda:N",
+    }
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None
+    n_test: int | None = None
+    divergence: str = "jsd"
+    metric: str = "euclidean"
+    temperature: float = 0.1
+    sigma: float = 1.0
+    normalize: bool = False
+    debias: float = 0.0
+    backbone: str = "auto"
+    projection_dim: int = 128
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "none"
+    warmup_epochs: int = 0
+    flip: bool = False
+    knn_k: int = 7
+    probe_epochs: int = 100
+    amp: bool = True
+    chunk_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class SupConResult:
+    metrics: dict
+    history: list[dict]
+    model: nn.Module
+
+
+class Encoder(nn.Module):
+    """Standardisation, backbone (features for evaluation) and projection head (for the loss)."""
+
+    def __init__(self, standardize: Standardize, backbone: nn.Module, projection_dim: int):
+        super().__init__()
+        self.standardize, self.backbone = standardize, backbone
+        self.head = ProjectionHead(backbone.feature_dim, projection_dim)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.standardize(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@torch.no_grad()
+def embed(
+    model: Encoder, x: np.ndarray, device: torch.device, batch_size: int = 1024
+) -> np.ndarray:
+    """Backbone features of ``x`` (eval mode), in batches."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        batch = torch.as_tensor(as_float(x[i : i + batch_size])).to(device)
+        out.append(model.features(batch).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def _augmentation(dataset: Dataset, config: SupConConfig, device: torch.device) -> Augment:
+    augment = Augment.for_shape(dataset.input_shape, flip=config.flip)
+    if augment.kind == "vector":  # noise relative to each feature's spread
+        spread = torch.as_tensor(as_float(dataset.x_train)).std(0).to(device)
+        augment.noise = 0.1 * spread
+    return augment
+
+
+def run(
+    config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
+) -> SupConResult:
+    """Train with two views per sample, then evaluate frozen backbone features on the test split."""
+    dataset = load_task_data(config)
+    out = prepare_run_dir(out)
+    if out is not None:
+        write_config(config, out)
+    if verbose:
+        print(dataset.describe())
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    x_train = torch.as_tensor(as_float(dataset.x_train))
+    model = Encoder(
+        Standardize.fit(x_train),
+        build_backbone(config.backbone, dataset.input_shape),
+        config.projection_dim,
+    ).to(device)
+    x_train, y_train = x_train.to(device), torch.as_tensor(dataset.y_train).to(device)
+    loss = SupCon(
+        config.divergence,
+        metric=config.metric,
+        temperature=config.temperature,
+        sigma=config.sigma,
+        normalize=config.normalize,
+        debias=config.debias,
+        chunk_size=config.chunk_size,
+    )
+    augment = _augmentation(dataset, config, device)
+    n = len(x_train)
+    batch = min(config.batch_size, n)
+    if batch < 2:
+        raise ValueError("supervised contrastive learning needs at least 2 training samples")
+
+    def batches(generator):
+        order = torch.randperm(n, generator=generator)
+        seeds = torch.randint(0, 2**62, (max(1, n // batch),), generator=generator)
+        return list(zip(torch.tensor_split(order, len(seeds)), seeds.tolist()))
+
+    def loss_fn(item):
+        index, seed = item
+        generator = torch.Generator().manual_seed(seed)
+        x = x_train[index.to(device)]
+        views = torch.cat([augment(x, generator), augment(x, generator)])
+        z = model(views).float()
+        return loss(z.view(2, len(index), -1).transpose(0, 1), y_train[index.to(device)])
+
+    train_config = TrainConfig(
+        epochs=config.epochs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        schedule=config.schedule,
+        warmup_epochs=config.warmup_epochs,
+        amp=config.amp,
+        seed=config.seed,
+    )
+    started = time.perf_counter()
+    history = fit(
+        model,
+        batches,
+        loss_fn,
+        train_config,
+        device=device,
+        out_dir=out,
+        resume=resume,
+        desc=f"supcon[{config.divergence}]",
+        verbose=verbose,
+    )
+    train_time = time.perf_counter() - started
+    last_epoch = history[-1]["epoch"]
+    before = [h["time"] for h in history if h["epoch"] < last_epoch]
+    epoch_seconds = history[-1]["time"] - (before[-1] if before else 0.0)
+    train_features = embed(model, dataset.x_train, device)
+    test_features = embed(model, dataset.x_test, device)
+    result = {
+        "linear_probe_acc": metrics.linear_probe_accuracy(
+            train_features,
+            dataset.y_train,
+            test_features,
+            dataset.y_test,
+            epochs=config.probe_epochs,
+            device=device,
+            seed=config.seed,
+        ),
+        "knn_acc": metrics.knn_accuracy(
+            train_features,
+            dataset.y_train,
+            test_features,
+            dataset.y_test,
+            k=config.knn_k,
+            metric="cosine",
+        ),
+        "train_time_s": train_time,
+        "images_per_s": n / max(epoch_seconds, 1e-9),  # source images (2 views each), last epoch
+    }
+    if out is not None:
+        report.save_json(result, out / "metrics.json")
+        report.plot_training(
+            history,
+            out / "training.png",
+            f"supcon on {dataset.name}, {config.divergence}, {config.metric}",
+        )
+        np.savez(
+            out / "features.npz",
+            train=train_features,
+            test=test_features,
+            y_train=dataset.y_train,
+            y_test=dataset.y_test,
+        )
+    if verbose:
+        print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    return SupConResult(result, history, model)

@@ -1,0 +1,137 @@
+"""The supcon task and command on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from beyond_icon.cli import main
+from beyond_icon.tasks import supcon
+
+
+def _image_folder(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 3)):
+        for c, name in enumerate(("red", "green", "blue")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 60, (16, 16, 3)).astype(np.uint8)
+                pixels[..., c] += 150
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+
+
+def test_cli_on_image_folder(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    code = main(
+        [
+            "supcon",
+            "--data",
+            f"imagefolder:{tmp_path / 'imgs'}",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "12",
+            "--divergence",
+            "tv",
+            "--probe-epochs",
+            "5",
+            "--knn-k",
+            "3",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "history.csv",
+        "training.png",
+        "checkpoint.pt",
+        "features.npz",
+    ):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"linear_probe_acc", "knn_acc", "train_time_s", "images_per_s"} <= set(metrics)
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:6] == ["epoch", "step", "loss", "grad_norm", "lr", "time"]
+    assert len(history) == 1 + 2 * 2
+
+
+def test_cli_on_digits_cosine(tmp_path):
+    code = main(
+        [
+            "supcon",
+            "--data",
+            "digits",
+            "--n-train",
+            "200",
+            "--n-test",
+            "100",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--metric",
+            "cosine",
+            "--divergence",
+            "kl",
+            "--probe-epochs",
+            "20",
+            "--out",
+            str(tmp_path / "d"),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert metrics["knn_acc"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_resume_gives_the_same_final_metrics(tmp_path):
+    config = supcon.SupConConfig(
+        data="digits",
+        n_train=120,
+        n_test=60,
+        epochs=3,
+        batch_size=40,
+        divergence="hellinger",
+        probe_epochs=10,
+        device="cpu",
+    )
+    full = supcon.run(config, out=tmp_path / "full", verbose=False)
+    # an interrupted run: the first epoch only, as a crash would leave it
+    from beyond_icon import train
+
+    original = train.fit
+
+    def one_epoch(*args, **kwargs):
+        return original(*args, **kwargs, stop_after_epochs=1)
+
+    supcon.fit = one_epoch
+    try:
+        supcon.run(config, out=tmp_path / "cut", verbose=False)
+    finally:
+        supcon.fit = original
+    resumed = supcon.run(config, out=tmp_path / "cut", resume=True, verbose=False)
+    for key in ("linear_probe_acc", "knn_acc"):
+        assert resumed.metrics[key] == full.metrics[key]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_singleton_classes_single_view_vs_two_views():
+    """With two views every sample has a positive even if its class appears once."""
+    import pytest
+    import torch
+
+    from beyond_icon.methods import SupCon
+
+    z, y = torch.randn(5, 8), torch.arange(5)
+    with pytest.raises(ValueError, match="no mass"):
+        SupCon("tv")(z, y)
+    assert SupCon("tv")(torch.randn(5, 2, 8), y).isfinite()
