@@ -21,10 +21,11 @@ __all__ = ["main"]
 
 
 def _task_configs() -> dict[str, type]:
+    from beyond_icon.tasks.cluster import ClusterConfig
     from beyond_icon.tasks.sne import SNEConfig
     from beyond_icon.tasks.supcon import SupConConfig
 
-    return {"sne": SNEConfig, "supcon": SupConConfig}
+    return {"sne": SNEConfig, "supcon": SupConConfig, "cluster": ClusterConfig}
 
 
 def _parse_bool(text: str) -> bool:
@@ -110,6 +111,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from beyond_icon.extract import run_extract
+
+    run_extract(
+        args.encoder,
+        args.data,
+        args.out,
+        data_dir=args.data_dir,
+        download=args.download,
+        batch_size=args.batch_size,
+        device=args.device,
+        image_size=args.image_size,
+        verbose=not args.quiet,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beyond-icon",
@@ -128,6 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
         task_parser.add_argument("--quiet", action="store_true", help="no progress output")
         _add_config_options(task_parser, config_cls)
         task_parser.set_defaults(handler=lambda args, task=task: _run_task(task, args))
+    extract = sub.add_parser("extract", help="embeddings of a dataset from a frozen encoder (.npz)")
+    extract.add_argument(
+        "--encoder",
+        required=True,
+        help="dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | module:factory | file.py:factory",
+    )
+    extract.add_argument("--data", required=True, help="dataset spec")
+    extract.add_argument("--out", required=True, help="output .npz")
+    extract.add_argument("--data-dir")
+    extract.add_argument("--download", action="store_true")
+    extract.add_argument("--batch-size", type=int, default=256)
+    extract.add_argument("--device", default="auto")
+    extract.add_argument(
+        "--image-size", type=int, default=224, help="input size for DINOv2 (multiple of 14)"
+    )
+    extract.add_argument("--quiet", action="store_true")
+    extract.set_defaults(handler=_extract)
     demo = sub.add_parser("demo", help="the paper in miniature on the bundled digits, one report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (a smoke test)")

@@ -267,10 +267,20 @@ class ClusterLoss(IConLoss):
         self.exclude_self = exclude_self
 
     def forward(
-        self, logits: Tensor, pair_index: Tensor, teacher_logits: Tensor | None = None
+        self,
+        logits: Tensor,
+        pair_index: Tensor | None,
+        teacher_logits: Tensor | None = None,
+        log_p: Tensor | None = None,
     ) -> Tensor:
+        """``pair_index`` gives p = views over pairs; or pass ``log_p`` (n, n) directly."""
         check_features(logits, "logits", min_rows=2)
-        check_labels(pair_index, "pair_index", n=logits.shape[0])
+        if log_p is None:
+            check_labels(pair_index, "pair_index", n=logits.shape[0])
+        elif log_p.shape != (logits.shape[0], logits.shape[0]):
+            raise ValueError(
+                f"log_p must be ({logits.shape[0]}, {logits.shape[0]}), got {tuple(log_p.shape)}"
+            )
         log_a = torch.log_softmax(logits, dim=-1)
         log_b = None
         if teacher_logits is not None:
@@ -280,8 +290,12 @@ class ClusterLoss(IConLoss):
             log_b = torch.log_softmax(teacher_logits, dim=-1)
         alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
+        given = log_p
         log_p = _debiased(
-            lambda rows: kernels.views(pair_index, rows=rows, dtype=logits.dtype), alpha_p
+            (lambda rows: given[rows])
+            if given is not None
+            else (lambda rows: kernels.views(pair_index, rows=rows, dtype=logits.dtype)),
+            alpha_p,
         )
         log_q = _debiased(
             lambda rows: kernels.clusters(log_a, log_b, rows=rows, exclude_self=self.exclude_self),

@@ -12,7 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_embedding", "plot_grad_norm", "plot_training", "save_json"]
+__all__ = [
+    "plot_confusion",
+    "plot_embedding",
+    "plot_embedding_grid",
+    "plot_grad_norm",
+    "plot_training",
+    "save_json",
+]
 
 
 def save_json(obj: dict, path: str | Path) -> None:
@@ -129,6 +136,44 @@ def plot_training(history: list[dict], path: str | Path, title: str = "") -> Non
             ax.set_yscale("log")
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion(
+    labels, clusters, classes: Sequence[str], path: str | Path, title: str = ""
+) -> None:
+    """Class x cluster counts, clusters ordered by their Hungarian match to the classes."""
+    from scipy.optimize import linear_sum_assignment
+
+    labels, clusters = np.asarray(labels), np.asarray(clusters)
+    n_clusters = max(int(clusters.max()) + 1, len(classes))
+    counts = np.zeros((len(classes), n_clusters), dtype=np.int64)
+    np.add.at(counts, (labels, clusters), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    order = list(cols[np.argsort(rows)]) + [c for c in range(n_clusters) if c not in cols]
+    counts = counts[:, order]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_clusters, 1.0 + 0.45 * len(classes)))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xticks(range(n_clusters), [str(c) for c in order], fontsize=7)
+    ax.set_xlabel("cluster (matched order)")
+    ax.set_ylabel("class")
+    if n_clusters <= 30:
+        top = counts.max()
+        for (i, j), v in np.ndenumerate(counts):
+            if v:
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v > 0.6 * top else "black",
+                )
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,298 @@
+"""Clustering frozen embeddings with any divergence: the I-Con cluster head, and TEMI's PMI.
+
+Each anchor is paired with one of its mined k nearest neighbours (cosine, over the whole
+training set); the pair shares an id. I-Con pair: p = views over pairs (optionally walked
+along the in-batch k-NN graph), q = the cluster-sharing kernel of the head's soft assignments
+(optionally against an EMA teacher's); every row is an anchor, so the loss is symmetric in the
+pair. Several heads train at once; the one with the lowest loss over the last epoch is
+evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from beyond_icon import kernels, metrics, report
+from beyond_icon.data import as_float
+from beyond_icon.methods import PMI, ClusterLoss
+from beyond_icon.models import ClusterHead, Standardize
+from beyond_icon.neighbors import cached_neighbors
+from beyond_icon.tasks.common import load_task_data, prepare_run_dir, write_config
+from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
+
+__all__ = ["ClusterConfig", "ClusterResult", "run"]
+
+
+@dataclass
+class ClusterConfig:
+    """Settings of one ``beyond-icon cluster`` run."""
+
+    task: ClassVar[str] = "cluster"
+    help: ClassVar[dict[str, str]] = {
+        "data": "dataset spec: embeddings:PATH (e.g. from beyond-icon extract), digits, fashion-mnist, simplex:K, ...",
+        "data_dir": "where to look for dataset files",
+        "download": "download the dataset when it is not found locally",
+        "n_train": "stratified subset of the train split",
+        "n_test": "stratified subset of the test split",
+        "pca_components": "PCA of the (flattened) inputs before clustering (none: as given)",
+        "n_clusters": "K (default: the number of classes)",
+        "divergence": "kl, tv, jsd, hellinger, ... (loss=icon)",
+        "loss": "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)",
+        "head": "linear or mlp",
+        "n_heads": "heads trained at once; the lowest-loss head is evaluated",
+        "n_neighbors": "k of the mined k-NN from which each anchor's partner is drawn",
+        "propagate_steps": "k-NN walk length for p (1 = pairs only)",
+        "debias": "mix with uniform, alpha in [0, 1]",
+        "debias_side": "p, q or both",
+        "ema_teacher": "EMA momentum of a teacher head for q's second factor (none: no teacher)",
+        "beta": "beta of TEMI's beta-PMI (loss=pmi)",
+        "epochs": "passes over the anchors",
+        "batch_size": "anchors per batch (each with one neighbour)",
+        "lr": "Adam learning rate",
+        "lr_step_epochs": "halve the learning rate every this many epochs (0: constant)",
+        "kmeans_init": "k-means restarts of the baseline",
+        "seed": "random seed",
+        "device": "auto, cpu, cuda or cuda:N",
+    }
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None
+    n_test: int | None = None
+    pca_components: int | None = None
+    n_clusters: int | None = None
+    divergence: str = "tv"
+    loss: str = "icon"
+    head: str = "linear"
+    n_heads: int = 1
+    n_neighbors: int = 20
+    propagate_steps: int = 1
+    debias: float = 0.0
+    debias_side: str = "p"
+    ema_teacher: float | None = None
+    beta: float = 0.6
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 1e-3
+    lr_step_epochs: int = 10
+    kmeans_init: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class ClusterResult:
+    metrics: dict
+    assignments: np.ndarray
+    history: list[dict]
+
+
+def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
+    train = as_float(dataset.x_train).reshape(len(dataset.x_train), -1)
+    test = as_float(dataset.x_test).reshape(len(dataset.x_test), -1)
+    if config.pca_components and train.shape[1] > config.pca_components:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(config.pca_components, random_state=0).fit(train)
+        train, test = (
+            pca.transform(train).astype(np.float32),
+            pca.transform(test).astype(np.float32),
+        )
+    return train, test
+
+
+def _check(config: ClusterConfig, n_train: int, k: int) -> None:
+    if config.loss not in ("icon", "pmi"):
+        raise ValueError(f"loss must be 'icon' or 'pmi', got {config.loss!r}")
+    if k < 2 or k > n_train:
+        raise ValueError(
+            f"n_clusters must be in [2, {n_train}] (the number of training points), got {k}"
+        )
+    if not 1 <= config.n_neighbors < n_train:
+        raise ValueError(f"n_neighbors must be in [1, {n_train - 1}], got {config.n_neighbors}")
+    if config.n_heads < 1:
+        raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
+    if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
+        raise ValueError(f"ema_teacher momentum must be in [0, 1), got {config.ema_teacher}")
+
+
+def run(
+    config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
+) -> ClusterResult:
+    """Train the head(s) on the train split, then cluster the evaluation split."""
+    dataset = load_task_data(config)
+    out = prepare_run_dir(out)
+    if out is not None:
+        write_config(config, out)
+    if verbose:
+        print(dataset.describe())
+    train_x, test_x = _features(dataset, config)
+    k = config.n_clusters or dataset.n_classes
+    _check(config, len(train_x), k)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    standardize = Standardize.fit(torch.as_tensor(train_x))
+    train_std = standardize(torch.as_tensor(train_x))
+    cache_dir = None
+    if config.data.startswith("embeddings:"):
+        cache_dir = Path(config.data.split(":", 1)[1]).expanduser().parent
+    started = time.perf_counter()
+    neighbors, from_cache = cached_neighbors(
+        train_std.numpy(), config.n_neighbors, cache_dir, device=device, verbose=verbose
+    )
+    mining_time = time.perf_counter() - started
+    model = nn.Sequential(
+        standardize, ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
+    ).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False) if config.ema_teacher is not None else None
+    icon = ClusterLoss(config.divergence, debias=config.debias, debias_side=config.debias_side)
+    pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
+    x_all = torch.as_tensor(train_x).to(device)
+    knn = torch.as_tensor(neighbors)
+    n = len(train_x)
+    batch = min(config.batch_size, n)
+    head_losses = torch.zeros(config.n_heads)
+    head_counts = [0]
+
+    def batches(generator):
+        order = torch.randperm(n, generator=generator)
+        choice = torch.randint(0, config.n_neighbors, (n,), generator=generator)
+        partners = knn[order, choice]
+        return list(
+            zip(
+                torch.tensor_split(order, max(1, n // batch)),
+                torch.tensor_split(partners, max(1, n // batch)),
+            )
+        )
+
+    def head_loss(logits, teacher_logits, pair, log_p, h):
+        if config.loss == "pmi":
+            half = len(pair) // 2
+            t = teacher_logits if teacher_logits is not None else logits.detach()
+            return pmi[h](logits[:half], logits[half:], t[:half], t[half:])
+        return icon(logits, pair, teacher_logits, log_p=log_p)
+
+    def loss_fn(item):
+        anchors, partners = item
+        index = torch.cat([anchors, partners]).to(device)
+        pair = torch.arange(len(anchors), device=device).repeat(2)
+        x = x_all[index]
+        log_p = None
+        if config.propagate_steps > 1:
+            graph = torch.logaddexp(
+                kernels.views(pair, dtype=x.dtype),
+                kernels.knn(standardize(x), min(config.n_neighbors, len(x) - 1)),
+            )
+            log_p = kernels.propagate(torch.log_softmax(graph, dim=1), config.propagate_steps)
+        logits = model(x).float()
+        teacher_logits = teacher(x).float() if teacher is not None else None
+        losses = torch.stack(
+            [
+                head_loss(
+                    logits[h], None if teacher_logits is None else teacher_logits[h], pair, log_p, h
+                )
+                for h in range(config.n_heads)
+            ]
+        )
+        head_losses.add_(losses.detach().cpu())
+        head_counts[0] += 1
+        return losses.mean()
+
+    def ema_update():
+        if teacher is None:
+            return
+        with torch.no_grad():
+            for t, s in zip(teacher.parameters(), model.parameters()):
+                t.mul_(config.ema_teacher).add_(s.detach(), alpha=1 - config.ema_teacher)
+
+    train_config = TrainConfig(
+        epochs=config.epochs,
+        lr=config.lr,
+        seed=config.seed,
+        schedule="step" if config.lr_step_epochs else "none",
+        step_epochs=max(config.lr_step_epochs, 1),
+        step_gamma=0.5,
+    )
+    state = {"pmi": pmi} | ({"teacher": teacher} if teacher is not None else {})
+    started = time.perf_counter()
+
+    def batches_with_reset(generator):  # per-head losses are summed over the current epoch only
+        head_losses.zero_()
+        head_counts[0] = 0
+        return batches(generator)
+
+    history = fit(
+        model,
+        batches_with_reset,
+        loss_fn,
+        train_config,
+        device=device,
+        out_dir=out,
+        resume=resume,
+        state_modules=state,
+        after_step=ema_update,
+        desc=f"cluster[{config.divergence if config.loss == 'icon' else 'pmi'}]",
+        verbose=verbose,
+    )
+    train_time = time.perf_counter() - started
+    best_head = int(torch.argmin(head_losses / max(head_counts[0], 1))) if head_counts[0] else 0
+    evaluate_on_test = dataset.has_test_split
+    eval_x = test_x if evaluate_on_test else train_x
+    eval_y = dataset.y_test if evaluate_on_test else dataset.y_train
+    with torch.no_grad():
+        model.eval()
+        eval_logits = torch.cat(
+            [
+                model(torch.as_tensor(eval_x[i : i + 8192]).to(device))[best_head].cpu()
+                for i in range(0, len(eval_x), 8192)
+            ]
+        )
+    assignments = eval_logits.argmax(1).numpy()
+    from sklearn.cluster import KMeans
+
+    kmeans = KMeans(k, n_init=config.kmeans_init, random_state=config.seed)
+    kmeans.fit(train_std.numpy())
+    kmeans_assign = kmeans.predict(standardize(torch.as_tensor(eval_x)).numpy())
+    epochs_run = max(h["epoch"] for h in history) + 1
+    result = {
+        "acc": metrics.hungarian_accuracy(eval_y, assignments),
+        "nmi": metrics.nmi(eval_y, assignments),
+        "ari": metrics.adjusted_rand(eval_y, assignments),
+        "kmeans_acc": metrics.hungarian_accuracy(eval_y, kmeans_assign),
+        "kmeans_nmi": metrics.nmi(eval_y, kmeans_assign),
+        "kmeans_ari": metrics.adjusted_rand(eval_y, kmeans_assign),
+        "clusters_used": int(len(np.unique(assignments))),
+        "best_head": best_head,
+        "train_time_s": train_time,
+        "epoch_time_s": history[-1]["time"] / epochs_run,
+        "mining_time_s": mining_time,
+        "neighbors_from_cache": from_cache,
+        "evaluated_on": "test" if evaluate_on_test else "train",
+    }
+    if out is not None:
+        report.save_json(result, out / "metrics.json")
+        write_csv(history, out / "history.csv")
+        np.savez(out / "assignments.npz", clusters=assignments, labels=eval_y, kmeans=kmeans_assign)
+        report.plot_confusion(
+            eval_y,
+            assignments,
+            dataset.classes,
+            out / "confusion.png",
+            f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}",
+        )
+    if verbose:
+        print(
+            " ".join(
+                f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+                for key, value in result.items()
+            )
+        )
+    return ClusterResult(result, assignments, history)

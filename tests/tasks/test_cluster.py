@@ -1,0 +1,257 @@
+"""Clustering: metrics, neighbour mining, the task, extract."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from beyond_icon import metrics
+from beyond_icon.cli import main
+from beyond_icon.neighbors import cached_neighbors, mine_neighbors
+from beyond_icon.tasks import cluster
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_hungarian_against_brute_force(k):
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        labels, clusters = rng.integers(0, k, 30), rng.integers(0, k, 30)
+        best = max(
+            np.mean(np.array(perm)[clusters] == labels) for perm in itertools.permutations(range(k))
+        )
+        assert metrics.hungarian_accuracy(labels, clusters) == pytest.approx(best)
+    assert metrics.hungarian_accuracy([0, 0, 1, 1], [1, 1, 0, 0]) == 1.0
+
+
+def test_more_clusters_than_classes():
+    assert metrics.hungarian_accuracy([0, 0, 1, 1], [0, 1, 2, 2]) == 0.75
+
+
+def test_mining_matches_dense_exact_search():
+    x = np.random.default_rng(0).normal(size=(257, 6)).astype(np.float32)
+    got = mine_neighbors(x, 5, query_block=50, key_block=64)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        mine_neighbors(x, 257)
+
+
+def test_mining_cache(tmp_path):
+    x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    first, cached = cached_neighbors(x, 5, tmp_path)
+    assert not cached and len(list(tmp_path.glob("knn-*.npy"))) == 1
+    again, cached = cached_neighbors(x, 3, tmp_path)  # a smaller k reuses the table
+    assert cached and np.array_equal(again, first[:, :3])
+
+
+def _mixture(tmp_path, k=4, n=80, spread=0.05):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(k, 8)) * 3
+    y = np.repeat(np.arange(k), n)
+    x = centres[y] + spread * rng.normal(size=(len(y), 8))
+    path = tmp_path / "gmm.npz"
+    np.savez(path, x=x.astype(np.float32), y=y)
+    return path
+
+
+@pytest.mark.parametrize(
+    "divergence, loss",
+    [("kl", "icon"), ("tv", "icon"), ("jsd", "icon"), ("hellinger", "icon"), ("kl", "pmi")],
+)
+def test_well_separated_mixture_is_recovered(tmp_path, divergence, loss):
+    path = _mixture(tmp_path)
+    config = cluster.ClusterConfig(
+        data=f"embeddings:{path}",
+        divergence=divergence,
+        loss=loss,
+        n_neighbors=10,
+        epochs=15,
+        batch_size=64,
+        lr=1e-2,
+        kmeans_init=2,
+        device="cpu",
+        n_heads=2,
+    )
+    result = cluster.run(config, verbose=False)
+    assert result.metrics["acc"] > 0.95, result.metrics
+
+
+def test_cli_on_digits(tmp_path):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "cluster",
+            "--data",
+            "digits",
+            "--divergence",
+            "jsd",
+            "--epochs",
+            "2",
+            "--n-train",
+            "400",
+            "--n-test",
+            "200",
+            "--n-heads",
+            "2",
+            "--ema-teacher",
+            "0.9",
+            "--debias",
+            "0.1",
+            "--debias-side",
+            "both",
+            "--propagate-steps",
+            "2",
+            "--kmeans-init",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "history.csv",
+        "confusion.png",
+        "assignments.npz",
+        "checkpoint.pt",
+    ):
+        assert (out / name).is_file(), name
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"acc", "nmi", "ari", "kmeans_acc", "kmeans_nmi", "kmeans_ari", "train_time_s"} <= set(m)
+    assert len(np.load(out / "assignments.npz")["clusters"]) == 200
+
+
+def test_bad_inputs(tmp_path, capsys):
+    path = _mixture(tmp_path, k=2, n=5)
+    assert (
+        main(
+            [
+                "cluster",
+                "--data",
+                f"embeddings:{path}",
+                "--n-clusters",
+                "50",
+                "--out",
+                str(tmp_path / "a"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "n_clusters must be in [2, " in capsys.readouterr().err
+    np.savez(tmp_path / "nan.npz", x=np.full((10, 3), np.nan), y=np.arange(10) % 2)
+    assert (
+        main(
+            [
+                "cluster",
+                "--data",
+                f"embeddings:{tmp_path / 'nan.npz'}",
+                "--out",
+                str(tmp_path / "b"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "NaN" in capsys.readouterr().err
+    np.savez(tmp_path / "short.npz", x=np.zeros((10, 3)), y=np.arange(9))
+    assert (
+        main(
+            [
+                "cluster",
+                "--data",
+                f"embeddings:{tmp_path / 'short.npz'}",
+                "--out",
+                str(tmp_path / "c"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
+    assert "10 embeddings but 9 labels" in capsys.readouterr().err
+
+
+ENCODER = """
+import torch
+def make():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
+"""
+
+
+def test_extract_with_a_local_encoder(tmp_path):
+    (tmp_path / "enc.py").write_text(ENCODER)
+    out = tmp_path / "emb.npz"
+    code = main(
+        [
+            "extract",
+            "--encoder",
+            f"{tmp_path / 'enc.py'}:make",
+            "--data",
+            "digits",
+            "--out",
+            str(out),
+            "--batch-size",
+            "500",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    emb = np.load(out)
+    assert emb["x_train"].shape == (1347, 16) and emb["x_test"].shape == (450, 16)
+    assert (
+        main(
+            [
+                "cluster",
+                "--data",
+                f"embeddings:{out}",
+                "--epochs",
+                "1",
+                "--kmeans-init",
+                "1",
+                "--out",
+                str(tmp_path / "r"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+
+
+def test_extract_unknown_or_unreachable_encoder(tmp_path, capsys, monkeypatch):
+    assert (
+        main(
+            ["extract", "--encoder", "resnet", "--data", "digits", "--out", str(tmp_path / "x.npz")]
+        )
+        == 2
+    )
+    assert "unknown encoder" in capsys.readouterr().err
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    assert (
+        main(
+            [
+                "extract",
+                "--encoder",
+                "dinov2_vits14",
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "x.npz"),
+            ]
+        )
+        == 2
+    )
+    assert "module:factory" in capsys.readouterr().err
