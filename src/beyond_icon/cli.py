@@ -107,7 +107,40 @@ def _run_task(task: str, args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from beyond_icon.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, verbose=not args.quiet)
+    run_demo(args.out, quick=args.quick, verbose=not args.quiet, jobs=args.jobs)
+    return 0
+
+
+def _split_list(text: str, kind=str) -> list:
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from beyond_icon import sweep
+
+    config = _config_from_args(_task_configs()[args.sweep_task], args)
+    options = {k: v for k, v in dataclasses.asdict(config).items()}
+    specs = sweep.plan(
+        args.sweep_task,
+        _split_list(args.divergences),
+        _split_list(args.seeds, int),
+        options,
+        args.out,
+    )
+    failed = sweep.run_sweep(specs, jobs=args.jobs, verbose=not args.quiet)
+    sweep.build_report(args.out, verbose=not args.quiet)
+    print(f"wrote {args.out}/results.md")
+    if failed:
+        print(f"{len(failed)} run(s) failed; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from beyond_icon import sweep
+
+    sweep.build_report(args.dir, verbose=not args.quiet)
+    print(f"wrote {args.dir}/results.md")
     return 0
 
 
@@ -146,6 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
         task_parser.add_argument("--quiet", action="store_true", help="no progress output")
         _add_config_options(task_parser, config_cls)
         task_parser.set_defaults(handler=lambda args, task=task: _run_task(task, args))
+    sweep_parser = sub.add_parser(
+        "sweep", help="one task over divergences x seeds, resumable, one table"
+    )
+    sweep_tasks = sweep_parser.add_subparsers(dest="sweep_task", required=True)
+    for task, config_cls in _task_configs().items():
+        task_sweep = sweep_tasks.add_parser(task, help=f"sweep the {task} task")
+        task_sweep.add_argument(
+            "--divergences",
+            default="kl,tv,jsd,hellinger",
+            help="comma-separated divergence names (cluster: pmi too)",
+        )
+        task_sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+        task_sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+        task_sweep.add_argument("--out", required=True, help="sweep folder")
+        task_sweep.add_argument("--config", help="YAML file of task options")
+        task_sweep.add_argument("--quiet", action="store_true")
+        _add_config_options(task_sweep, config_cls)
+        task_sweep.set_defaults(handler=_sweep)
+    report_parser = sub.add_parser(
+        "report", help="rebuild a sweep's tables and figures from finished runs"
+    )
+    report_parser.add_argument("dir", help="sweep folder")
+    report_parser.add_argument("--quiet", action="store_true")
+    report_parser.set_defaults(handler=_report)
     extract = sub.add_parser("extract", help="embeddings of a dataset from a frozen encoder (.npz)")
     extract.add_argument(
         "--encoder",
@@ -166,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the paper in miniature on the bundled digits, one report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (a smoke test)")
+    demo.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
     return parser

@@ -348,3 +348,53 @@ register("hellinger", hellinger, upper_bound=1.0, symmetric=True)
 register("jsd", jsd, upper_bound=math.log(2.0), symmetric=True)
 register("chi2", chi2)
 register("jeffreys", jeffreys, symmetric=True)
+
+
+def register_module(spec: str) -> Divergence:
+    """Register the divergence ``NAME`` defined in ``path/to/file.py:NAME`` (or ``module:NAME``).
+
+    ``NAME`` is either a divergence ``(log_p, log_q) -> (n,)`` (two parameters) or a convex
+    generator ``f(t)`` with ``f(1) = 0`` (one parameter), turned into an f-divergence. It is
+    registered under ``NAME`` (replacing an earlier registration of that name).
+    """
+    import importlib
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    if ":" not in spec:
+        raise ValueError(f"divergence module must be path.py:NAME or module:NAME, got {spec!r}")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"divergence module {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"beyond_icon_user_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{target} defines no callable {name!r}")
+    if isinstance(fn, Divergence):
+        return register(
+            name, fn.fn, upper_bound=fn.upper_bound, symmetric=fn.symmetric, overwrite=True
+        )
+    try:
+        n_params = len(
+            [
+                p
+                for p in inspect.signature(fn).parameters.values()
+                if p.default is inspect.Parameter.empty
+            ]
+        )
+    except (TypeError, ValueError):
+        n_params = 2
+    if n_params == 1:
+        return register(name, f_divergence(fn, name=name), overwrite=True)
+    if n_params == 2:
+        return register(name, fn, overwrite=True)
+    raise ValueError(
+        f"{spec}: expected f(t) (an f-generator) or fn(log_p, log_q), got {n_params} parameters"
+    )

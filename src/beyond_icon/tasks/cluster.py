@@ -25,7 +25,12 @@ from beyond_icon.data import as_float
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, Standardize
 from beyond_icon.neighbors import cached_neighbors
-from beyond_icon.tasks.common import load_task_data, prepare_run_dir, write_config
+from beyond_icon.tasks.common import (
+    load_task_data,
+    prepare_run_dir,
+    register_divergence_module,
+    write_config,
+)
 from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
 
 __all__ = ["ClusterConfig", "ClusterResult", "run"]
@@ -44,6 +49,7 @@ class ClusterConfig:
         "n_test": "stratified subset of the test split",
         "pca_components": "PCA of the (flattened) inputs before clustering (none: as given)",
         "n_clusters": "K (default: the number of classes)",
+        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
         "divergence": "kl, tv, jsd, hellinger, ... (loss=icon)",
         "loss": "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)",
         "head": "linear or mlp",
@@ -70,6 +76,7 @@ class ClusterConfig:
     pca_components: int | None = None
     n_clusters: int | None = None
     divergence: str = "tv"
+    divergence_module: str | None = None
     loss: str = "icon"
     head: str = "linear"
     n_heads: int = 1
@@ -128,6 +135,7 @@ def run(
     config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> ClusterResult:
     """Train the head(s) on the train split, then cluster the evaluation split."""
+    register_divergence_module(config.divergence_module)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:

@@ -11,7 +11,13 @@ import yaml
 from beyond_icon import data as data_registry
 from beyond_icon.data import Dataset
 
-__all__ = ["load_task_data", "prepare_run_dir", "write_config"]
+__all__ = [
+    "config_from_dict",
+    "load_task_data",
+    "prepare_run_dir",
+    "register_divergence_module",
+    "write_config",
+]
 
 
 def load_task_data(config: Any) -> Dataset:
@@ -47,3 +53,11 @@ def config_from_dict(cls: type, values: dict) -> Any:
             f"unknown {cls.task} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
     return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def register_divergence_module(spec: str | None) -> None:
+    """Register a user's divergence (``path.py:NAME``) for this run, if one is configured."""
+    if spec:
+        from beyond_icon.divergences import register_module
+
+        register_module(spec)

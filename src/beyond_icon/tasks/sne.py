@@ -21,7 +21,12 @@ from beyond_icon import divergences, kernels, metrics, report
 from beyond_icon.data import as_float
 from beyond_icon.loss import icon_loss
 from beyond_icon.models import Standardize, build_backbone
-from beyond_icon.tasks.common import load_task_data, prepare_run_dir, write_config
+from beyond_icon.tasks.common import (
+    load_task_data,
+    prepare_run_dir,
+    register_divergence_module,
+    write_config,
+)
 from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
 
 __all__ = ["ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
@@ -228,6 +233,7 @@ class SNEConfig:
         "download": "download the dataset when it is not found locally",
         "n_train": "stratified subset of the train split",
         "n_test": "stratified subset of the test split",
+        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
         "divergence": "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name",
         "kernel": "q on the embedding: gaussian (SNE) or student_t (t-SNE)",
         "n_components": "embedding dimension",
@@ -247,6 +253,7 @@ class SNEConfig:
     n_train: int | None = None
     n_test: int | None = None
     divergence: str = "kl"
+    divergence_module: str | None = None
     kernel: str = "gaussian"
     n_components: int = 2
     perplexity: float = 30.0
@@ -285,6 +292,7 @@ def run(
     config: SNEConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SNEResult:
     """Train on the train split, embed the test split, measure, and write the run folder."""
+    register_divergence_module(config.divergence_module)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:

@@ -22,7 +22,12 @@ from beyond_icon.data import Dataset, as_float
 from beyond_icon.data.augment import Augment
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
-from beyond_icon.tasks.common import load_task_data, prepare_run_dir, write_config
+from beyond_icon.tasks.common import (
+    load_task_data,
+    prepare_run_dir,
+    register_divergence_module,
+    write_config,
+)
 from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
@@ -39,6 +44,7 @@ class SupConConfig:
         "download": "download the dataset when it is not found locally",
         "n_train": "stratified subset of the train split",
         "n_test": "stratified subset of the test split",
+        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
         "divergence": "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name",
         "metric": "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
         "temperature": "cosine kernel temperature",
@@ -67,6 +73,7 @@ class SupConConfig:
     n_train: int | None = None
     n_test: int | None = None
     divergence: str = "jsd"
+    divergence_module: str | None = None
     metric: str = "euclidean"
     temperature: float = 0.1
     sigma: float = 1.0
@@ -136,6 +143,7 @@ def run(
     config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SupConResult:
     """Train with two views per sample, then evaluate frozen backbone features on the test split."""
+    register_divergence_module(config.divergence_module)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:

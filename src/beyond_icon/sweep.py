@@ -1,0 +1,343 @@
+"""Sweeps: one task over divergences x seeds, resumable, optionally in parallel processes.
+
+Layout of a sweep folder::
+
+    DIR/sweep.yaml            task, divergences, seeds and the shared task options
+    DIR/runs/<name>_s<seed>/  one run folder per (divergence, seed), as the task writes it
+    DIR/results.csv           one row per finished run, every metric
+    DIR/results.md            divergence x metric, mean +- std over seeds, best marked
+    DIR/*.png                 bar chart; for sne also the embedding grid and gradient norms
+
+A run is finished when its ``metrics.json`` exists; re-running the sweep skips finished runs
+and resumes unfinished ones from their last checkpoint. For the cluster task the name ``pmi``
+in the divergence list means TEMI's loss (``loss=pmi``), and k-means is reported as a row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from beyond_icon import report
+
+__all__ = ["RunSpec", "aggregate", "build_report", "plan", "run_sweep"]
+
+# (metric, higher is better) shown in the tables, per task
+TABLE_METRICS = {
+    "sne": [
+        ("knn_acc", True),
+        ("trustworthiness", True),
+        ("silhouette", True),
+        ("grad_norm_peak_ratio", False),
+        ("train_time_s", False),
+    ],
+    "supcon": [("linear_probe_acc", True), ("knn_acc", True), ("train_time_s", False)],
+    "cluster": [("acc", True), ("nmi", True), ("ari", True), ("train_time_s", False)],
+}
+BAR_METRICS = {
+    "sne": ["knn_acc", "trustworthiness", "silhouette"],
+    "supcon": ["linear_probe_acc", "knn_acc"],
+    "cluster": ["acc", "nmi", "ari"],
+}
+
+
+def task_module(task: str):
+    if task not in TABLE_METRICS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TABLE_METRICS)}")
+    return importlib.import_module(f"beyond_icon.tasks.{task}")
+
+
+def config_class(task: str) -> type:
+    module = task_module(task)
+    return next(
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and dataclasses.is_dataclass(v) and getattr(v, "task", None) == task
+    )
+
+
+def run_name(divergence: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in divergence)
+    return f"{safe}_s{seed}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    divergence: str
+    seed: int
+    options: dict
+    folder: str
+
+    def config(self) -> Any:
+        from beyond_icon.tasks.common import config_from_dict
+
+        values = dict(self.options, seed=self.seed)
+        if self.task == "cluster" and self.divergence == "pmi":
+            values["loss"] = "pmi"
+        else:
+            values["divergence"] = self.divergence
+        return config_from_dict(config_class(self.task), values)
+
+    @property
+    def finished(self) -> bool:
+        return (Path(self.folder) / "metrics.json").is_file()
+
+
+def plan(
+    task: str, divergences: list[str], seeds: list[int], options: dict, out: str | Path
+) -> list[RunSpec]:
+    """The runs of a sweep; also writes (or checks) ``sweep.yaml``."""
+    if not divergences or not seeds:
+        raise ValueError("a sweep needs at least one divergence and one seed")
+    if len(set(divergences)) != len(divergences) or len(set(seeds)) != len(seeds):
+        raise ValueError("divergences and seeds must not repeat")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {k: v for k, v in options.items() if k not in ("seed", "divergence")}
+    record = {
+        "task": task,
+        "divergences": list(divergences),
+        "seeds": list(seeds),
+        "options": options,
+    }
+    path = out / "sweep.yaml"
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text())
+        if previous.get("task") != task or previous.get("options") != options:
+            raise ValueError(
+                f"{out} holds a sweep of {previous.get('task')} with other options "
+                f"({previous.get('options')}); use a new --out for a different sweep"
+            )
+        record["divergences"] = list(dict.fromkeys(previous["divergences"] + list(divergences)))
+        record["seeds"] = list(dict.fromkeys(previous["seeds"] + list(seeds)))
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    specs = [
+        RunSpec(task, d, s, options, str(out / "runs" / run_name(d, s)))
+        for d in divergences
+        for s in seeds
+    ]
+    from beyond_icon.tasks.common import register_divergence_module
+
+    register_divergence_module(options.get("divergence_module"))
+    for spec in specs:  # fail before any training if a divergence or option is wrong
+        spec.config()
+        if not (task == "cluster" and spec.divergence == "pmi"):
+            from beyond_icon import divergences as registry
+
+            registry.get(spec.divergence)
+    return specs
+
+
+def _execute(spec: RunSpec, threads: int | None) -> dict:
+    import torch
+
+    from beyond_icon.tasks.common import register_divergence_module
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = spec.config()
+    register_divergence_module(getattr(config, "divergence_module", None))
+    result = task_module(spec.task).run(config, out=spec.folder, resume=True, verbose=False)
+    return result.metrics
+
+
+def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list[RunSpec]:
+    """Run the unfinished specs (``jobs`` processes); returns the specs that failed."""
+    todo = [s for s in specs if not s.finished]
+    bar = tqdm(
+        total=len(specs),
+        initial=len(specs) - len(todo),
+        desc="sweep",
+        unit="run",
+        disable=not verbose,
+        dynamic_ncols=True,
+    )
+    failed: list[RunSpec] = []
+    if jobs <= 1:
+        for spec in todo:
+            bar.set_postfix_str(Path(spec.folder).name)
+            try:
+                _execute(spec, None)
+            except (ValueError, RuntimeError) as error:
+                tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
+                failed.append(spec)
+            bar.update(1)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        import multiprocessing
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_execute, spec, threads): spec for spec in todo}
+            for future in as_completed(futures):
+                spec = futures[future]
+                try:
+                    future.result()
+                except (ValueError, RuntimeError) as error:
+                    tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
+                    failed.append(spec)
+                bar.set_postfix_str(Path(spec.folder).name)
+                bar.update(1)
+    bar.close()
+    return failed
+
+
+# ------------------------------------------------------------------------------- aggregation
+
+
+def _load_runs(out: Path) -> tuple[dict, list[dict]]:
+    record = yaml.safe_load((out / "sweep.yaml").read_text())
+    rows = []
+    for divergence in record["divergences"]:
+        for seed in record["seeds"]:
+            folder = out / "runs" / run_name(divergence, seed)
+            if (folder / "metrics.json").is_file():
+                metrics = json.loads((folder / "metrics.json").read_text())
+                rows.append({"divergence": divergence, "seed": seed, "run": folder.name, **metrics})
+    return record, rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
+    """(task, rows of results.csv, {row name: {metric: (mean, std, n)}}) of the finished runs."""
+    out = Path(out)
+    if not (out / "sweep.yaml").is_file():
+        raise FileNotFoundError(f"{out} is not a sweep folder (no sweep.yaml)")
+    record, rows = _load_runs(out)
+    task = record["task"]
+    summary: dict[str, dict] = {}
+    for divergence in record["divergences"]:
+        mine = [r for r in rows if r["divergence"] == divergence]
+        if mine:
+            summary[divergence] = {
+                m: (*_mean_std([r[m] for r in mine]), len(mine))
+                for m, _ in TABLE_METRICS[task]
+                if m in mine[0]
+            }
+    if task == "cluster" and rows:  # k-means on the same embeddings, one value per seed
+        by_seed = {r["seed"]: r for r in rows}
+        summary["k-means"] = {
+            m: (*_mean_std([r[f"kmeans_{m}"] for r in by_seed.values()]), len(by_seed))
+            for m in ("acc", "nmi", "ari")
+        }
+    return task, rows, summary
+
+
+def _table(task: str, summary: dict) -> str:
+    metrics = [(m, hi) for m, hi in TABLE_METRICS[task] if any(m in s for s in summary.values())]
+    best = {}
+    for m, higher in metrics:
+        values = {name: s[m][0] for name, s in summary.items() if m in s}
+        if values and m != "train_time_s":
+            best[m] = (max if higher else min)(values, key=values.get)
+    lines = [
+        "| divergence | n | " + " | ".join(m for m, _ in metrics) + " |",
+        "|---|---:|" + "---:|" * len(metrics),
+    ]
+    for name, s in summary.items():
+        n = max(v[2] for v in s.values())
+        cells = []
+        for m, _ in metrics:
+            if m not in s:
+                cells.append("")
+                continue
+            mean, std, _ = s[m]
+            text = f"{mean:.1f} ± {std:.1f}" if m == "train_time_s" else f"{mean:.3f} ± {std:.3f}"
+            cells.append(f"**{text}**" if best.get(m) == name else text)
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_report(out: str | Path, verbose: bool = True) -> str:
+    """Write results.csv, results.md and the figures from the finished runs; return the table."""
+    from beyond_icon.train import write_csv
+
+    out = Path(out)
+    task, rows, summary = aggregate(out)
+    if not rows:
+        raise ValueError(f"{out} has no finished run yet")
+    write_csv(rows, out / "results.csv")
+    table = _table(task, summary)
+    lines = [
+        f"# {task} sweep",
+        "",
+        f"Mean ± sample std over seeds (n runs); best per column in bold. "
+        f"{len(rows)} finished runs.",
+        "",
+        table,
+        "",
+        f"![metrics]({task}_bars.png)",
+    ]
+    _bars(task, summary, out / f"{task}_bars.png")
+    if task == "sne":
+        _sne_figures(out, rows)
+        lines += [
+            "",
+            "![embeddings](sne_embeddings.png)",
+            "",
+            "![gradient norms](sne_grad_norm.png)",
+        ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if verbose:
+        print(table)
+    return table
+
+
+def _bars(task: str, summary: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in BAR_METRICS[task] if any(m in s for s in summary.values())]
+    names = list(summary)
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(names) * len(metrics) / 2.5, 3.6))
+    width = 0.8 / max(len(names), 1)
+    for i, name in enumerate(names):
+        means = [summary[name][m][0] if m in summary[name] else math.nan for m in metrics]
+        stds = [summary[name][m][1] if m in summary[name] else 0 for m in metrics]
+        ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, capsize=3, label=name)
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
+    ax.set_ylabel("mean ± std over seeds")
+    ax.legend(fontsize=7, ncol=min(len(names), 6))
+    ax.set_title(f"{task}: metrics by divergence", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sne_figures(out: Path, rows: list[dict]) -> None:
+    seed = min(r["seed"] for r in rows)
+    panels, histories, classes = [], {}, None
+    for r in rows:
+        if r["seed"] != seed:
+            continue
+        folder = out / "runs" / r["run"]
+        with np.load(folder / "embedding.npz") as emb:
+            panels.append(
+                (f"{r['divergence']} (k-NN {r['knn_acc']:.3f})", emb["test"], emb["y_test"])
+            )
+            classes = [str(c) for c in emb["classes"]]
+        with open(folder / "history.csv") as handle:
+            histories[r["divergence"]] = [
+                {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
+            ]
+    report.plot_embedding_grid(
+        panels, classes, out / "sne_embeddings.png", f"test-split embeddings, seed {seed}"
+    )
+    report.plot_grad_norm(
+        histories, out / "sne_grad_norm.png", f"gradient norm per step, seed {seed}"
+    )

@@ -1,0 +1,221 @@
+"""Sweeps: run counts, aggregation consistency, resumption after a kill, report, user divergences."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from beyond_icon import divergences, sweep
+from beyond_icon.cli import main
+
+TINY = [
+    "--data",
+    "digits",
+    "--n-train",
+    "240",
+    "--n-test",
+    "80",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "80",
+    "--perplexity",
+    "8",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+
+
+def _sweep(out, divergences="kl,tv", seeds="0,1", extra=()):
+    return main(
+        [
+            "sweep",
+            "sne",
+            "--divergences",
+            divergences,
+            "--seeds",
+            seeds,
+            *TINY,
+            *extra,
+            "--out",
+            str(out),
+        ]
+    )
+
+
+def test_sweep_runs_and_tables_agree_with_runs(tmp_path):
+    out = tmp_path / "s"
+    assert _sweep(out) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["kl_s0", "kl_s1", "tv_s0", "tv_s1"]
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    for row in rows:
+        metrics = json.loads((out / "runs" / row["run"] / "metrics.json").read_text())
+        assert float(row["knn_acc"]) == pytest.approx(metrics["knn_acc"])
+    table = (out / "results.md").read_text()
+    for name in ("kl", "tv"):
+        values = [
+            json.loads((out / "runs" / f"{name}_s{s}" / "metrics.json").read_text())["knn_acc"]
+            for s in (0, 1)
+        ]
+        cell = f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+        assert cell in table, (cell, table)
+    assert table.count("**") >= 2  # best per column marked
+    for figure in ("sne_bars.png", "sne_embeddings.png", "sne_grad_norm.png"):
+        assert (out / figure).is_file()
+
+
+def test_report_rebuilds_identical_tables(tmp_path):
+    out = tmp_path / "s"
+    assert _sweep(out, divergences="jsd", seeds="0,1") == 0
+    first = (out / "results.md").read_text()
+    csv_first = (out / "results.csv").read_text()
+    (out / "results.md").unlink()
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert (out / "results.md").read_text() == first
+    assert (out / "results.csv").read_text() == csv_first
+
+
+def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
+    out = tmp_path / "s"
+    command = [
+        sys.executable,
+        "-m",
+        "beyond_icon",
+        "sweep",
+        "sne",
+        "--divergences",
+        "kl,tv",
+        "--seeds",
+        "0,1",
+        *TINY,
+        "--epochs",
+        "6",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    first = out / "runs" / "kl_s0" / "metrics.json"
+    while not first.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.is_file()
+    finished_before = {
+        p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")
+    }
+    assert len(finished_before) < 4
+    assert main(command[3:]) == 0
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*/metrics.json")}
+    assert len(after) == 4
+    for name, stamp in finished_before.items():
+        assert after[name] == stamp  # not recomputed
+
+
+def test_sweep_rejects_other_options_in_same_folder(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert _sweep(out, divergences="kl", seeds="0") == 0
+    assert _sweep(out, divergences="kl", seeds="0", extra=("--kernel", "student_t")) == 2
+    assert "other options" in capsys.readouterr().err
+
+
+def test_unknown_divergence_fails_before_training(tmp_path, capsys):
+    assert _sweep(tmp_path / "s", divergences="kl,nope") == 2
+    assert "unknown divergence 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+USER_DIVERGENCES = """
+import torch
+
+def squared_hellinger_twice(log_p, log_q):
+    return ((0.5 * log_p).exp() - (0.5 * log_q).exp()).pow(2).sum(-1)
+
+def triangular(t):
+    return (t - 1) ** 2 / (t + 1)
+"""
+
+
+@pytest.mark.parametrize("name", ["squared_hellinger_twice", "triangular"])
+def test_user_defined_divergence_module(tmp_path, name):
+    (tmp_path / "mine.py").write_text(USER_DIVERGENCES)
+    out = tmp_path / name
+    code = main(
+        [
+            "sne",
+            *TINY,
+            "--divergence-module",
+            f"{tmp_path / 'mine.py'}:{name}",
+            "--divergence",
+            name,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / "metrics.json").read_text())["knn_acc"] > 0
+    assert name in divergences.names()
+    # and through a parallel sweep, where each worker process registers it again
+    code = main(
+        [
+            "sweep",
+            "sne",
+            "--divergences",
+            f"kl,{name}",
+            "--seeds",
+            "0",
+            *TINY,
+            "--jobs",
+            "2",
+            "--divergence-module",
+            f"{tmp_path / 'mine.py'}:{name}",
+            "--out",
+            str(tmp_path / f"sw_{name}"),
+        ]
+    )
+    assert code == 0
+    assert len(list((tmp_path / f"sw_{name}" / "runs").glob("*/metrics.json"))) == 2
+
+
+def test_cluster_sweep_has_pmi_and_kmeans_rows(tmp_path):
+    out = tmp_path / "c"
+    code = main(
+        [
+            "sweep",
+            "cluster",
+            "--divergences",
+            "tv,pmi",
+            "--seeds",
+            "0",
+            "--data",
+            "digits",
+            "--n-train",
+            "300",
+            "--n-test",
+            "100",
+            "--epochs",
+            "1",
+            "--kmeans-init",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    table = (out / "results.md").read_text()
+    assert "| pmi |" in table and "| k-means |" in table
+    task, rows, summary = sweep.aggregate(out)
+    assert task == "cluster" and {r["divergence"] for r in rows} == {"tv", "pmi"}
