@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from beyond_icon import divergences as _divergences
 from beyond_icon._validation import check_log_distributions
+from beyond_icon.distributed import Shard
 
 __all__ = ["LossStats", "icon_loss", "icon_loss_rows"]
 
@@ -81,6 +82,34 @@ def icon_loss_rows(
     return _block_terms(_block(log_p, rows), _block(log_q, rows), div)
 
 
+def _sum_and_count(
+    log_p: Tensor | RowsFn,
+    log_q: Tensor | RowsFn,
+    div: _divergences.Divergence,
+    rows: slice,
+    chunk_size: int | None,
+) -> tuple[Tensor, int]:
+    """Sum of the per-row divergences over ``rows`` (rows of p with mass only), and their count."""
+    if chunk_size is None or chunk_size >= rows.stop - rows.start:
+        values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div)
+        return values.sum(), int(mask.sum())
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+    def block_sum(start: int, stop: int) -> tuple[Tensor, Tensor]:
+        block = slice(start, stop)
+        values, mask = _block_terms(_block(log_p, block), _block(log_q, block), div)
+        return values.sum(), mask.sum()
+
+    total, count = None, 0
+    for start in range(rows.start, rows.stop, chunk_size):
+        stop = min(start + chunk_size, rows.stop)
+        part, part_count = checkpoint(block_sum, start, stop, use_reentrant=False)
+        total = part if total is None else total + part
+        count += int(part_count)
+    return total, count
+
+
 def icon_loss(
     log_p: Tensor | RowsFn,
     log_q: Tensor | RowsFn,
@@ -90,41 +119,37 @@ def icon_loss(
     n_rows: int | None = None,
     reduction: str = "mean",
     return_stats: bool = False,
+    shard: Shard | None = None,
 ) -> Tensor | tuple[Tensor, LossStats]:
     """``mean_i D(p(.|i) || q(.|i))`` over the rows of ``p`` with mass.
 
     ``reduction`` is ``"mean"`` (the I-Con loss) or ``"sum"``. ``return_stats`` also returns
-    :class:`LossStats`. ``chunk_size`` enables the row-chunked, checkpointed path.
+    :class:`LossStats`. ``chunk_size`` enables the row-chunked, checkpointed path. ``shard``
+    (from :func:`beyond_icon.distributed.all_gather_with_grad`) restricts this process to its
+    rows of the global batch: ``log_p``/``log_q`` then take global row slices, the mean is over
+    the global count of rows, and the value is scaled by the world size (see
+    :mod:`beyond_icon.distributed`).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     div = _divergences.get(divergence)
-    n = _n_rows(log_p, log_q, n_rows)
-    if chunk_size is None or chunk_size >= n:
-        values, mask = icon_loss_rows(log_p, log_q, div, n_rows=n)
-        total, count = values.sum(), int(mask.sum())
+    if shard is None:
+        n = _n_rows(log_p, log_q, n_rows)
+        rows, world_size = slice(0, n), 1
     else:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        n, rows, world_size = shard.n_global, shard.rows, shard.world_size
+    total, count = _sum_and_count(log_p, log_q, div, rows, chunk_size)
+    if shard is not None:
+        from beyond_icon.distributed import all_reduce_sum
 
-        def block_sum(start: int, stop: int) -> tuple[Tensor, Tensor]:
-            rows = slice(start, stop)
-            values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div)
-            return values.sum(), mask.sum()
-
-        total, count = None, 0
-        for start in range(0, n, chunk_size):
-            stop = min(start + chunk_size, n)
-            part, part_count = checkpoint(block_sum, start, stop, use_reentrant=False)
-            total = part if total is None else total + part
-            count += int(part_count)
+        count = int(all_reduce_sum(torch.tensor(count, device=total.device)))
     if count == 0:
         raise ValueError(
             f"every one of the {n} rows of p has no mass (no sample has a neighbour: e.g. every "
             "class appears once in the batch); the loss is undefined. Use larger batches, "
             "several views per sample, or debias p"
         )
-    loss = total / count if reduction == "mean" else total
+    loss = (total / count if reduction == "mean" else total) * world_size
     if not bool(torch.isfinite(loss.detach())):
         raise ValueError(
             f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss)}): q gives "

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from beyond_icon import divergences as _divergences
 from beyond_icon import kernels
 from beyond_icon._validation import check_features, check_labels, check_positive
+from beyond_icon.distributed import Shard, all_gather_with_grad, world
 from beyond_icon.loss import LossStats, icon_loss
 
 __all__ = [
@@ -35,13 +36,34 @@ _SIDES = ("p", "q", "both")
 
 
 class IConLoss(nn.Module):
-    """Base class: holds the divergence, the chunk size and the last call's row statistics."""
+    """Base class: holds the divergence, the chunk size and the last call's row statistics.
 
-    def __init__(self, divergence: str | Callable = "kl", chunk_size: int | None = None):
+    Under ``torch.distributed`` (a process group of more than one rank) and with
+    ``gather=True``, the batch-coupled presets gather every rank's inputs and evaluate this
+    rank's rows of the global batch (see :mod:`beyond_icon.distributed`).
+    """
+
+    def __init__(
+        self, divergence: str | Callable = "kl", chunk_size: int | None = None, gather: bool = True
+    ):
         super().__init__()
         self.divergence = _divergences.get(divergence)
         self.chunk_size = chunk_size
+        self.gather = gather
         self.last_stats: LossStats | None = None
+
+    def _gather(self, *tensors: Tensor | None) -> tuple[list[Tensor | None], Shard | None]:
+        """Every tensor concatenated over ranks, and this rank's rows; unchanged on one process."""
+        if not self.gather or world()[1] == 1:
+            return list(tensors), None
+        out, shard = [], None
+        for tensor in tensors:
+            if tensor is None:
+                out.append(None)
+                continue
+            gathered, shard = all_gather_with_grad(tensor)
+            out.append(gathered)
+        return out, shard
 
     def extra_repr(self) -> str:
         return f"divergence={self.divergence.name!r}, chunk_size={self.chunk_size}"
@@ -51,6 +73,7 @@ class IConLoss(nn.Module):
         log_p: Callable[[slice], Tensor],
         log_q: Callable[[slice], Tensor],
         n_rows: int,
+        shard: Shard | None = None,
     ) -> Tensor:
         loss, self.last_stats = icon_loss(
             log_p,
@@ -59,8 +82,15 @@ class IConLoss(nn.Module):
             chunk_size=self.chunk_size,
             n_rows=n_rows,
             return_stats=True,
+            shard=shard,
         )
         return loss
+
+
+def _unique_ids(ids: Tensor) -> Tensor:
+    """Make per-rank ids (pair or sample indices) globally unique: id * world + rank."""
+    rank, world_size = world()
+    return ids * world_size + rank
 
 
 def _debiased(
@@ -95,16 +125,27 @@ class SNE(IConLoss):
     def forward(self, x: Tensor, z: Tensor, log_p: Tensor | None = None) -> Tensor:
         """``x`` (n, D) inputs (or pass a precomputed ``log_p``), ``z`` (n, d) embeddings."""
         check_features(z, "z", min_rows=2)
-        if log_p is None:
-            check_features(x, "x", min_rows=2)
-            if x.shape[0] != z.shape[0]:
-                raise ValueError(f"x has {x.shape[0]} rows but z has {z.shape[0]}")
-            log_p = kernels.perplexity(x, self.perplexity).to(z.dtype)
-        elif log_p.shape != (z.shape[0], z.shape[0]):
-            raise ValueError(
-                f"log_p must be ({z.shape[0]}, {z.shape[0]}), got {tuple(log_p.shape)}"
+        if log_p is not None:
+            if log_p.shape != (z.shape[0], z.shape[0]):
+                raise ValueError(
+                    f"log_p must be ({z.shape[0]}, {z.shape[0]}), got {tuple(log_p.shape)}"
+                )
+            if self.gather and world()[1] > 1:
+                raise ValueError("a precomputed log_p cannot be combined with a distributed batch")
+            given = log_p.to(z.dtype)
+            return self._icon(
+                lambda rows: given[rows], lambda rows: self.log_q(z, rows), z.shape[0]
             )
-        return self._icon(lambda rows: log_p[rows], lambda rows: self.log_q(z, rows), z.shape[0])
+        check_features(x, "x", min_rows=2)
+        if x.shape[0] != z.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but z has {z.shape[0]}")
+        (x, z), shard = self._gather(x.detach(), z)
+        return self._icon(
+            lambda rows: kernels.perplexity(x, self.perplexity, rows=rows).to(z.dtype),
+            lambda rows: self.log_q(z, rows),
+            z.shape[0],
+            shard,
+        )
 
 
 class TSNE(SNE):
@@ -150,11 +191,13 @@ class SimCLR(IConLoss):
         if z1.shape != z2.shape:
             raise ValueError(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)} must match")
         z = torch.cat([z1, z2])
-        index = torch.arange(z1.shape[0], device=z.device).repeat(2)
+        index = _unique_ids(torch.arange(z1.shape[0], device=z.device).repeat(2))
+        (z, index), shard = self._gather(z, index)
         return self._icon(
             lambda rows: kernels.views(index, rows=rows, dtype=z.dtype),
             lambda rows: kernels.cosine(z, self.temperature, rows=rows),
             z.shape[0],
+            shard,
         )
 
 
@@ -201,12 +244,15 @@ class SupCon(IConLoss):
             check_labels(labels, "labels", n=n)
             z = z.transpose(0, 1).reshape(n * n_views, d)
             labels = labels.repeat(n_views)
-        check_features(z, "z", min_rows=2)
+        check_features(z, "z")
         check_labels(labels, "labels", n=z.shape[0])
+        (z, labels), shard = self._gather(z, labels)
+        if z.shape[0] < 2:
+            raise ValueError("SupCon needs a batch of at least 2 samples")
         log_p = _debiased(
             lambda rows: kernels.labels(labels, rows=rows, dtype=z.dtype), self.debias
         )
-        return self._icon(log_p, lambda rows: self.log_q(z, rows), z.shape[0])
+        return self._icon(log_p, lambda rows: self.log_q(z, rows), z.shape[0], shard)
 
 
 class CrossEntropy(IConLoss):
@@ -288,6 +334,11 @@ class ClusterLoss(IConLoss):
             if teacher_logits.shape != logits.shape:
                 raise ValueError("teacher_logits must have the shape of logits")
             log_b = torch.log_softmax(teacher_logits, dim=-1)
+        if log_p is not None and self.gather and world()[1] > 1:
+            raise ValueError("an explicit log_p cannot be combined with a distributed batch")
+        if log_p is None:
+            pair_index = _unique_ids(pair_index)
+        (log_a, log_b, pair_index), shard = self._gather(log_a, log_b, pair_index)
         alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
         given = log_p
@@ -302,7 +353,7 @@ class ClusterLoss(IConLoss):
             alpha_q,
             exclude_self=self.exclude_self,
         )
-        return self._icon(log_p, log_q, logits.shape[0])
+        return self._icon(log_p, log_q, log_a.shape[0], shard)
 
 
 class PMI(nn.Module):
