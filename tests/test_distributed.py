@@ -127,3 +127,100 @@ def test_without_process_group_gather_is_identity():
     gathered, shard = all_gather_with_grad(x)
     assert gathered is x and shard.rows == slice(0, 4) and shard.world_size == 1
     assert world() == (0, 1)
+
+
+# ----------------------------------------------------------------------------- under torchrun
+
+
+def _torchrun(args, nproc=2):
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "beyond_icon",
+        *args,
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+SUPCON = [
+    "supcon",
+    "--data",
+    "digits",
+    "--n-train",
+    "160",
+    "--n-test",
+    "60",
+    "--batch-size",
+    "40",
+    "--probe-epochs",
+    "5",
+    "--divergence",
+    "jsd",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+
+
+def test_two_process_supcon_writes_what_one_process_writes(tmp_path):
+    from beyond_icon.cli import main
+
+    _torchrun([*SUPCON, "--epochs", "1", "--out", str(tmp_path / "two")])
+    assert main([*SUPCON, "--epochs", "1", "--out", str(tmp_path / "one")]) == 0
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
+    import json
+
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert 0 <= metrics["knn_acc"] <= 1
+    # the same global batches: as many optimiser steps in both runs
+    assert len((tmp_path / "two" / "history.csv").read_text().splitlines()) == len(
+        (tmp_path / "one" / "history.csv").read_text().splitlines()
+    )
+    # a checkpoint written by two processes resumes in one
+    assert main([*SUPCON, "--epochs", "2", "--resume", "--out", str(tmp_path / "two")]) == 0
+    rows = (tmp_path / "two" / "history.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[0] for row in rows} == {"0", "1"}
+
+
+def _mining_worker(rank, world_size, port, results):
+    from beyond_icon.neighbors import cached_neighbors
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+    )
+    try:
+        import numpy as np
+
+        x = np.random.default_rng(0).normal(size=(101, 5)).astype(np.float32)
+        indices, _ = cached_neighbors(x, 4, results["cache"])
+        results[rank] = indices.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_mining_equals_single_process(tmp_path):
+    import numpy as np
+
+    from beyond_icon.neighbors import mine_neighbors
+
+    results = mp.Manager().dict()
+    results["cache"] = str(tmp_path)
+    mp.spawn(_mining_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    x = np.random.default_rng(0).normal(size=(101, 5)).astype(np.float32)
+    want = mine_neighbors(x, 4).tolist()
+    assert results[0] == want and results[1] == want

@@ -27,9 +27,11 @@ def mine_neighbors(
     key_block: int = 65536,
     device: str | torch.device = "cpu",
     verbose: bool = False,
+    queries: slice | None = None,
 ) -> np.ndarray:
     """Indices (n, k) of the ``k`` most cosine-similar other points of each point, most similar
-    first. Self matches are excluded; ties are broken by the lower index."""
+    first. Self matches are excluded; ties are broken by the lower index. ``queries`` limits
+    the search to that range of points (their rows only are returned)."""
     features = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if features.dim() != 2:
         raise ValueError(f"embeddings must be (n, d), got {tuple(features.shape)}")
@@ -42,26 +44,27 @@ def mine_neighbors(
         raise ValueError("embeddings contain NaN or Inf")
     device = torch.device(device)
     keys = F.normalize(features.float(), dim=1).to(device)
-    out = torch.empty(n, k, dtype=torch.long)
-    blocks = range(0, n, query_block)
-    for start in tqdm(blocks, desc="mining neighbours", disable=not verbose, leave=False):
-        queries = keys[start : start + query_block]
-        rows = torch.arange(start, start + len(queries), device=device)
-        best_sim = torch.full((len(queries), k), -float("inf"), device=device)
-        best_idx = torch.zeros((len(queries), k), dtype=torch.long, device=device)
+    first, last = (0, n) if queries is None else queries.indices(n)[:2]
+    out = torch.empty(last - first, k, dtype=torch.long)
+    for start in tqdm(
+        range(first, last, query_block), desc="mining neighbours", disable=not verbose, leave=False
+    ):
+        query = keys[start : min(start + query_block, last)]
+        rows = torch.arange(start, start + len(query), device=device)
+        best_sim = torch.full((len(query), k), -float("inf"), device=device)
+        best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
         for key_start in range(0, n, key_block):
             block = keys[key_start : key_start + key_block]
-            sims = queries @ block.T
+            sims = query @ block.T
             cols = torch.arange(key_start, key_start + len(block), device=device)
             sims = sims.masked_fill(rows[:, None] == cols[None, :], -float("inf"))
-            take = min(k, len(block))
-            top_sim, top_pos = sims.topk(take, dim=1)
+            top_sim, top_pos = sims.topk(min(k, len(block)), dim=1)
             merged_sim = torch.cat([best_sim, top_sim], dim=1)
             merged_idx = torch.cat([best_idx, cols[top_pos]], dim=1)
             # stable order: higher similarity first, then lower index (earlier blocks come first)
             order = merged_sim.argsort(dim=1, descending=True, stable=True)[:, :k]
             best_sim, best_idx = merged_sim.gather(1, order), merged_idx.gather(1, order)
-        out[start : start + len(queries)] = best_idx.cpu()
+        out[start - first : start - first + len(query)] = best_idx.cpu()
     return out.numpy()
 
 
@@ -92,7 +95,20 @@ def cached_neighbors(
     for found in sorted(cache.glob(f"knn-{key}-k*.npy")) if cache.is_dir() else []:
         if int(found.stem.rsplit("-k", 1)[1]) >= k:
             return np.load(found)[:, :k], True
-    indices = mine_neighbors(x, k, device=device, verbose=verbose)
+    from beyond_icon.distributed import _gather, world
+
+    rank, world_size = world()
+    if world_size == 1:
+        indices = mine_neighbors(x, k, device=device, verbose=verbose)
+    else:  # each rank mines a contiguous share of the queries; the shares are gathered
+        bounds = np.linspace(0, len(x), world_size + 1).astype(int)
+        mine = mine_neighbors(
+            x, k, device=device, verbose=verbose, queries=slice(bounds[rank], bounds[rank + 1])
+        )
+        sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        indices = _gather(torch.as_tensor(mine).to(device), sizes).cpu().numpy()
+        if rank != 0:
+            return indices, False
     try:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = cache / f"knn-{key}-k{k}.tmp.npy"

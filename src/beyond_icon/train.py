@@ -44,9 +44,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; an unavailable CUDA request is a clear error."""
+    """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun); an
+    unavailable CUDA request is a clear error."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{local_rank}"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -119,6 +123,34 @@ def _lr_factor(config: TrainConfig, progress: float) -> float:
     return 1.0
 
 
+def shard_batch(item: Any, rank: int, world_size: int) -> Any:
+    """This rank's part of a global batch: tensors split along dim 0 (the same cut whatever
+    the rank), tuples element-wise, integers (augmentation seeds) offset by the rank."""
+    if world_size == 1:
+        return item
+    if isinstance(item, Tensor):
+        return item.tensor_split(world_size)[rank]
+    if isinstance(item, (tuple, list)):
+        return type(item)(shard_batch(x, rank, world_size) for x in item)
+    if isinstance(item, int):
+        return item + rank
+    return item
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """All-reduce the mean of the gradients in one flat buffer."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[torch.Generator], Iterable[Any]],
@@ -143,6 +175,15 @@ def fit(
     ``resume`` continues from it. ``stop_after_epochs`` ends early (for tests of resumption).
     """
     config.check()
+    from beyond_icon.distributed import world
+
+    rank, world_size = world()
+    verbose = verbose and rank == 0
+    if world_size > 1:  # every rank starts from rank 0's weights
+        import torch.distributed as dist
+
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, 0)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     state_modules = state_modules or {}
@@ -170,7 +211,9 @@ def fit(
         model.train()
         for module in state_modules.values():
             module.train()
-        epoch_batches = list(batches(epoch_generator(config.seed, epoch)))
+        epoch_batches = [
+            shard_batch(b, rank, world_size) for b in batches(epoch_generator(config.seed, epoch))
+        ]
         bar = tqdm(
             epoch_batches,
             desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
@@ -187,11 +230,18 @@ def fit(
                 loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:
+                _average_gradients(params, world_size)
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
             optimizer.step()
             if after_step is not None:
                 after_step()
-            value = float(loss.detach())
+            value = loss.detach()
+            if world_size > 1:  # each rank returns W x its rows' share: the mean is the loss
+                from beyond_icon.distributed import all_reduce_sum
+
+                value = all_reduce_sum(value) / world_size
+            value = float(value)
             running = value if running is None else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.4f}")
             history.append(
@@ -208,7 +258,7 @@ def fit(
         bar.close()
         if verbose:
             tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {running:.4f}")
-        if out is not None:
+        if out is not None and rank == 0:
             atomic_save(
                 {
                     "model": model.state_dict(),

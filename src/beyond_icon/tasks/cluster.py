@@ -22,16 +22,17 @@ from torch import nn
 
 from beyond_icon import kernels, metrics, report
 from beyond_icon.data import as_float
+from beyond_icon.distributed import is_main
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, Standardize
 from beyond_icon.neighbors import cached_neighbors
 from beyond_icon.tasks.common import (
     load_task_data,
     prepare_run_dir,
-    register_divergence_module,
+    start,
     write_config,
 )
-from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
+from beyond_icon.train import TrainConfig, fit, seed_everything, write_csv
 
 __all__ = ["ClusterConfig", "ClusterResult", "run"]
 
@@ -135,18 +136,18 @@ def run(
     config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> ClusterResult:
     """Train the head(s) on the train split, then cluster the evaluation split."""
-    register_divergence_module(config.divergence_module)
+    device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:
         write_config(config, out)
+    verbose = verbose and is_main()
     if verbose:
         print(dataset.describe())
     train_x, test_x = _features(dataset, config)
     k = config.n_clusters or dataset.n_classes
     _check(config, len(train_x), k)
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     standardize = Standardize.fit(torch.as_tensor(train_x))
     train_std = standardize(torch.as_tensor(train_x))
     cache_dir = None
@@ -251,6 +252,8 @@ def run(
         verbose=verbose,
     )
     train_time = time.perf_counter() - started
+    if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
+        return ClusterResult({}, np.zeros(0, dtype=np.int64), history)
     best_head = int(torch.argmin(head_losses / max(head_counts[0], 1))) if head_counts[0] else 0
     evaluate_on_test = dataset.has_test_split
     eval_x = test_x if evaluate_on_test else train_x

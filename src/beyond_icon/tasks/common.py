@@ -36,8 +36,25 @@ def prepare_run_dir(out: str | Path | None) -> Path | None:
     return out
 
 
+def start(config: Any) -> Any:
+    """Register the configured user divergence, resolve the device, and join the process
+    group when launched by torchrun (several processes). Returns the device."""
+    from beyond_icon.distributed import init_from_env
+    from beyond_icon.train import resolve_device
+
+    register_divergence_module(getattr(config, "divergence_module", None))
+    device = resolve_device(config.device)
+    init_from_env(device)
+    return device
+
+
 def write_config(config: Any, out: Path) -> None:
-    """``config.yaml``: every field of the task's config dataclass, plus the task name."""
+    """``config.yaml``: every field of the task's config dataclass, plus the task name
+    (written by the main process only)."""
+    from beyond_icon.distributed import is_main
+
+    if not is_main():
+        return
     fields = dataclasses.asdict(config)
     tmp = out / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump({"task": type(config).task, **fields}, sort_keys=False))

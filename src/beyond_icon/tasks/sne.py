@@ -17,14 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from beyond_icon import divergences, kernels, metrics, report
+from beyond_icon import divergences, metrics, report
 from beyond_icon.data import as_float
-from beyond_icon.loss import icon_loss
+from beyond_icon.distributed import is_main
+from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import Standardize, build_backbone
 from beyond_icon.tasks.common import (
     load_task_data,
     prepare_run_dir,
-    register_divergence_module,
+    start,
     write_config,
 )
 from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
@@ -132,11 +133,6 @@ class ParametricSNE:
                 "lower the perplexity or raise the batch size"
             )
 
-    def _log_q(self, z: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "gaussian":
-            return kernels.gaussian(z, self.sigma)
-        return kernels.student_t(z, self.dof)
-
     def fit(
         self, X, y=None, *, out_dir: str | Path | None = None, resume: bool = False
     ) -> ParametricSNE:
@@ -174,11 +170,14 @@ class ParametricSNE:
             order = torch.randperm(n, generator=generator)
             return torch.tensor_split(order, max(1, n // batch))  # every batch >= batch_size
 
+        if self.kernel == "gaussian":
+            loss = SNE(self.divergence, perplexity=self.perplexity, sigma=self.sigma)
+        else:
+            loss = TSNE(self.divergence, perplexity=self.perplexity, dof=self.dof)
+
         def loss_fn(index):
             index = index.to(device)
-            log_p = kernels.perplexity(p_space[index], self.perplexity)
-            z = self.model_(xf[index]).float()
-            return icon_loss(log_p, self._log_q(z), self.divergence)
+            return loss(p_space[index], self.model_(xf[index]).float())
 
         config = TrainConfig(epochs=self.epochs, lr=self.lr, seed=self.random_state)
         started = time.perf_counter()
@@ -292,11 +291,12 @@ def run(
     config: SNEConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SNEResult:
     """Train on the train split, embed the test split, measure, and write the run folder."""
-    register_divergence_module(config.divergence_module)
+    device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:
         write_config(config, out)
+    verbose = verbose and is_main()
     if verbose:
         print(dataset.describe())
     estimator = ParametricSNE(
@@ -314,6 +314,14 @@ def run(
         verbose=verbose,
     )
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)
+    if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
+        return SNEResult(
+            {},
+            estimator.embedding_,
+            np.zeros((0, config.n_components)),
+            estimator.history_,
+            estimator,
+        )
     emb_train, emb_test = estimator.embedding_, estimator.transform(dataset.x_test)
     test_inputs = as_float(dataset.x_test).reshape(len(dataset.x_test), -1)
     if estimator.pca_ is not None:

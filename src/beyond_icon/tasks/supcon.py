@@ -20,15 +20,16 @@ from torch import nn
 from beyond_icon import metrics, report
 from beyond_icon.data import Dataset, as_float
 from beyond_icon.data.augment import Augment
+from beyond_icon.distributed import is_main
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
 from beyond_icon.tasks.common import (
     load_task_data,
     prepare_run_dir,
-    register_divergence_module,
+    start,
     write_config,
 )
-from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything
+from beyond_icon.train import TrainConfig, fit, seed_everything
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
 
@@ -143,15 +144,15 @@ def run(
     config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SupConResult:
     """Train with two views per sample, then evaluate frozen backbone features on the test split."""
-    register_divergence_module(config.divergence_module)
+    device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:
         write_config(config, out)
+    verbose = verbose and is_main()
     if verbose:
         print(dataset.describe())
     seed_everything(config.seed)
-    device = resolve_device(config.device)
     x_train = torch.as_tensor(as_float(dataset.x_train))
     model = Encoder(
         Standardize.fit(x_train),
@@ -209,6 +210,8 @@ def run(
         verbose=verbose,
     )
     train_time = time.perf_counter() - started
+    if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
+        return SupConResult({}, history, model)
     last_epoch = history[-1]["epoch"]
     before = [h["time"] for h in history if h["epoch"] < last_epoch]
     epoch_seconds = history[-1]["time"] - (before[-1] if before else 0.0)
