@@ -291,7 +291,7 @@ def run(
     config: SNEConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SNEResult:
     """Train on the train split, embed the test split, measure, and write the run folder."""
-    device = start(config)
+    start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
     if out is not None:
