@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench bench-sne clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loss.py
+
+# openTSNE and UMAP side by side with parametric SNE (the optional "bench" extra).
+bench-sne: $(STAMP)
+	$(BIN)/pip install -e ".[bench]"
+	$(BIN)/python benchmarks/bench_sne.py --data fashion-mnist --n-train 10000 --n-test 10000
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
