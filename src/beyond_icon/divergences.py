@@ -357,26 +357,14 @@ def register_module(spec: str) -> Divergence:
     generator ``f(t)`` with ``f(1) = 0`` (one parameter), turned into an f-divergence. It is
     registered under ``NAME`` (replacing an earlier registration of that name).
     """
-    import importlib
-    import importlib.util
     import inspect
-    from pathlib import Path
 
-    if ":" not in spec:
-        raise ValueError(f"divergence module must be path.py:NAME or module:NAME, got {spec!r}")
-    target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"divergence module {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"beyond_icon_user_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    fn = getattr(module, name, None)
+    from beyond_icon._imports import load_object
+
+    fn = load_object(spec, "divergence module")
+    name = spec.rsplit(":", 1)[1]
     if not callable(fn):
-        raise ValueError(f"{target} defines no callable {name!r}")
+        raise ValueError(f"{spec} is not callable")
     if isinstance(fn, Divergence):
         return register(
             name, fn.fn, upper_bound=fn.upper_bound, symmetric=fn.symmetric, overwrite=True

@@ -9,8 +9,6 @@ and classes, and loads with ``--data embeddings:FILE.npz``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from beyond_icon import data as data_registry
+from beyond_icon._imports import load_object
 from beyond_icon.data import as_float
 from beyond_icon.train import resolve_device
 
@@ -65,19 +64,9 @@ def load_encoder(name: str, image_size: int = 224) -> nn.Module:
         raise ValueError(
             f"unknown encoder {name!r}: use one of {', '.join(DINO)} or module:factory"
         )
-    target, factory_name = name.rsplit(":", 1)
-    if target.endswith(".py"):
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"encoder file {path} does not exist")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
-    factory = getattr(module, factory_name, None)
+    factory = load_object(name, "encoder")
     if not callable(factory):
-        raise ValueError(f"{target} has no callable {factory_name!r}")
+        raise ValueError(f"{name} is not callable")
     encoder = factory()
     if not isinstance(encoder, nn.Module):
         raise ValueError(f"{name} must return a torch.nn.Module, got {type(encoder).__name__}")

@@ -26,31 +26,20 @@ from beyond_icon.distributed import is_main
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, Standardize
 from beyond_icon.neighbors import cached_neighbors
-from beyond_icon.tasks.common import (
-    load_task_data,
-    prepare_run_dir,
-    start,
-    write_config,
-)
+from beyond_icon.tasks.common import TaskConfig, begin
 from beyond_icon.train import TrainConfig, fit, seed_everything, write_csv
 
 __all__ = ["ClusterConfig", "ClusterResult", "run"]
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(TaskConfig):
     """Settings of one ``beyond-icon cluster`` run."""
 
     task: ClassVar[str] = "cluster"
-    help: ClassVar[dict[str, str]] = {
-        "data": "dataset spec: embeddings:PATH (e.g. from beyond-icon extract), digits, fashion-mnist, simplex:K, ...",
-        "data_dir": "where to look for dataset files",
-        "download": "download the dataset when it is not found locally",
-        "n_train": "stratified subset of the train split",
-        "n_test": "stratified subset of the test split",
+    help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "pca_components": "PCA of the (flattened) inputs before clustering (none: as given)",
         "n_clusters": "K (default: the number of classes)",
-        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
         "divergence": "kl, tv, jsd, hellinger, ... (loss=icon)",
         "loss": "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)",
         "head": "linear or mlp",
@@ -66,18 +55,10 @@ class ClusterConfig:
         "lr": "Adam learning rate",
         "lr_step_epochs": "halve the learning rate every this many epochs (0: constant)",
         "kmeans_init": "k-means restarts of the baseline",
-        "seed": "random seed",
-        "device": "auto, cpu, cuda or cuda:N",
     }
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    n_train: int | None = None
-    n_test: int | None = None
     pca_components: int | None = None
     n_clusters: int | None = None
     divergence: str = "tv"
-    divergence_module: str | None = None
     loss: str = "icon"
     head: str = "linear"
     n_heads: int = 1
@@ -92,8 +73,6 @@ class ClusterConfig:
     lr: float = 1e-3
     lr_step_epochs: int = 10
     kmeans_init: int = 10
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass
@@ -136,14 +115,7 @@ def run(
     config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> ClusterResult:
     """Train the head(s) on the train split, then cluster the evaluation split."""
-    device = start(config)
-    dataset = load_task_data(config)
-    out = prepare_run_dir(out)
-    if out is not None:
-        write_config(config, out)
-    verbose = verbose and is_main()
-    if verbose:
-        print(dataset.describe())
+    device, dataset, out, verbose = begin(config, out, verbose)
     train_x, test_x = _features(dataset, config)
     k = config.n_clusters or dataset.n_classes
     _check(config, len(train_x), k)

@@ -1,10 +1,11 @@
-"""What every task shares: loading the configured data, the run folder, timing."""
+"""What every task shares: the common config fields, data loading, the run folder, start-up."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -12,12 +13,57 @@ from beyond_icon import data as data_registry
 from beyond_icon.data import Dataset
 
 __all__ = [
+    "TaskConfig",
+    "begin",
     "config_from_dict",
     "load_task_data",
     "prepare_run_dir",
     "register_divergence_module",
     "write_config",
 ]
+
+
+@dataclass
+class TaskConfig:
+    """Fields every task has; a task's config adds its own (and its help texts)."""
+
+    task: ClassVar[str] = ""
+    help: ClassVar[dict[str, str]] = {
+        "data": "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
+        "data_dir": "where to look for dataset files",
+        "download": "download the dataset when it is not found locally",
+        "n_train": "stratified subset of the train split",
+        "n_test": "stratified subset of the test split",
+        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
+        "seed": "random seed",
+        "device": "auto, cpu, cuda or cuda:N",
+    }
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    n_train: int | None = None
+    n_test: int | None = None
+    divergence_module: str | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
+    """The start of every task's run: process group, device, data, run folder, config.yaml.
+
+    Returns (device, dataset, out folder or None, verbose on this rank).
+    """
+    from beyond_icon.distributed import is_main
+
+    device = start(config)
+    dataset = load_task_data(config)
+    out = prepare_run_dir(out)
+    if out is not None:
+        write_config(config, out)
+    verbose = verbose and is_main()
+    if verbose:
+        print(dataset.describe())
+    return device, dataset, out, verbose
 
 
 def load_task_data(config: Any) -> Dataset:

@@ -22,12 +22,7 @@ from beyond_icon.data import as_float
 from beyond_icon.distributed import is_main
 from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import Standardize, build_backbone
-from beyond_icon.tasks.common import (
-    load_task_data,
-    prepare_run_dir,
-    start,
-    write_config,
-)
+from beyond_icon.tasks.common import TaskConfig, begin
 from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
 
 __all__ = ["ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
@@ -222,17 +217,11 @@ class ParametricSNE:
 
 
 @dataclass
-class SNEConfig:
+class SNEConfig(TaskConfig):
     """Settings of one ``beyond-icon sne`` run."""
 
     task: ClassVar[str] = "sne"
-    help: ClassVar[dict[str, str]] = {
-        "data": "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
-        "data_dir": "where to look for dataset files",
-        "download": "download the dataset when it is not found locally",
-        "n_train": "stratified subset of the train split",
-        "n_test": "stratified subset of the test split",
-        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
+    help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "divergence": "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name",
         "kernel": "q on the embedding: gaussian (SNE) or student_t (t-SNE)",
         "n_components": "embedding dimension",
@@ -242,17 +231,9 @@ class SNEConfig:
         "epochs": "passes over the train split",
         "batch_size": "points per batch (p and q are computed within a batch)",
         "lr": "Adam learning rate",
-        "seed": "random seed",
-        "device": "auto, cpu, cuda or cuda:N",
         "knn_k": "k values for the k-NN accuracy, comma separated",
     }
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    n_train: int | None = None
-    n_test: int | None = None
     divergence: str = "kl"
-    divergence_module: str | None = None
     kernel: str = "gaussian"
     n_components: int = 2
     perplexity: float = 30.0
@@ -261,8 +242,6 @@ class SNEConfig:
     epochs: int = 50
     batch_size: int = 256
     lr: float = 1e-3
-    seed: int = 0
-    device: str = "auto"
     knn_k: list[int] = field(default_factory=lambda: [5, 10])
 
 
@@ -291,14 +270,7 @@ def run(
     config: SNEConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SNEResult:
     """Train on the train split, embed the test split, measure, and write the run folder."""
-    start(config)
-    dataset = load_task_data(config)
-    out = prepare_run_dir(out)
-    if out is not None:
-        write_config(config, out)
-    verbose = verbose and is_main()
-    if verbose:
-        print(dataset.describe())
+    _, dataset, out, verbose = begin(config, out, verbose)
     estimator = ParametricSNE(
         n_components=config.n_components,
         perplexity=config.perplexity,

@@ -23,29 +23,18 @@ from beyond_icon.data.augment import Augment
 from beyond_icon.distributed import is_main
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
-from beyond_icon.tasks.common import (
-    load_task_data,
-    prepare_run_dir,
-    start,
-    write_config,
-)
+from beyond_icon.tasks.common import TaskConfig, begin
 from beyond_icon.train import TrainConfig, fit, seed_everything
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
 
 
 @dataclass
-class SupConConfig:
+class SupConConfig(TaskConfig):
     """Settings of one ``beyond-icon supcon`` run."""
 
     task: ClassVar[str] = "supcon"
-    help: ClassVar[dict[str, str]] = {
-        "data": "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
-        "data_dir": "where to look for dataset files",
-        "download": "download the dataset when it is not found locally",
-        "n_train": "stratified subset of the train split",
-        "n_test": "stratified subset of the test split",
-        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
+    help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "divergence": "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name",
         "metric": "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
         "temperature": "cosine kernel temperature",
@@ -65,16 +54,8 @@ class SupConConfig:
         "probe_epochs": "epochs of the linear probe",
         "amp": "bf16 autocast on CUDA",
         "chunk_size": "row-chunked loss (memory O(chunk x batch))",
-        "seed": "random seed",
-        "device": "auto, cpu, cuda or cuda:N",
     }
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    n_train: int | None = None
-    n_test: int | None = None
     divergence: str = "jsd"
-    divergence_module: str | None = None
     metric: str = "euclidean"
     temperature: float = 0.1
     sigma: float = 1.0
@@ -93,8 +74,6 @@ class SupConConfig:
     probe_epochs: int = 100
     amp: bool = True
     chunk_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass
@@ -144,14 +123,7 @@ def run(
     config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SupConResult:
     """Train with two views per sample, then evaluate frozen backbone features on the test split."""
-    device = start(config)
-    dataset = load_task_data(config)
-    out = prepare_run_dir(out)
-    if out is not None:
-        write_config(config, out)
-    verbose = verbose and is_main()
-    if verbose:
-        print(dataset.describe())
+    device, dataset, out, verbose = begin(config, out, verbose)
     seed_everything(config.seed)
     x_train = torch.as_tensor(as_float(dataset.x_train))
     model = Encoder(
