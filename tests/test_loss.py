@@ -143,3 +143,22 @@ def test_chunked_memory_is_bounded():
     small, large = peak(64, 1024), peak(64, 2048)
     assert small < 1.0
     assert large < 0.6 * small  # relative to n^2 it halves as n doubles: O(chunk x n)
+
+
+def test_block_of_empty_rows_stays_in_the_graph():
+    """A chunk whose rows all lack mass contributes 0 but keeps a grad path (needed when a
+    process's share of a distributed batch has no positive pair)."""
+    y = torch.tensor([5, 6, 7, 0, 0, 1, 1, 0])  # rows 0-2 are singletons
+    z = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    from beyond_icon.loss import _sum_and_count
+
+    total, count = _sum_and_count(
+        lambda rows: kernels.labels(y, rows=rows, dtype=z.dtype),
+        lambda rows: kernels.gaussian(z, rows=rows),
+        divergences.get("tv"),
+        slice(0, 3),
+        None,
+    )
+    assert count == 0 and float(total.detach()) == 0.0 and total.requires_grad
+    total.backward()
+    assert torch.all(z.grad == 0)

@@ -64,7 +64,9 @@ def _block_terms(
     if not bool(has_mass.all()):
         log_p, log_q = log_p[has_mass], log_q[has_mass]
     if log_p.shape[0] == 0:
-        return log_q.new_zeros(0), has_mass
+        # empty but still connected to q's graph: a rank whose rows all lack mass must still
+        # take part in the backward pass (the distributed all-gather reduces gradients there)
+        return log_q.sum(dim=-1), has_mass
     return divergence(log_p, log_q, validate=False), has_mass
 
 
@@ -152,7 +154,7 @@ def icon_loss(
     loss = (total / count if reduction == "mean" else total) * world_size
     if not bool(torch.isfinite(loss.detach())):
         raise ValueError(
-            f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss)}): q gives "
+            f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss.detach())}): q gives "
             "some neighbour a tiny probability that p does not. Debias q, compute in float64, "
             "or use a bounded divergence ('tv', 'jsd', 'hellinger')"
         )
