@@ -38,7 +38,9 @@ def main() -> None:
         import openTSNE
         import umap
     except ImportError as error:
-        raise SystemExit(f"this benchmark needs the bench extra (pip install -e '.[bench]'): {error}") from None
+        raise SystemExit(
+            f"this benchmark needs the bench extra (pip install -e '.[bench]'): {error}"
+        ) from None
 
     dataset = data.load(args.data).subset(args.n_train, args.n_test)
     x_train = as_float(dataset.x_train).reshape(len(dataset.x_train), -1)
@@ -50,24 +52,44 @@ def main() -> None:
     rows = []
 
     def record(name, fit_seconds, emb_train, emb_test):
-        rows.append((name, fit_seconds,
-                     metrics.knn_accuracy(emb_train, dataset.y_train, emb_test, dataset.y_test, 5),
-                     metrics.trustworthiness(p_test, emb_test, k=10)))
+        rows.append(
+            (
+                name,
+                fit_seconds,
+                metrics.knn_accuracy(emb_train, dataset.y_train, emb_test, dataset.y_test, 5),
+                metrics.trustworthiness(p_test, emb_test, k=10),
+            )
+        )
         print(f"  {name}: {fit_seconds:.1f} s", flush=True)
 
     for divergence in args.divergences.split(","):
-        est = ParametricSNE(kernel=args.kernel, divergence=divergence, backbone=args.backbone,
-                            epochs=args.epochs, random_state=args.seed, device="cpu")
+        est = ParametricSNE(
+            kernel=args.kernel,
+            divergence=divergence,
+            backbone=args.backbone,
+            epochs=args.epochs,
+            random_state=args.seed,
+            device="cpu",
+        )
         started = time.perf_counter()
         est.fit(dataset.x_train)
         seconds = time.perf_counter() - started
-        record(f"beyond-icon ParametricSNE ({args.kernel}, {divergence})", seconds,
-               est.embedding_, est.transform(dataset.x_test))
+        record(
+            f"beyond-icon ParametricSNE ({args.kernel}, {divergence})",
+            seconds,
+            est.embedding_,
+            est.transform(dataset.x_test),
+        )
 
     started = time.perf_counter()
     tsne = openTSNE.TSNE(perplexity=30, n_jobs=-1, random_state=args.seed).fit(p_train)
     seconds = time.perf_counter() - started
-    record("openTSNE (non-parametric, transform for test)", seconds, np.asarray(tsne), np.asarray(tsne.transform(p_test)))
+    record(
+        "openTSNE (non-parametric, transform for test)",
+        seconds,
+        np.asarray(tsne),
+        np.asarray(tsne.transform(p_test)),
+    )
 
     started = time.perf_counter()
     reducer = umap.UMAP(n_neighbors=15, random_state=args.seed)
