@@ -100,7 +100,10 @@ def _run_task(task: str, args: argparse.Namespace) -> int:
     config = _config_from_args(_task_configs()[task], args)
     module = importlib.import_module(f"beyond_icon.tasks.{task}")
     module.run(config, out=args.out, resume=args.resume, verbose=not args.quiet)
-    print(f"wrote {args.out}")
+    from beyond_icon.distributed import is_main
+
+    if is_main():
+        print(f"wrote {args.out}")
     return 0
 
 
