@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from beyond_icon.data.idx import read_idx
 
@@ -324,7 +325,9 @@ def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, 
         )
     images = []
     mode = None
-    for path in files:
+    for path in tqdm(
+        files, desc=f"decoding {root.name}", unit="img", leave=False, disable=len(files) < 2000
+    ):
         with Image.open(path) as image:
             if mode is None:
                 mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
