@@ -304,7 +304,7 @@ def _bars(task: str, summary: dict, path: Path) -> None:
 
     metrics = [m for m in BAR_METRICS[task] if any(m in s for s in summary.values())]
     names = list(summary)
-    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(names) * len(metrics) / 2.5, 3.6))
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(names) * len(metrics) / 2.5, 4.0))
     width = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
         means = [summary[name][m][0] if m in summary[name] else math.nan for m in metrics]
@@ -312,7 +312,13 @@ def _bars(task: str, summary: dict, path: Path) -> None:
         ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, capsize=3, label=name)
     ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
     ax.set_ylabel("mean ± std over seeds")
-    ax.legend(fontsize=7, ncol=min(len(names), 6))
+    ax.legend(
+        fontsize=7,
+        ncol=min(len(names), 6),
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.1),
+        frameon=False,
+    )
     ax.set_title(f"{task}: metrics by divergence", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
