@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from beyond_icon._validation import check_log_distributions
 
@@ -89,16 +90,43 @@ def _p_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _xlogratio(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """``a (log a - log b)`` elementwise, 0 where ``a = 0``; forward only (no autograd)."""
+    return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), 0.0)
+
+
+class _KLFunction(torch.autograd.Function):
+    """KL with its closed-form gradient, saving only the inputs (no n x n intermediates):
+    d/d log p_j = p_j (log p_j - log q_j + 1) (0 where p_j = 0), d/d log q_j = -p_j."""
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, log_q: Tensor) -> Tensor:
+        ctx.save_for_backward(log_p, log_q)
+        return _xlogratio(log_p, log_q).sum(dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_p, log_q = ctx.saved_tensors
+        grad = grad[:, None]
+        grad_p = grad_q = None
+        if ctx.needs_input_grad[0]:
+            grad_p = (_xlogratio(log_p, log_q) + log_p.exp()) * grad
+        if ctx.needs_input_grad[1]:
+            grad_q = -log_p.exp() * grad
+        return grad_p, grad_q
+
+
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Kullback-Leibler divergence, ``sum_j p_j (log p_j - log q_j)``, in ``[0, inf)``."""
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
-    return _p_log_ratio(log_p, log_q).sum(dim=-1)
+    return _KLFunction.apply(log_p, log_q)
 
 
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Reverse KL, ``sum_j q_j (log q_j - log p_j)`` = KL(q || p), in ``[0, inf)``."""
     _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
-    return _p_log_ratio(log_q, log_p).sum(dim=-1)
+    return _KLFunction.apply(log_q, log_p)
 
 
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -116,12 +144,36 @@ def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
 
     Natural logarithm, so the range is ``[0, log 2]``.
     """
+    return _JSDFunction.apply(log_p, log_q)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``log m = log((p + q) / 2)``, -inf where both are 0."""
     either = (log_p > -math.inf) | (log_q > -math.inf)
-    safe_p = torch.where(either, log_p, torch.zeros_like(log_p))
-    safe_q = torch.where(either, log_q, torch.zeros_like(log_q))
-    log_m = torch.logaddexp(safe_p, safe_q) - math.log(2.0)
-    log_m = torch.where(either, log_m, torch.full_like(log_m, -math.inf))
-    return 0.5 * (_p_log_ratio(log_p, log_m) + _p_log_ratio(log_q, log_m)).sum(dim=-1)
+    safe_p = torch.where(either, log_p, 0.0)
+    safe_q = torch.where(either, log_q, 0.0)
+    return torch.where(either, torch.logaddexp(safe_p, safe_q) - math.log(2.0), -math.inf)
+
+
+class _JSDFunction(torch.autograd.Function):
+    """JSD with its closed-form gradient, saving only the inputs:
+    d/d log p_j = 1/2 p_j (log p_j - log m_j), d/d log q_j = 1/2 q_j (log q_j - log m_j)."""
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, log_q: Tensor) -> Tensor:
+        ctx.save_for_backward(log_p, log_q)
+        log_m = _log_mixture(log_p, log_q)
+        return 0.5 * (_xlogratio(log_p, log_m) + _xlogratio(log_q, log_m)).sum(dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_p, log_q = ctx.saved_tensors
+        log_m = _log_mixture(log_p, log_q)
+        grad = 0.5 * grad[:, None]
+        grad_p = _xlogratio(log_p, log_m) * grad if ctx.needs_input_grad[0] else None
+        grad_q = _xlogratio(log_q, log_m) * grad if ctx.needs_input_grad[1] else None
+        return grad_p, grad_q
 
 
 def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
