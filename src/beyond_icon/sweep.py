@@ -230,8 +230,9 @@ def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
                 for m, _ in TABLE_METRICS[task]
                 if m in mine[0]
             }
-    if task == "cluster" and rows:  # k-means on the same embeddings, one value per seed
-        by_seed = {r["seed"]: r for r in rows}
+    with_kmeans = [r for r in rows if "kmeans_acc" in r]
+    if task == "cluster" and with_kmeans:  # k-means on the same embeddings, one value per seed
+        by_seed = {r["seed"]: r for r in with_kmeans}
         summary["k-means"] = {
             m: (*_mean_std([r[f"kmeans_{m}"] for r in by_seed.values()]), len(by_seed))
             for m in ("acc", "nmi", "ari")

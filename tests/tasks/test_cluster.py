@@ -255,3 +255,26 @@ def test_extract_unknown_or_unreachable_encoder(tmp_path, capsys, monkeypatch):
         == 2
     )
     assert "module:factory" in capsys.readouterr().err
+
+
+def test_kmeans_baseline_can_be_skipped(tmp_path):
+    out = tmp_path / "r"
+    assert (
+        main(
+            [
+                "cluster",
+                "--data",
+                "simplex:4",
+                "--epochs",
+                "1",
+                "--kmeans-init",
+                "0",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "acc" in metrics and not any(key.startswith("kmeans") for key in metrics)
