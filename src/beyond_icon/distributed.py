@@ -50,8 +50,10 @@ def init_from_env(device: torch.device | None = None) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(device)  # NCCL collectives run on the current device
+        dist.init_process_group("nccl" if cuda else "gloo")
     return True
 
 
