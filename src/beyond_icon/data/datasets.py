@@ -325,9 +325,8 @@ def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, 
         )
     images = []
     mode = None
-    for path in tqdm(
-        files, desc=f"decoding {root.name}", unit="img", leave=False, disable=len(files) < 2000
-    ):
+    quiet = True if len(files) < 2000 else None  # None: a bar only on a terminal
+    for path in tqdm(files, desc=f"decoding {root.name}", unit="img", leave=False, disable=quiet):
         with Image.open(path) as image:
             if mode is None:
                 mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
