@@ -162,3 +162,14 @@ def test_block_of_empty_rows_stays_in_the_graph():
     assert count == 0 and float(total.detach()) == 0.0 and total.requires_grad
     total.backward()
     assert torch.all(z.grad == 0)
+
+
+def test_icon_loss_rows_returns_the_rows_with_mass():
+    y = torch.tensor([0, 0, 1, 2, 2])  # row 2 has no positive
+    z = torch.randn(5, 3, dtype=torch.float64)
+    log_p, log_q = kernels.labels(y, dtype=torch.float64), kernels.gaussian(z)
+    values, mask = bi.icon_loss_rows(log_p, log_q, "hellinger")
+    assert mask.tolist() == [True, True, False, True, True]
+    keep = torch.tensor([0, 1, 3, 4])
+    torch.testing.assert_close(values, divergences.hellinger(log_p[keep], log_q[keep]))
+    torch.testing.assert_close(values.mean(), bi.icon_loss(log_p, log_q, "hellinger"))

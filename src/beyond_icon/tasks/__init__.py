@@ -1,3 +1,1 @@
 """The paper's three experiments as tasks: config dataclass + run(config) -> result."""
-
-TASKS = ("sne", "supcon", "cluster")
