@@ -23,8 +23,8 @@ TINY = [
     "240",
     "--n-test",
     "80",
-    "--epochs",
-    "2",
+    "--n-steps",
+    "6",
     "--batch-size",
     "80",
     "--perplexity",
@@ -100,8 +100,8 @@ def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
         "--seeds",
         "0,1",
         *TINY,
-        "--epochs",
-        "6",
+        "--n-steps",
+        "30",
         "--out",
         str(out),
     ]
@@ -127,7 +127,7 @@ def test_killed_sweep_finishes_without_redoing_runs(tmp_path):
 def test_sweep_rejects_other_options_in_same_folder(tmp_path, capsys):
     out = tmp_path / "s"
     assert _sweep(out, divergences="kl", seeds="0") == 0
-    assert _sweep(out, divergences="kl", seeds="0", extra=("--kernel", "student_t")) == 2
+    assert _sweep(out, divergences="kl", seeds="0", extra=("--kernel", "gaussian")) == 2
     assert "other options" in capsys.readouterr().err
 
 

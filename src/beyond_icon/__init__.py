@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # The estimator pulls in scikit-learn and matplotlib: import it only when asked for.
     if name == "ParametricSNE":
-        from beyond_icon.tasks.sne import ParametricSNE
+        from beyond_icon.parametric_sne import ParametricSNE
 
         return ParametricSNE
     raise AttributeError(f"module 'beyond_icon' has no attribute {name!r}")

@@ -19,7 +19,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Shard", "all_gather_with_grad", "all_reduce_sum", "init_from_env", "is_main", "world"]
+__all__ = [
+    "Shard",
+    "all_gather_with_grad",
+    "all_reduce_sum",
+    "gather_rows",
+    "init_from_env",
+    "is_main",
+    "world",
+]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ def init_from_env(device: torch.device | None = None) -> bool:
     return True
 
 
-def _gather(x: Tensor, sizes: list[int]) -> Tensor:
+def gather_rows(x: Tensor, sizes: list[int]) -> Tensor:
     """all_gather of tensors whose first dimension differs by rank (padded to the largest)."""
     largest = max(sizes)
     padded = x.new_zeros((largest, *x.shape[1:]))
@@ -74,7 +82,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:
         ctx.rank, ctx.sizes = world()[0], sizes
-        return _gather(x, sizes)
+        return gather_rows(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -101,7 +109,7 @@ def all_gather_with_grad(x: Tensor) -> tuple[Tensor, Shard]:
     if world_size == 1:
         return x, Shard(slice(0, x.shape[0]), x.shape[0], 1)
     sizes = _sizes(x.shape[0], x.device)
-    gathered = _AllGather.apply(x, sizes) if x.requires_grad else _gather(x, sizes)
+    gathered = _AllGather.apply(x, sizes) if x.requires_grad else gather_rows(x, sizes)
     start = sum(sizes[:rank])
     return gathered, Shard(slice(start, start + sizes[rank]), sum(sizes), world_size)
 

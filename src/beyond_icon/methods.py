@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from beyond_icon import divergences as _divergences
 from beyond_icon import kernels
 from beyond_icon._validation import check_features, check_labels, check_positive
+from beyond_icon.affinity import PerplexityAffinity
 from beyond_icon.distributed import Shard, all_gather_with_grad, world
 from beyond_icon.loss import LossStats, icon_loss
 
@@ -102,10 +103,30 @@ def _debiased(
 
 
 class SNE(IConLoss):
-    """SNE: p = perplexity-calibrated Gaussian on inputs ``x``, q = Gaussian on embeddings ``z``.
+    """SNE: p = perplexity-calibrated Gaussian on the inputs, q = Gaussian on embeddings ``z``.
 
     ``q(j|i) ∝ exp(-|z_i - z_j|^2 / (2 sigma^2))``; the default ``sigma = 1/sqrt(2)`` gives
     SNE's ``exp(-|z_i - z_j|^2)``. With KL this is the SNE cost ``(1/n) sum_i KL(P_i || Q_i)``.
+
+    p comes in one of three ways:
+
+    - ``affinity`` (a fitted :class:`~beyond_icon.affinity.PerplexityAffinity`) and
+      ``forward(None, z, indices=...)``: the rows of t-SNE's symmetric P over the whole training
+      set, restricted to the batch, ``p_B(j|i) = P_ij / sum_{l in B} P_il``; and q over the
+      batch with each column weighted by the number of training points it stands for
+      (:meth:`~beyond_icon.affinity.PerplexityAffinity.negative_log_weights`):
+      ``q_B(j|i) = c_ij w_ij / sum_l c_il w_il``, whose normaliser counts the batch's
+      non-neighbours of ``i`` for all the training set's. ``exaggeration`` divides the
+      negatives' weights (early exaggeration).
+    - ``forward(x, z)``: p calibrated within the batch on its inputs ``x`` (the paper's and the
+      official I-Con code's way).
+    - ``forward(None, z, log_p=...)``: a precomputed (n, n) ``log_p``.
+
+    References
+    ----------
+    Hinton, G. and Roweis, S. (2002). Stochastic neighbor embedding. NIPS.
+    Alshammari, S. et al. (2025). I-Con: a unifying framework for representation learning.
+    ICLR.
     """
 
     def __init__(
@@ -114,17 +135,47 @@ class SNE(IConLoss):
         perplexity: float = 30.0,
         sigma: float = 1.0 / math.sqrt(2.0),
         chunk_size: int | None = None,
+        affinity: PerplexityAffinity | None = None,
     ):
         super().__init__(divergence, chunk_size)
         self.perplexity = check_positive(perplexity, "perplexity")
         self.sigma = check_positive(sigma, "sigma")
+        self.affinity = affinity
 
-    def log_q(self, z: Tensor, rows: slice) -> Tensor:
-        return kernels.gaussian(z, self.sigma, rows=rows)
+    def log_q(self, z: Tensor, rows: slice, log_weights: Tensor | None = None) -> Tensor:
+        return kernels.gaussian(z, self.sigma, rows=rows, log_weights=log_weights)
 
-    def forward(self, x: Tensor, z: Tensor, log_p: Tensor | None = None) -> Tensor:
-        """``x`` (n, D) inputs (or pass a precomputed ``log_p``), ``z`` (n, d) embeddings."""
+    def forward(
+        self,
+        x: Tensor | None,
+        z: Tensor,
+        log_p: Tensor | None = None,
+        *,
+        indices: Tensor | None = None,
+        exaggeration: float = 1.0,
+    ) -> Tensor:
+        """The loss of a batch.
+
+        Parameters
+        ----------
+        x : (n, D) tensor or None
+            Inputs, for p calibrated within the batch; None with ``log_p`` or ``indices``.
+        z : (n, d) tensor
+            Embeddings.
+        log_p : (n, n) tensor, optional
+            A precomputed p.
+        indices : (n,) integer tensor, optional
+            The batch's indices into the fitted ``affinity`` (distinct).
+        exaggeration : float
+            With ``indices``: divides the weight of the non-neighbours in q.
+
+        Returns
+        -------
+        Scalar tensor, ``mean_i D(p(.|i) || q(.|i))``.
+        """
         check_features(z, "z", min_rows=2)
+        if indices is not None:
+            return self._forward_fitted(z, indices, exaggeration)
         if log_p is not None:
             if log_p.shape != (z.shape[0], z.shape[0]):
                 raise ValueError(
@@ -136,6 +187,8 @@ class SNE(IConLoss):
             return self._icon(
                 lambda rows: given[rows], lambda rows: self.log_q(z, rows), z.shape[0]
             )
+        if x is None:
+            raise ValueError("pass the inputs x, a precomputed log_p, or indices with an affinity")
         check_features(x, "x", min_rows=2)
         if x.shape[0] != z.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but z has {z.shape[0]}")
@@ -147,12 +200,35 @@ class SNE(IConLoss):
             shard,
         )
 
+    def _forward_fitted(self, z: Tensor, indices: Tensor, exaggeration: float) -> Tensor:
+        if self.affinity is None:
+            raise ValueError("indices need a fitted affinity: SNE(..., affinity=...)")
+        check_labels(indices, "indices", n=z.shape[0])
+        (z, indices), shard = self._gather(z, indices.to(z.device))
+        if bool((indices.sort().values.diff() == 0).any()):
+            raise ValueError("indices of a batch must be distinct")
+        dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+        log_p = self.affinity.get_batch(indices, dtype=dtype, device=z.device)
+        log_c = self.affinity.negative_log_weights(
+            indices, exaggeration, dtype=dtype, device=z.device
+        )
+        return self._icon(
+            lambda rows: log_p[rows],
+            lambda rows: self.log_q(z, rows, log_c[rows]),
+            z.shape[0],
+            shard,
+        )
+
 
 class TSNE(SNE):
-    """t-SNE as I-Con writes it: p = perplexity Gaussian on ``x``, q = Student-t on ``z``.
+    """t-SNE as I-Con writes it: p as in :class:`SNE`, q = Student-t on ``z``.
 
     ``q(j|i) ∝ (1 + |z_i - z_j|^2 / dof)^(-(dof + 1)/2)`` (Cauchy for ``dof = 1``), row
     normalised (conditional), as in I-Con; van der Maaten's t-SNE normalises jointly instead.
+
+    References
+    ----------
+    van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
     """
 
     def __init__(
@@ -161,12 +237,13 @@ class TSNE(SNE):
         perplexity: float = 30.0,
         dof: float = 1.0,
         chunk_size: int | None = None,
+        affinity: PerplexityAffinity | None = None,
     ):
-        super().__init__(divergence, perplexity, chunk_size=chunk_size)
+        super().__init__(divergence, perplexity, chunk_size=chunk_size, affinity=affinity)
         self.dof = check_positive(dof, "dof")
 
-    def log_q(self, z: Tensor, rows: slice) -> Tensor:
-        return kernels.student_t(z, self.dof, rows=rows)
+    def log_q(self, z: Tensor, rows: slice, log_weights: Tensor | None = None) -> Tensor:
+        return kernels.student_t(z, self.dof, rows=rows, log_weights=log_weights)
 
 
 class SimCLR(IConLoss):

@@ -48,14 +48,16 @@ class Standardize(nn.Module):
 
 
 class MLP(nn.Module):
-    """Linear -> BatchNorm -> ReLU blocks; ``feature_dim`` is the last hidden width."""
+    """Linear -> BatchNorm -> ReLU blocks (``batch_norm=False``: Linear -> ReLU);
+    ``feature_dim`` is the last hidden width."""
 
-    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (512, 512)):
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (512, 512), batch_norm: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True)]
+            norm = [nn.BatchNorm1d(h)] if batch_norm else []
+            layers += [nn.Linear(width, h), *norm, nn.ReLU(inplace=True)]
             width = h
         self.net = nn.Sequential(*layers)
         self.feature_dim = width

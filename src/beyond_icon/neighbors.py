@@ -1,13 +1,21 @@
-"""Exact top-k cosine neighbours of every point, in blocks, with an on-disk cache.
+"""Nearest neighbours of every point: exact in blocks, or approximate, with an on-disk cache.
 
-Memory is O(query_block x key_block + query_block x k) whatever the number of points: each
-block of queries is compared with the keys one block at a time and a running top-k is merged.
-ImageNet scale (1.28M x 768) fits on one GPU this way.
+The exact search keeps memory at O(query_block x key_block + query_block x k) whatever the
+number of points: each block of queries is compared with the keys one block at a time and a
+running top-k is merged. ImageNet scale (1.28M x 768) fits on one GPU this way. On the CPU,
+beyond a few hundred thousand points, the approximate backend (``pynndescent``, when
+installed) is faster by orders of magnitude.
+
+The cache lives beside the data (or in ``~/.cache/beyond-icon``), is keyed by the data's
+fingerprint, the metric and ``k``, is written atomically and checked on load: a truncated or
+foreign file is rebuilt with a warning, never trusted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +23,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["cached_neighbors", "mine_neighbors"]
+__all__ = ["METHODS", "METRICS", "cached_neighbor_table", "cached_neighbors", "mine_neighbors"]
+
+METRICS = ("cosine", "euclidean")
+METHODS = ("auto", "exact", "nndescent")
+# "auto" searches exactly up to this many points on the CPU (about a minute on 2 cores at 200k
+# x 50 dimensions), approximately beyond it when pynndescent is installed.
+EXACT_LIMIT = 200_000
+
+
+def _check_k(k: object, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
+        raise ValueError(
+            f"n_neighbors must be an integer in [1, {n - 1}] for {n} points, got {k!r}"
+        )
+    return int(k)
 
 
 @torch.no_grad()
@@ -23,29 +45,62 @@ def mine_neighbors(
     x: np.ndarray | torch.Tensor,
     k: int,
     *,
+    metric: str = "cosine",
     query_block: int = 4096,
     key_block: int = 65536,
     device: str | torch.device = "cpu",
     verbose: bool = False,
     queries: slice | None = None,
-) -> np.ndarray:
-    """Indices (n, k) of the ``k`` most cosine-similar other points of each point, most similar
-    first. Self matches are excluded; ties are broken by the lower index. ``queries`` limits
-    the search to that range of points (their rows only are returned)."""
+    return_distances: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest other points of each point, exactly, nearest first.
+
+    Parameters
+    ----------
+    x : (n, d) array or tensor
+        The points.
+    k : int
+        Neighbours per point, ``1 <= k <= n - 1``.
+    metric : {"cosine", "euclidean"}
+        Cosine similarity (largest first) or Euclidean distance (smallest first).
+    query_block, key_block : int
+        Block sizes of the search; memory is O(query_block x key_block).
+    device : str or torch.device
+        Where the search runs.
+    verbose : bool
+        Show a progress bar.
+    queries : slice, optional
+        Search only for this range of points (their rows only are returned).
+    return_distances : bool
+        Also return the squared Euclidean distances (``metric="euclidean"``) or the cosine
+        similarities (``metric="cosine"``) of the neighbours.
+
+    Returns
+    -------
+    indices : (n, k) int64 array
+        Self matches are excluded; ties are broken by the lower index.
+    values : (n, k) float32 array
+        Only with ``return_distances``.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     features = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if features.dim() != 2:
         raise ValueError(f"embeddings must be (n, d), got {tuple(features.shape)}")
     n = features.shape[0]
-    if not isinstance(k, int) or not 1 <= k <= n - 1:
-        raise ValueError(
-            f"n_neighbors must be an integer in [1, {n - 1}] for {n} points, got {k!r}"
-        )
+    k = _check_k(k, n)
     if not bool(torch.isfinite(features).all()):
         raise ValueError("embeddings contain NaN or Inf")
     device = torch.device(device)
-    keys = F.normalize(features.float(), dim=1).to(device)
+    keys = features.float().to(device)
+    if metric == "cosine":
+        keys = F.normalize(keys, dim=1)
+    else:  # centre: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b loses less to cancellation
+        keys = keys - keys.mean(dim=0, keepdim=True)
+    key_sq = keys.pow(2).sum(1)
     first, last = (0, n) if queries is None else queries.indices(n)[:2]
     out = torch.empty(last - first, k, dtype=torch.long)
+    out_values = torch.empty(last - first, k, dtype=torch.float32)
     for start in tqdm(
         range(first, last, query_block), desc="mining neighbours", disable=not verbose, leave=False
     ):
@@ -56,6 +111,8 @@ def mine_neighbors(
         for key_start in range(0, n, key_block):
             block = keys[key_start : key_start + key_block]
             sims = query @ block.T
+            if metric == "euclidean":  # larger is nearer: -|b|^2 + 2 a.b (|a|^2 is per row)
+                sims = 2.0 * sims - key_sq[key_start : key_start + len(block)][None, :]
             cols = torch.arange(key_start, key_start + len(block), device=device)
             sims = sims.masked_fill(rows[:, None] == cols[None, :], -float("inf"))
             top_sim, top_pos = sims.topk(min(k, len(block)), dim=1)
@@ -64,8 +121,53 @@ def mine_neighbors(
             # stable order: higher similarity first, then lower index (earlier blocks come first)
             order = merged_sim.argsort(dim=1, descending=True, stable=True)[:, :k]
             best_sim, best_idx = merged_sim.gather(1, order), merged_idx.gather(1, order)
+        if metric == "euclidean":
+            best_sim = (key_sq[rows][:, None] - best_sim).clamp_min(0.0)
         out[start - first : start - first + len(query)] = best_idx.cpu()
+        out_values[start - first : start - first + len(query)] = best_sim.cpu()
+    if return_distances:
+        return out.numpy(), out_values.numpy()
     return out.numpy()
+
+
+def _nndescent(x: np.ndarray, k: int, metric: str, seed: int, verbose: bool):
+    """Approximate neighbours with pynndescent (the backend of UMAP)."""
+    try:
+        from pynndescent import NNDescent
+    except ImportError:
+        raise ImportError(
+            "the approximate neighbour search needs pynndescent: pip install pynndescent "
+            "(or use the exact search, method='exact')"
+        ) from None
+    index = NNDescent(x, metric=metric, n_neighbors=k + 1, random_state=seed, verbose=verbose)
+    indices, distances = index.neighbor_graph
+    # drop each point's self match (usually the first column; not always when duplicates exist)
+    keep = indices != np.arange(len(x))[:, None]
+    keep[keep.sum(1) > k, -1] = False  # the self match was not found: drop the farthest
+    indices = indices[keep].reshape(len(x), k).astype(np.int64)
+    distances = distances[keep].reshape(len(x), k).astype(np.float32)
+    values = distances**2 if metric == "euclidean" else 1.0 - distances
+    return indices, values
+
+
+def resolve_method(method: str, n: int, device: str | torch.device = "cpu") -> str:
+    """``auto``: the exact search up to 200k points or on a GPU, else pynndescent if installed."""
+    if method not in METHODS:
+        raise ValueError(f"neighbor_method must be one of {METHODS}, got {method!r}")
+    if method != "auto":
+        return method
+    if n <= EXACT_LIMIT or torch.device(device).type == "cuda":
+        return "exact"
+    try:
+        import pynndescent  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            f"{n} points: the exact neighbour search will be slow on the CPU; "
+            "pip install pynndescent for the approximate one",
+            stacklevel=3,
+        )
+        return "exact"
+    return "nndescent"
 
 
 def _fingerprint(x: np.ndarray) -> str:
@@ -75,45 +177,130 @@ def _fingerprint(x: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
+def _load_table(path: Path, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A cached table cut to ``k`` columns, or None (with a warning) if the file is bad."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            indices, values = stored["indices"], stored["values"]
+        ok = (
+            indices.ndim == 2
+            and indices.shape == values.shape
+            and indices.shape[0] == n
+            and indices.shape[1] >= k
+            and indices.dtype.kind == "i"
+            and values.dtype.kind == "f"
+            and (indices.size == 0 or (indices.min() >= 0 and indices.max() < n))
+            and bool(np.isfinite(values).all())
+        )
+    except Exception:  # a truncated zip, a missing key, a foreign file
+        ok = False
+    if not ok:
+        warnings.warn(f"ignoring a damaged neighbour cache {path}; it is rebuilt", stacklevel=3)
+        return None
+    return indices[:, :k].astype(np.int64), values[:, :k].astype(np.float32)
+
+
+def cached_neighbor_table(
+    x: np.ndarray,
+    k: int,
+    cache_dir: str | Path | None = None,
+    *,
+    metric: str = "cosine",
+    method: str = "auto",
+    device: str | torch.device = "cpu",
+    verbose: bool = False,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Neighbour indices and distances of every point, from the cache or searched and cached.
+
+    Parameters
+    ----------
+    x : (n, d) array
+        The points.
+    k : int
+        Neighbours per point.
+    cache_dir : path, optional
+        Where the table is cached (default ``~/.cache/beyond-icon``); the file is
+        ``knn-<fingerprint>-<metric>-k<k>.npz``. A cached table for a larger ``k`` is reused
+        by truncation. A read-only place is tolerated: the table is returned uncached.
+    metric : {"cosine", "euclidean"}
+        See :func:`mine_neighbors`.
+    method : {"auto", "exact", "nndescent"}
+        Exact blocked search, or pynndescent's approximate one; ``auto`` picks exact up to
+        200,000 points or on a GPU.
+    device, verbose, seed
+        Where the exact search runs, a progress bar, the approximate search's seed.
+
+    Returns
+    -------
+    indices : (n, k) int64 array
+    values : (n, k) float32 array
+        Squared Euclidean distances or cosine similarities (see :func:`mine_neighbors`).
+    from_cache : bool
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    k = _check_k(k, n)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    method = resolve_method(method, n, device)
+    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "beyond-icon"
+    key = f"knn-{_fingerprint(x)}-{metric}{'-approx' if method == 'nndescent' else ''}"
+    for found in sorted(cache.glob(f"{key}-k*.npz")) if cache.is_dir() else []:
+        stored_k = found.name[len(key) + 2 : -len(".npz")]
+        if not stored_k.isdigit() or int(stored_k) < k:
+            continue
+        table = _load_table(found, n, k)
+        if table is not None:
+            return (*table, True)
+    from beyond_icon.distributed import gather_rows, world
+
+    rank, world_size = world()
+    if method == "nndescent":
+        indices, values = _nndescent(x, k, metric, seed, verbose)
+    elif world_size == 1:
+        indices, values = mine_neighbors(
+            x, k, metric=metric, device=device, verbose=verbose, return_distances=True
+        )
+    else:  # each rank mines a contiguous share of the queries; the shares are gathered
+        bounds = np.linspace(0, n, world_size + 1).astype(int)
+        share = slice(bounds[rank], bounds[rank + 1])
+        mine, mine_values = mine_neighbors(
+            x,
+            k,
+            metric=metric,
+            device=device,
+            verbose=verbose,
+            queries=share,
+            return_distances=True,
+        )
+        sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+        indices = gather_rows(torch.as_tensor(mine).to(device), sizes).cpu().numpy()
+        values = gather_rows(torch.as_tensor(mine_values).to(device), sizes).cpu().numpy()
+        if rank != 0:
+            return indices, values, False
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".{key}-k{k}.{os.getpid()}.tmp.npz"  # never matches the glob above
+        np.savez(tmp, indices=indices, values=values)
+        tmp.replace(cache / f"{key}-k{k}.npz")
+    except OSError:
+        pass  # a read-only place: the neighbours are still returned
+    return indices, values, False
+
+
 def cached_neighbors(
     x: np.ndarray,
     k: int,
     cache_dir: str | Path | None = None,
     *,
+    metric: str = "cosine",
+    method: str = "exact",
     device: str | torch.device = "cpu",
     verbose: bool = False,
 ) -> tuple[np.ndarray, bool]:
-    """:func:`mine_neighbors` with a cache keyed by the data's fingerprint and ``k``.
-
-    Returns (indices, whether they came from the cache). The cache file is
-    ``cache_dir/knn-<fingerprint>-k<k>.npy`` (default ``~/.cache/beyond-icon``); a cached
-    table for a larger k is reused by truncation.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "beyond-icon"
-    key = _fingerprint(x)
-    for found in sorted(cache.glob(f"knn-{key}-k*.npy")) if cache.is_dir() else []:
-        if int(found.stem.rsplit("-k", 1)[1]) >= k:
-            return np.load(found)[:, :k], True
-    from beyond_icon.distributed import _gather, world
-
-    rank, world_size = world()
-    if world_size == 1:
-        indices = mine_neighbors(x, k, device=device, verbose=verbose)
-    else:  # each rank mines a contiguous share of the queries; the shares are gathered
-        bounds = np.linspace(0, len(x), world_size + 1).astype(int)
-        mine = mine_neighbors(
-            x, k, device=device, verbose=verbose, queries=slice(bounds[rank], bounds[rank + 1])
-        )
-        sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-        indices = _gather(torch.as_tensor(mine).to(device), sizes).cpu().numpy()
-        if rank != 0:
-            return indices, False
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f"knn-{key}-k{k}.tmp.npy"
-        np.save(tmp, indices)
-        tmp.replace(cache / f"knn-{key}-k{k}.npy")
-    except OSError:
-        pass  # a read-only place: the neighbours are still returned
-    return indices, False
+    """:func:`cached_neighbor_table` without the distances: (indices, whether cached)."""
+    indices, _, from_cache = cached_neighbor_table(
+        x, k, cache_dir, metric=metric, method=method, device=device, verbose=verbose
+    )
+    return indices, from_cache

@@ -10,6 +10,7 @@ uninterrupted one on the CPU.
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import random
@@ -168,7 +169,8 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` with Adam and return the per-step history.
 
-    ``batches(generator)`` yields one epoch of batches; ``loss_fn(batch)`` returns the scalar
+    ``batches(generator)`` (or ``batches(generator, epoch)``, for schedules that depend on
+    the step) yields one epoch of batches; ``loss_fn(batch)`` returns the scalar
     loss. ``state_modules`` (e.g. a loss with buffers, an EMA teacher) are checkpointed with
     the model; ``after_step`` runs after each optimiser step (EMA updates). With ``out_dir``
     a checkpoint is written atomically after every epoch and ``history.csv`` kept current;
@@ -202,6 +204,7 @@ def fit(
         if verbose:
             tqdm.write(f"resuming {desc} from epoch {start_epoch} of {config.epochs}")
     use_amp = config.amp and device.type == "cuda"
+    takes_epoch = len(inspect.signature(batches).parameters) >= 2
     step = len(history)
     started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     last_epoch = (
@@ -211,8 +214,10 @@ def fit(
         model.train()
         for module in state_modules.values():
             module.train()
+        generator = epoch_generator(config.seed, epoch)
         epoch_batches = [
-            shard_batch(b, rank, world_size) for b in batches(epoch_generator(config.seed, epoch))
+            shard_batch(b, rank, world_size)
+            for b in (batches(generator, epoch) if takes_epoch else batches(generator))
         ]
         bar = tqdm(
             epoch_batches,

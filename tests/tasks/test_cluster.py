@@ -1,4 +1,4 @@
-"""Clustering: metrics, neighbour mining, the task, extract."""
+"""Clustering: metrics, the task, extract."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import torch
 
 from beyond_icon import metrics
 from beyond_icon.cli import main
-from beyond_icon.neighbors import cached_neighbors, mine_neighbors
 from beyond_icon.tasks import cluster
 
 
@@ -29,26 +28,6 @@ def test_hungarian_against_brute_force(k):
 
 def test_more_clusters_than_classes():
     assert metrics.hungarian_accuracy([0, 0, 1, 1], [0, 1, 2, 2]) == 0.75
-
-
-def test_mining_matches_dense_exact_search():
-    x = np.random.default_rng(0).normal(size=(257, 6)).astype(np.float32)
-    got = mine_neighbors(x, 5, query_block=50, key_block=64)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    sims = unit @ unit.T
-    np.fill_diagonal(sims, -np.inf)
-    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
-    assert np.array_equal(got, want)
-    with pytest.raises(ValueError, match="n_neighbors"):
-        mine_neighbors(x, 257)
-
-
-def test_mining_cache(tmp_path):
-    x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
-    first, cached = cached_neighbors(x, 5, tmp_path)
-    assert not cached and len(list(tmp_path.glob("knn-*.npy"))) == 1
-    again, cached = cached_neighbors(x, 3, tmp_path)  # a smaller k reuses the table
-    assert cached and np.array_equal(again, first[:, :3])
 
 
 def _mixture(tmp_path, k=4, n=80, spread=0.05):

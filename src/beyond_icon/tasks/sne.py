@@ -1,12 +1,14 @@
-"""Parametric SNE with any divergence: a scikit-learn style estimator and the ``sne`` task.
+"""The ``sne`` task: parametric SNE on a dataset's train split, measured on its test split.
 
-I-Con pair: p = perplexity-calibrated Gaussian on the inputs (optionally after PCA), computed
-per batch; q = Gaussian (SNE) or Student-t (t-SNE) kernel on the network's output. The network
-(an MLP for vectors, a small CNN for images, or a CIFAR ResNet-18) maps new points too.
+It composes :class:`beyond_icon.parametric_sne.ParametricSNE` (which composes the fitted
+affinity, the neighbour batch sampler and the SNE/TSNE presets) with the metrics and the run
+folder. The I-Con pair is documented on the estimator.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,203 +16,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
-from beyond_icon import divergences, metrics, report
-from beyond_icon.data import as_float
+from beyond_icon import metrics, report
 from beyond_icon.distributed import is_main
-from beyond_icon.methods import SNE, TSNE
-from beyond_icon.models import Standardize, build_backbone
+from beyond_icon.parametric_sne import KERNELS, ParametricSNE
 from beyond_icon.tasks.common import TaskConfig, begin
-from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, write_csv
+from beyond_icon.train import write_csv
 
-__all__ = ["ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
-
-KERNELS = ("gaussian", "student_t")
-
-
-def _as_array(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.dtype != np.uint8:
-        x = x.astype(np.float32, copy=False)
-    return x
-
-
-class ParametricSNE:
-    """Parametric (t-)SNE with any divergence, scikit-learn style.
-
-    ``fit(X)`` trains a network ``f`` so that the kernel ``q`` on ``f(X)`` matches the
-    perplexity-calibrated ``p`` on ``X`` under ``divergence``, batch by batch;
-    ``transform(X)`` embeds new points with ``f``. ``X`` is (n, D) vectors or (n, C, H, W)
-    images (uint8 images are scaled to [0, 1]).
-
-    Fitted attributes: ``model_``, ``embedding_`` (of the training data), ``history_`` (loss
-    and gradient norm per step), ``pca_`` (the PCA used for p, or None), ``n_features_in_``.
-    """
-
-    def __init__(
-        self,
-        n_components: int = 2,
-        perplexity: float = 30.0,
-        kernel: str = "gaussian",
-        divergence: str = "kl",
-        backbone: str = "auto",
-        epochs: int = 50,
-        batch_size: int = 256,
-        lr: float = 1e-3,
-        pca_components: int | None = 50,
-        sigma: float = 1.0 / math.sqrt(2.0),
-        dof: float = 1.0,
-        random_state: int = 0,
-        device: str = "auto",
-        verbose: bool = False,
-    ):
-        self.n_components = n_components
-        self.perplexity = perplexity
-        self.kernel = kernel
-        self.divergence = divergence
-        self.backbone = backbone
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.pca_components = pca_components
-        self.sigma = sigma
-        self.dof = dof
-        self.random_state = random_state
-        self.device = device
-        self.verbose = verbose
-
-    # -- scikit-learn protocol -----------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict:
-        return {
-            k: getattr(self, k)
-            for k in (
-                "n_components",
-                "perplexity",
-                "kernel",
-                "divergence",
-                "backbone",
-                "epochs",
-                "batch_size",
-                "lr",
-                "pca_components",
-                "sigma",
-                "dof",
-                "random_state",
-                "device",
-                "verbose",
-            )
-        }
-
-    def set_params(self, **params) -> ParametricSNE:
-        for key, value in params.items():
-            if key not in self.get_params():
-                raise ValueError(f"ParametricSNE has no parameter {key!r}")
-            setattr(self, key, value)
-        return self
-
-    def _check_params(self, n: int) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
-        divergences.get(self.divergence)
-        if not isinstance(self.n_components, int) or self.n_components < 1:
-            raise ValueError(f"n_components must be a positive integer, got {self.n_components!r}")
-        if n < 3:
-            raise ValueError(f"parametric SNE needs at least 3 samples, got {n}")
-        batch = min(self.batch_size, n)
-        if not 1 <= self.perplexity < batch - 1:
-            raise ValueError(
-                f"perplexity {self.perplexity:g} needs batches of more than {self.perplexity + 1:g} "
-                f"points, but a batch holds {batch} (n = {n}, batch_size = {self.batch_size}); "
-                "lower the perplexity or raise the batch size"
-            )
-
-    def fit(
-        self, X, y=None, *, out_dir: str | Path | None = None, resume: bool = False
-    ) -> ParametricSNE:
-        x = _as_array(X)
-        if x.ndim not in (2, 4):
-            raise ValueError(
-                f"X must be (n, D) vectors or (n, C, H, W) images, got shape {x.shape}"
-            )
-        if x.dtype != np.uint8 and not np.all(np.isfinite(x)):
-            rows = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
-            raise ValueError(f"X contains NaN or Inf in row(s) {rows[:5].tolist()}")
-        self._check_params(len(x))
-        seed_everything(self.random_state)
-        device = resolve_device(self.device)
-        xf = torch.as_tensor(as_float(x))
-        flat = xf.reshape(len(xf), -1)
-        self.n_features_in_ = flat.shape[1]
-        self.input_shape_ = tuple(x.shape[1:])
-        # p lives in input space, after PCA when the input is wide
-        self.pca_ = None
-        p_space = flat
-        if self.pca_components and flat.shape[1] > self.pca_components:
-            from sklearn.decomposition import PCA
-
-            self.pca_ = PCA(self.pca_components, random_state=self.random_state).fit(flat.numpy())
-            p_space = torch.as_tensor(self.pca_.transform(flat.numpy()), dtype=torch.float32)
-        backbone = build_backbone(self.backbone, self.input_shape_)
-        self.model_ = nn.Sequential(
-            Standardize.fit(xf), backbone, nn.Linear(backbone.feature_dim, self.n_components)
-        ).to(device)
-        xf, p_space = xf.to(device), p_space.to(device)
-        n, batch = len(xf), min(self.batch_size, len(xf))
-
-        def batches(generator):
-            order = torch.randperm(n, generator=generator)
-            return torch.tensor_split(order, max(1, n // batch))  # every batch >= batch_size
-
-        if self.kernel == "gaussian":
-            loss = SNE(self.divergence, perplexity=self.perplexity, sigma=self.sigma)
-        else:
-            loss = TSNE(self.divergence, perplexity=self.perplexity, dof=self.dof)
-
-        def loss_fn(index):
-            index = index.to(device)
-            return loss(p_space[index], self.model_(xf[index]).float())
-
-        config = TrainConfig(epochs=self.epochs, lr=self.lr, seed=self.random_state)
-        started = time.perf_counter()
-        self.history_ = fit(
-            self.model_,
-            batches,
-            loss_fn,
-            config,
-            device=device,
-            out_dir=out_dir,
-            resume=resume,
-            desc=f"sne[{self.divergence}]",
-            verbose=self.verbose,
-        )
-        self.fit_time_ = time.perf_counter() - started
-        self.embedding_ = self.transform(x)
-        return self
-
-    @torch.no_grad()
-    def transform(self, X) -> np.ndarray:
-        """Embed new points with the trained network."""
-        if not hasattr(self, "model_"):
-            raise RuntimeError("ParametricSNE is not fitted yet: call fit(X) first")
-        x = _as_array(X)
-        if tuple(x.shape[1:]) != self.input_shape_:
-            raise ValueError(
-                f"X has sample shape {x.shape[1:]}, the model was fitted on {self.input_shape_}"
-            )
-        device = next(self.model_.parameters()).device
-        self.model_.eval()
-        out = [
-            self.model_(torch.as_tensor(as_float(x[i : i + 4096])).to(device)).float().cpu()
-            for i in range(0, len(x), 4096)
-        ]
-        return torch.cat(out).numpy()
-
-    def fit_transform(self, X, y=None) -> np.ndarray:
-        return self.fit(X, y).embedding_
+__all__ = ["KERNELS", "ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
 
 
 # ------------------------------------------------------------------------------------ the task
@@ -218,31 +31,59 @@ class ParametricSNE:
 
 @dataclass
 class SNEConfig(TaskConfig):
-    """Settings of one ``beyond-icon sne`` run."""
+    """Settings of one ``beyond-icon sne`` run: every parameter of :class:`ParametricSNE`
+    (``seed`` is its ``random_state``)."""
 
     task: ClassVar[str] = "sne"
     help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "divergence": "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name",
-        "kernel": "q on the embedding: gaussian (SNE) or student_t (t-SNE)",
+        "kernel": "q on the embedding: student_t (t-SNE) or gaussian (SNE)",
+        "affinity": "p: global (fitted once over the train split) or batch (calibrated per batch, the paper's)",
         "n_components": "embedding dimension",
-        "perplexity": "perplexity of p, calibrated per row within each batch",
-        "pca_components": "PCA dimension of the inputs for p (none: raw inputs)",
-        "backbone": "auto (cnn for images, mlp for vectors), mlp, cnn, resnet18",
-        "epochs": "passes over the train split",
-        "batch_size": "points per batch (p and q are computed within a batch)",
-        "lr": "Adam learning rate",
+        "perplexity": "perplexity of p",
+        "pca_components": "PCA dimension of the inputs for p and the MLP (none: raw inputs)",
+        "backbone": "auto (MLP on the PCA features; the CNN for images on a GPU), mlp, cnn, resnet18",
+        "n_steps": "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))",
+        "batch_size": "anchors per batch (global; each brings one sampled neighbour) or points per batch (batch)",
+        "lr": "Adam learning rate, cosine decay",
+        "exaggeration": "early exaggeration: the negatives' weight in q is divided by it (global only)",
+        "exaggeration_fraction": "fraction of the steps under early exaggeration",
+        "input_noise": "std of the Gaussian noise on the network's standardised inputs while training",
+        "sigma": "bandwidth of the gaussian q",
+        "dof": "degrees of freedom of the student_t q (1: t-SNE's Cauchy)",
+        "n_neighbors": "neighbours per point for p (none: 3 x perplexity)",
+        "neighbor_method": "neighbour search: auto, exact or nndescent (approximate, pynndescent)",
+        "cache_dir": "where the neighbour table is cached (none: ~/.cache/beyond-icon)",
+        "amp": "bf16 autocast on CUDA (kernels stay float32)",
         "knn_k": "k values for the k-NN accuracy, comma separated",
     }
     divergence: str = "kl"
-    kernel: str = "gaussian"
+    kernel: str = "student_t"
+    affinity: str = "global"
     n_components: int = 2
     perplexity: float = 30.0
     pca_components: int | None = 50
+    input_noise: float = 0.3
     backbone: str = "auto"
-    epochs: int = 50
+    n_steps: int | None = None
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 4e-3
+    exaggeration: float = 12.0
+    exaggeration_fraction: float = 0.25
+    sigma: float = 1.0 / math.sqrt(2.0)
+    dof: float = 1.0
+    n_neighbors: int | None = None
+    neighbor_method: str = "auto"
+    cache_dir: str | None = None
+    amp: bool = True
     knn_k: list[int] = field(default_factory=lambda: [5, 10])
+
+    def estimator(self, verbose: bool = False) -> ParametricSNE:
+        """The estimator these settings describe (every shared name is passed on)."""
+        names = set(inspect.signature(ParametricSNE).parameters)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        given = {k: v for k, v in values.items() if k in names}
+        return ParametricSNE(**given, random_state=self.seed, verbose=verbose)
 
 
 @dataclass
@@ -271,20 +112,7 @@ def run(
 ) -> SNEResult:
     """Train on the train split, embed the test split, measure, and write the run folder."""
     _, dataset, out, verbose = begin(config, out, verbose)
-    estimator = ParametricSNE(
-        n_components=config.n_components,
-        perplexity=config.perplexity,
-        kernel=config.kernel,
-        divergence=config.divergence,
-        backbone=config.backbone,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        pca_components=config.pca_components,
-        random_state=config.seed,
-        device=config.device,
-        verbose=verbose,
-    )
+    estimator = config.estimator(verbose)
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return SNEResult(
@@ -295,9 +123,7 @@ def run(
             estimator,
         )
     emb_train, emb_test = estimator.embedding_, estimator.transform(dataset.x_test)
-    test_inputs = as_float(dataset.x_test).reshape(len(dataset.x_test), -1)
-    if estimator.pca_ is not None:
-        test_inputs = estimator.pca_.transform(test_inputs)
+    test_inputs = estimator.input_features(dataset.x_test)
     result = {
         f"knn_acc_{k}": metrics.knn_accuracy(
             emb_train, dataset.y_train, emb_test, dataset.y_test, k
@@ -308,9 +134,12 @@ def run(
     result["trustworthiness"] = metrics.trustworthiness(test_inputs, emb_test, k=10)
     result["silhouette"] = metrics.silhouette(emb_test, dataset.y_test)
     result["train_time_s"] = estimator.fit_time_
+    result["n_steps"] = estimator.n_steps_
+    started = time.perf_counter()
+    estimator.transform(dataset.x_test)
+    result["transform_time_s"] = time.perf_counter() - started
     result.update(grad_norm_summary(estimator.history_))
     if out is not None:
-        report.save_json(result, out / "metrics.json")
         write_csv(estimator.history_, out / "history.csv")
         np.savez(
             out / "embedding.npz",
@@ -332,6 +161,7 @@ def run(
             out / "grad_norm.png",
             f"{dataset.name}: gradient norm per step",
         )
+        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
     if verbose:
         print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return SNEResult(result, emb_train, emb_test, estimator.history_, estimator)

@@ -1,0 +1,324 @@
+"""Affinities fitted once over a whole training set, and the rows of p for any batch.
+
+A kernel computed inside a random batch only sees the neighbours that happen to be in the batch
+(for SNE on 10k points in batches of 256, a row's p keeps 0.19 of its mass on the point's 30
+true nearest neighbours instead of 0.88). :class:`PerplexityAffinity` fits t-SNE's p once,
+sparse, over all points, as openTSNE's ``PerplexityBasedNN`` and TorchDR's affinities do;
+:meth:`PerplexityAffinity.get_batch` gives its rows restricted to a batch, and
+:meth:`PerplexityAffinity.sample_neighbors` draws the neighbours that a batch must carry so
+that those rows keep their mass (:class:`beyond_icon.sampling.NeighborBatchSampler`).
+
+References
+----------
+van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
+Poličar, P. G., Stražar, M. and Zupan, B. (2024). openTSNE: a modular Python library for t-SNE
+dimensionality reduction and embedding. JSS 109(3).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from beyond_icon.neighbors import cached_neighbor_table
+
+__all__ = ["PerplexityAffinity", "calibrate_perplexity"]
+
+
+def calibrate_perplexity(
+    sq_distances: np.ndarray | Tensor, perplexity: float, n_iter: int = 64
+) -> np.ndarray:
+    """Per-row Gaussian conditionals over given neighbours, calibrated to a perplexity.
+
+    Parameters
+    ----------
+    sq_distances : (n, k) array
+        Squared distances from each point to its ``k`` neighbours.
+    perplexity : float
+        Target ``exp(H(p(.|i)))`` (natural log) of every row, ``1 <= perplexity <= k``.
+    n_iter : int
+        Bisection steps on ``log beta_i`` (64 exhaust float64's resolution in [-50, 50]).
+
+    Returns
+    -------
+    (n, k) float64 array
+        ``p(j|i) = exp(-beta_i d_ij) / sum_l exp(-beta_i d_il)`` with ``beta_i`` found by
+        bisection so that each row's perplexity equals ``perplexity``.
+    """
+    d2 = torch.as_tensor(np.asarray(sq_distances), dtype=torch.float64)
+    if d2.dim() != 2 or d2.shape[1] < 1:
+        raise ValueError(f"sq_distances must be (n, k), got {tuple(d2.shape)}")
+    if not 1.0 <= perplexity <= d2.shape[1]:
+        raise ValueError(
+            f"perplexity {perplexity:g} needs at least as many neighbours; got k = {d2.shape[1]}"
+        )
+    # shift by the nearest and scale by the median neighbour: entropy is shift-invariant and
+    # beta absorbs the scale, so beta ~ 1 is a sensible start whatever the data's units
+    d2 = d2 - d2.min(dim=1, keepdim=True).values
+    d2 = d2 / d2.median(dim=1, keepdim=True).values.clamp_min(1e-12)
+    target = math.log(perplexity)
+    lo = torch.full((d2.shape[0], 1), -50.0, dtype=torch.float64)
+    hi = torch.full_like(lo, 50.0)
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        log_p = torch.log_softmax(-mid.exp() * d2, dim=1)
+        entropy = -(log_p.exp() * log_p).sum(1, keepdim=True)
+        too_flat = entropy > target  # entropy falls as beta grows
+        lo = torch.where(too_flat, mid, lo)
+        hi = torch.where(too_flat, hi, mid)
+    return torch.softmax(-((lo + hi) / 2).exp() * d2, dim=1).numpy()
+
+
+class PerplexityAffinity:
+    """t-SNE's p, fitted once over the whole training set: sparse, symmetric, cached.
+
+    ``fit(x)`` finds the ``n_neighbors`` (default ``3 * perplexity``) nearest neighbours of
+    every point (Euclidean; exact and blocked, or approximate for very large ``n``), calibrates
+    each point's Gaussian over them to the perplexity (``p_{j|i}``), and symmetrises::
+
+        P_ij = (p_{j|i} + p_{i|j}) / (2 n)          (the joint P of t-SNE)
+        p(j|i) = P_ij / sum_l P_il                  (its rows: the I-Con p)
+
+    ``get_batch(indices)`` returns ``log p_B(j|i) = log P_ij - log sum_{l in B} P_il`` for the
+    batch ``B``: the global rows restricted to the batch and renormalised, ``-inf`` at
+    non-neighbours and on the diagonal, a row with no neighbour in the batch entirely ``-inf``.
+
+    Parameters
+    ----------
+    perplexity : float
+        Effective number of neighbours of each point.
+    n_neighbors : int, optional
+        Neighbours searched per point (default ``min(n - 1, 3 * perplexity)``, as in openTSNE).
+    neighbor_method : {"auto", "exact", "nndescent"}
+        See :func:`beyond_icon.neighbors.cached_neighbor_table`.
+    cache_dir : path, optional
+        Where the neighbour table is cached (default ``~/.cache/beyond-icon``).
+    device : str
+        Where the exact neighbour search runs.
+    verbose : bool
+        Progress bar for the neighbour search.
+    random_state : int
+        Seed of the approximate search.
+
+    Attributes
+    ----------
+    P_ : scipy.sparse.csr_matrix (n, n)
+        The symmetric joint affinities (sum 1), sorted indices.
+    row_mass_ : (n,) array
+        ``sum_l P_il``.
+    n_nonzero_ : (n,) int array
+        Neighbours of each point in the symmetrised graph.
+    from_cache_ : bool
+        Whether the neighbour table came from the cache.
+    """
+
+    def __init__(
+        self,
+        perplexity: float = 30.0,
+        n_neighbors: int | None = None,
+        neighbor_method: str = "auto",
+        cache_dir: str | Path | None = None,
+        device: str = "cpu",
+        verbose: bool = False,
+        random_state: int = 0,
+    ):
+        self.perplexity = perplexity
+        self.n_neighbors = n_neighbors
+        self.neighbor_method = neighbor_method
+        self.cache_dir = cache_dir
+        self.device = device
+        self.verbose = verbose
+        self.random_state = random_state
+
+    def fit(self, x: np.ndarray | Tensor) -> PerplexityAffinity:
+        """Search the neighbours, calibrate and symmetrise.
+
+        Parameters
+        ----------
+        x : (n, d) array
+            The points p is defined on (t-SNE's input space, e.g. PCA-50).
+
+        Returns
+        -------
+        self
+        """
+        if isinstance(x, Tensor):
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"x must be (n, d), got shape {x.shape}")
+        n = len(x)
+        if not (isinstance(self.perplexity, (int, float)) and self.perplexity >= 1):
+            raise ValueError(f"perplexity must be a number >= 1, got {self.perplexity!r}")
+        k = self.n_neighbors or min(n - 1, int(math.ceil(3 * self.perplexity)))
+        if not self.perplexity <= k <= n - 1:
+            raise ValueError(
+                f"perplexity {self.perplexity:g} needs more than {self.perplexity:g} neighbours "
+                f"among {n} points (n_neighbors = {k}); lower the perplexity"
+            )
+        indices, sq_distances, self.from_cache_ = cached_neighbor_table(
+            x,
+            k,
+            self.cache_dir,
+            metric="euclidean",
+            method=self.neighbor_method,
+            device=self.device,
+            verbose=self.verbose,
+            seed=self.random_state,
+        )
+        # the search ranks in float32; the distances that p is made of are recomputed in float64
+        sq_distances = np.concatenate(
+            [
+                ((x[s : s + 8192, None, :].astype(np.float64) - x[indices[s : s + 8192]]) ** 2).sum(
+                    -1
+                )
+                for s in range(0, n, 8192)
+            ]
+        )
+        conditional = calibrate_perplexity(sq_distances, self.perplexity)
+        rows = np.repeat(np.arange(n), k)
+        p = sp.csr_matrix((conditional.ravel(), (rows, indices.ravel())), shape=(n, n))
+        joint = ((p + p.T) / (2.0 * n)).tocsr()
+        joint.sort_indices()
+        self.P_ = joint
+        self.row_mass_ = np.asarray(joint.sum(axis=1)).ravel()
+        self.n_nonzero_ = np.diff(joint.indptr)
+        self._cumulative = np.cumsum(joint.data)
+        self.n_samples_ = n
+        self._last_batch: tuple[bytes, np.ndarray] | None = None
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "P_"):
+            raise RuntimeError("PerplexityAffinity is not fitted yet: call fit(x) first")
+
+    def _indices(self, indices: np.ndarray | Tensor) -> np.ndarray:
+        self._check_fitted()
+        if isinstance(indices, Tensor):
+            indices = indices.detach().cpu().numpy()
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise ValueError(
+                f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}"
+            )
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_samples_):
+            raise ValueError(f"indices must be in [0, {self.n_samples_}), the fitted points")
+        return indices.astype(np.int64, copy=False)
+
+    def dense_batch(self, indices: np.ndarray | Tensor) -> np.ndarray:
+        """``P_ij`` for ``i, j`` in the batch, a dense (b, b) float64 array."""
+        indices = self._indices(indices)
+        key = indices.tobytes()
+        if self._last_batch is None or self._last_batch[0] != key:  # p and q share one slice
+            self._last_batch = (key, self.P_[indices][:, indices].toarray())
+        return self._last_batch[1]
+
+    def get_batch(
+        self,
+        indices: np.ndarray | Tensor,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Tensor:
+        """Rows of p restricted to a batch, as log-probabilities.
+
+        Parameters
+        ----------
+        indices : (b,) integer array
+            The batch, indices into the fitted points (distinct).
+        dtype, device
+            Of the returned tensor.
+
+        Returns
+        -------
+        (b, b) tensor
+            ``log p_B(j|i) = log P_ij - log sum_{l in B} P_il``; ``-inf`` where ``P_ij = 0``
+            (always on the diagonal); a row without neighbours in the batch is all ``-inf``
+            (:func:`beyond_icon.icon_loss` leaves it out of the mean).
+        """
+        block = torch.as_tensor(self.dense_batch(indices), dtype=torch.float64)
+        total = block.sum(dim=1, keepdim=True)
+        log_p = torch.where(block > 0, block.log() - total.log(), -math.inf)
+        return log_p.to(device=device, dtype=dtype)
+
+    def batch_mass(self, indices: np.ndarray | Tensor) -> np.ndarray:
+        """Fraction of each batch row's global mass ``sum_j p(j|i)`` that lies in the batch."""
+        indices = self._indices(indices)
+        return self.dense_batch(indices).sum(axis=1) / self.row_mass_[indices]
+
+    def sample_neighbors(
+        self, anchors: np.ndarray | Tensor, n_samples: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Draw ``n_samples`` neighbours of each anchor from its row ``p(.|i)`` (with replacement).
+
+        Parameters
+        ----------
+        anchors : (a,) integer array
+        n_samples : int
+        rng : numpy.random.Generator
+
+        Returns
+        -------
+        (a, n_samples) int64 array of point indices.
+        """
+        anchors = self._indices(anchors)
+        starts, stops = self.P_.indptr[anchors], self.P_.indptr[anchors + 1]
+        offset = np.where(starts > 0, self._cumulative[np.maximum(starts - 1, 0)], 0.0)
+        target = (
+            offset[:, None] + rng.random((len(anchors), n_samples)) * self.row_mass_[anchors, None]
+        )
+        position = np.searchsorted(self._cumulative, target, side="right")
+        position = np.clip(position, starts[:, None], stops[:, None] - 1)
+        return self.P_.indices[position].astype(np.int64)
+
+    def negative_log_weights(
+        self,
+        indices: np.ndarray | Tensor,
+        exaggeration: float = 1.0,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Tensor:
+        """How many points of the training set each column of a batch stands for, in log.
+
+        A batch holds row ``i``'s neighbours present in it and ``m_i`` other points. A
+        neighbour stands for itself (weight 1); each other point stands for
+        ``(n - 1 - k_i) / m_i`` points, the non-neighbours of ``i`` it was drawn among
+        (``k_i`` is the number of neighbours of ``i``). With these weights the batch sum
+        ``sum_j c_ij w_ij`` over the non-neighbours is an unbiased estimate of the row's sum
+        over all its non-neighbours in the training set, whatever the batch size, so the
+        repulsion of a batch does not weaken as ``n`` grows (the batch's neighbours count
+        once; absent neighbours are not represented).
+        ``exaggeration`` divides the negatives' weights (t-SNE's early exaggeration: the
+        neighbours' pull against ``1 / exaggeration`` of the repulsion).
+
+        Parameters
+        ----------
+        indices : (b,) integer array
+            The batch.
+        exaggeration : float
+            Divides the weight of the non-neighbours (1: none).
+        dtype, device
+            Of the returned tensor.
+
+        Returns
+        -------
+        (b, b) tensor
+            ``log c_ij``: 0 at neighbours and on the diagonal, ``log((n - 1 - k_i) /
+            (m_i * exaggeration))`` elsewhere.
+        """
+        if not (isinstance(exaggeration, (int, float)) and exaggeration > 0):
+            raise ValueError(f"exaggeration must be a positive number, got {exaggeration!r}")
+        indices = self._indices(indices)
+        neighbour = self.dense_batch(indices) > 0  # a copy: the cached block is untouched
+        np.fill_diagonal(neighbour, True)
+        others = (~neighbour).sum(axis=1, keepdims=True)
+        represented = (self.n_samples_ - 1 - self.n_nonzero_[indices])[:, None]
+        log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
+        out = np.where(neighbour, 0.0, log_weight)
+        return torch.as_tensor(out, dtype=dtype, device=device)

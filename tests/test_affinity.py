@@ -1,0 +1,154 @@
+"""PerplexityAffinity against a dense float64 reference; batches of p; the cache."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from beyond_icon.affinity import PerplexityAffinity, calibrate_perplexity
+
+
+def _points(n=120, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=4.0, size=(4, d))
+    return (centres[rng.integers(0, 4, n)] + rng.normal(size=(n, d))).astype(np.float32)
+
+
+def _reference_joint(x: np.ndarray, perplexity: float, k: int) -> np.ndarray:
+    """t-SNE's P by brute force in float64: k nearest by Euclidean distance, a per-row
+    bisection on beta over those k, then (P_{j|i} + P_{i|j}) / 2n."""
+    x = x.astype(np.float64)
+    n = len(x)
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    conditional = np.zeros((n, n))
+    for i in range(n):
+        nearest = np.argsort(d2[i], kind="stable")[:k]
+        dist = d2[i, nearest]
+        lo, hi = 1e-20, 1e20
+        for _ in range(200):
+            beta = math.sqrt(lo * hi)
+            w = np.exp(-beta * (dist - dist.min()))
+            p = w / w.sum()
+            entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
+            if entropy > math.log(perplexity):
+                lo = beta
+            else:
+                hi = beta
+        conditional[i, nearest] = p
+    return (conditional + conditional.T) / (2 * n)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    x = _points()
+    return x, PerplexityAffinity(perplexity=10.0, cache_dir=tmp_path_factory.mktemp("c")).fit(x)
+
+
+def test_matches_dense_float64_reference(fitted):
+    x, affinity = fitted
+    want = _reference_joint(x, 10.0, 30)
+    got = affinity.P_.toarray()
+    np.testing.assert_allclose(got, want, atol=1e-9, rtol=1e-6)
+    np.testing.assert_allclose(got, got.T, atol=1e-15)  # symmetric
+    assert got.sum() == pytest.approx(1.0, abs=1e-9)
+    assert np.all(np.diag(got) == 0)
+
+
+def test_calibration_hits_the_perplexity():
+    rng = np.random.default_rng(1)
+    d2 = rng.gamma(2.0, 3.0, size=(50, 40)) * 10 ** rng.uniform(-3, 3, size=(50, 1))
+    p = calibrate_perplexity(np.sort(d2, axis=1), 12.0)
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-12)
+    entropy = -(p * np.log(np.where(p > 0, p, 1))).sum(1)
+    np.testing.assert_allclose(np.exp(entropy), 12.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="perplexity 50 needs"):
+        calibrate_perplexity(d2, 50.0)
+
+
+def test_batch_rows_are_the_global_rows_restricted(fitted):
+    _, affinity = fitted
+    indices = np.array([3, 17, 4, 60, 61, 99, 100, 2])
+    log_p = affinity.get_batch(torch.as_tensor(indices), dtype=torch.float64)
+    dense = affinity.P_.toarray()[np.ix_(indices, indices)]
+    has_mass = dense.sum(1) > 0
+    want = dense[has_mass] / dense[has_mass].sum(1, keepdims=True)
+    np.testing.assert_allclose(log_p[has_mass].exp().numpy(), want, atol=1e-12)
+    assert torch.isneginf(log_p[~has_mass]).all()  # rows with no neighbour here: no mass
+    assert torch.isneginf(log_p.diagonal()).all()
+    np.testing.assert_allclose(
+        affinity.batch_mass(indices), dense.sum(1) / affinity.row_mass_[indices]
+    )
+    full = affinity.get_batch(np.arange(affinity.n_samples_), dtype=torch.float64)
+    rows = affinity.P_.toarray() / affinity.row_mass_[:, None]
+    np.testing.assert_allclose(full.exp().numpy(), rows, atol=1e-12)
+
+
+def test_sampled_neighbours_follow_p(fitted):
+    _, affinity = fitted
+    rng = np.random.default_rng(0)
+    draws = affinity.sample_neighbors(np.array([5, 5]), 20000, rng).ravel()
+    row = affinity.P_.getrow(5).toarray().ravel() / affinity.row_mass_[5]
+    freq = np.bincount(draws, minlength=len(row)) / len(draws)
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(row))
+    np.testing.assert_allclose(freq, row, atol=0.01)
+
+
+def test_negative_weights_estimate_the_non_neighbour_normaliser(fitted):
+    x, affinity = fitted
+    n = affinity.n_samples_
+    rng = np.random.default_rng(0)
+    z = torch.as_tensor(x[:, :2], dtype=torch.float64)
+    w = 1.0 / (1.0 + torch.cdist(z, z) ** 2)
+    neighbour_all = torch.as_tensor(affinity.P_.toarray() > 0)
+    w_far = w.masked_fill(neighbour_all, 0.0).fill_diagonal_(0.0)
+    ratios = []
+    for _ in range(300):
+        batch = np.sort(rng.choice(n, 40, replace=False))
+        log_c = affinity.negative_log_weights(batch, dtype=torch.float64)
+        neighbour = torch.as_tensor(affinity.dense_batch(batch) > 0)
+        assert torch.all(log_c[neighbour] == 0) and torch.all(log_c.diagonal() == 0)
+        far = w[batch][:, batch].masked_fill(neighbour, 0.0).fill_diagonal_(0.0)
+        estimate = (log_c.exp() * far).sum(1)  # the other points stand for all non-neighbours
+        ratios.append(estimate / w_far[batch].sum(1))
+    assert float(torch.cat(ratios).mean()) == pytest.approx(1.0, rel=0.05)
+    half = affinity.negative_log_weights(np.arange(10), exaggeration=2.0, dtype=torch.float64)
+    one = affinity.negative_log_weights(np.arange(10), dtype=torch.float64)
+    off = one != 0
+    np.testing.assert_allclose((one - half)[off].numpy(), math.log(2.0))
+
+
+def test_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path):
+    x = _points(80)
+    first = PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x)
+    assert not first.from_cache_
+    files = list(tmp_path.glob("knn-*-euclidean-k15.npz"))
+    assert len(files) == 1
+    again = PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x)
+    assert again.from_cache_
+    np.testing.assert_array_equal(again.P_.toarray(), first.P_.toarray())
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    (tmp_path / ".leftover.tmp.npz").write_bytes(b"junk")  # a crashed writer's leftover
+    with pytest.warns(UserWarning, match="damaged neighbour cache"):
+        rebuilt = PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x)
+    assert not rebuilt.from_cache_
+    np.testing.assert_array_equal(rebuilt.P_.toarray(), first.P_.toarray())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x).from_cache_
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="perplexity 50 needs more"):
+        PerplexityAffinity(perplexity=50.0, cache_dir=tmp_path).fit(_points(40))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PerplexityAffinity().get_batch(np.arange(3))
+    fitted = PerplexityAffinity(perplexity=3.0, cache_dir=tmp_path, n_neighbors=9).fit(_points(30))
+    with pytest.raises(ValueError, match="indices must be in"):
+        fitted.get_batch(np.array([0, 30]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        fitted.get_batch(np.array([0.0, 1.0]))

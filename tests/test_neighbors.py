@@ -1,0 +1,83 @@
+"""Exact blocked neighbour search (cosine and Euclidean), the approximate backend, the cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from beyond_icon.neighbors import cached_neighbor_table, cached_neighbors, mine_neighbors
+
+
+def test_cosine_matches_dense_exact_search():
+    x = np.random.default_rng(0).normal(size=(257, 6)).astype(np.float32)
+    got = mine_neighbors(x, 5, query_block=50, key_block=64)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    want = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    assert np.array_equal(got, want)
+    with pytest.raises(ValueError, match="n_neighbors"):
+        mine_neighbors(x, 257)
+
+
+def test_euclidean_matches_dense_float64_search():
+    x = (np.random.default_rng(1).normal(size=(203, 7)) * 5 + 100).astype(np.float32)
+    got, d2 = mine_neighbors(
+        x, 6, metric="euclidean", query_block=40, key_block=64, return_distances=True
+    )
+    x64 = x.astype(np.float64)
+    full = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+    np.fill_diagonal(full, np.inf)
+    want = np.argsort(full, axis=1, kind="stable")[:, :6]
+    assert np.array_equal(got, want)
+    np.testing.assert_allclose(d2, np.take_along_axis(full, want, 1), rtol=1e-4, atol=1e-3)
+
+
+def test_cache_reuse_truncation_and_damage(tmp_path):
+    x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    first, cached = cached_neighbors(x, 5, tmp_path)
+    assert not cached and len(list(tmp_path.glob("knn-*-cosine-k5.npz"))) == 1
+    again, cached = cached_neighbors(x, 3, tmp_path)  # a smaller k reuses the table
+    assert cached and np.array_equal(again, first[:, :3])
+    (tmp_path / ".knn-leftover.123.tmp.npz").write_bytes(b"")  # a killed writer's temporary
+    assert cached_neighbors(x, 5, tmp_path)[1]
+    path = next(tmp_path.glob("knn-*-cosine-k5.npz"))
+    foreign = np.zeros((60, 5), dtype=np.int64) + 60  # out of range
+    np.savez(path, indices=foreign, values=np.zeros((60, 5), np.float32))
+    with pytest.warns(UserWarning, match="damaged neighbour cache"):
+        rebuilt, cached = cached_neighbors(x, 5, tmp_path)
+    assert not cached and np.array_equal(rebuilt, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cached_neighbors(x, 5, tmp_path)[1]
+
+
+def test_unwritable_cache_still_returns(tmp_path):
+    x = np.random.default_rng(2).normal(size=(30, 3)).astype(np.float32)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    indices, values, cached = cached_neighbor_table(x, 4, blocker / "sub", metric="euclidean")
+    assert indices.shape == values.shape == (30, 4) and not cached
+
+
+def test_approximate_backend_agrees_on_easy_data(tmp_path):
+    pytest.importorskip("pynndescent")
+    x = np.random.default_rng(3).normal(size=(300, 5)).astype(np.float32)
+    exact, _, _ = cached_neighbor_table(x, 8, tmp_path, metric="euclidean", method="exact")
+    approx, d2, _ = cached_neighbor_table(x, 8, tmp_path, metric="euclidean", method="nndescent")
+    assert approx.shape == (300, 8) and not (approx == np.arange(300)[:, None]).any()
+    recall = np.mean([len(set(a) & set(e)) / 8 for a, e in zip(approx, exact)])
+    assert recall > 0.95
+    assert np.all(np.diff(d2, axis=1) >= -1e-4)  # nearest first
+
+
+def test_bad_arguments():
+    x = np.zeros((10, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="metric"):
+        mine_neighbors(x, 2, metric="manhattan")
+    with pytest.raises(ValueError, match="neighbor_method"):
+        cached_neighbor_table(x, 2, metric="euclidean", method="faiss")
+    with pytest.raises(ValueError, match="NaN"):
+        mine_neighbors(np.full((5, 2), np.nan), 2)
