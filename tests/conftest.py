@@ -25,3 +25,9 @@ def to_log(p: np.ndarray) -> torch.Tensor:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _private_home(tmp_path_factory, monkeypatch):
+    """Neighbour caches (~/.cache/beyond-icon) go to a temporary home, never the user's."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))

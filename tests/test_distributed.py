@@ -20,6 +20,7 @@ def _free_port() -> int:
 
 
 SIZES = (5, 7)  # unequal local batches on purpose (the gather pads)
+FITTED_BATCH = torch.arange(0, 36, 3)  # 12 distinct indices into the 40 fitted points
 
 
 def _case(name):
@@ -44,6 +45,15 @@ def _case(name):
     if name == "sne":
         inputs = torch.randn(n, 9, generator=gen, dtype=torch.float64)
         return methods.SNE("jsd", perplexity=3.0), None, torch.cat([x, inputs], 1)
+    if name == "tsne_fitted":  # p fitted once on 40 points; the batch holds 12 of them
+        import tempfile
+
+        from beyond_icon.affinity import PerplexityAffinity
+
+        inputs = torch.randn(40, 9, generator=gen, dtype=torch.float64)
+        with tempfile.TemporaryDirectory() as cache:
+            affinity = PerplexityAffinity(3.0, n_neighbors=5, cache_dir=cache).fit(inputs.numpy())
+        return methods.TSNE("tv", perplexity=3.0, affinity=affinity), None, x
     raise ValueError(name)
 
 
@@ -66,6 +76,9 @@ def _loss(name, loss, model, x, rows_list):
     if name == "sne":
         index = torch.cat([torch.arange(r.start, r.stop) for r in rows_list])
         return loss(x[index, 6:], model(x[index, :6]))
+    if name == "tsne_fitted":  # negatives weighted (n - 1 - k_i) / m_i != 1: 40 points, 12 here
+        index = torch.cat([torch.arange(r.start, r.stop) for r in rows_list])
+        return loss(None, model(x[index]), indices=FITTED_BATCH[index], exaggeration=2.0)
     raise ValueError(name)
 
 
@@ -104,7 +117,7 @@ def _worker(rank, world_size, port, names, results):
         dist.destroy_process_group()
 
 
-NAMES = ["supcon", "supcon_cosine_kl", "simclr", "cluster", "sne"]
+NAMES = ["supcon", "supcon_cosine_kl", "simclr", "cluster", "sne", "tsne_fitted"]
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +220,10 @@ def _mining_worker(rank, world_size, port, results):
         import numpy as np
 
         x = np.random.default_rng(0).normal(size=(101, 5)).astype(np.float32)
-        indices, _ = cached_neighbors(x, 4, results["cache"])
-        results[rank] = indices.tolist()
+        # rank 1 looks in a folder of its own (another node's disk): rank 0 decides for all
+        cache = results["cache"] if rank == 0 else results["cache"] + f"-rank{rank}"
+        indices, cached = cached_neighbors(x, 4, cache)
+        results[rank] = (indices.tolist(), cached)
     finally:
         dist.destroy_process_group()
 
@@ -223,4 +238,7 @@ def test_sharded_mining_equals_single_process(tmp_path):
     mp.spawn(_mining_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     x = np.random.default_rng(0).normal(size=(101, 5)).astype(np.float32)
     want = mine_neighbors(x, 4).tolist()
-    assert results[0] == want and results[1] == want
+    assert results[0] == (want, False) and results[1] == (want, False)
+    # again: rank 0 finds its cache and broadcasts it; rank 1's own folder is empty
+    mp.spawn(_mining_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results[0] == (want, True) and results[1] == (want, True)

@@ -172,12 +172,13 @@ class PerplexityAffinity:
             seed=self.random_state,
         )
         # the search ranks in float32; the distances that p is made of are recomputed in float64
+        chunk = max(1, 2**24 // (k * x.shape[1]))  # 128 MiB of float64 differences at a time
         sq_distances = np.concatenate(
             [
-                ((x[s : s + 8192, None, :].astype(np.float64) - x[indices[s : s + 8192]]) ** 2).sum(
-                    -1
-                )
-                for s in range(0, n, 8192)
+                (
+                    (x[s : s + chunk, None, :].astype(np.float64) - x[indices[s : s + chunk]]) ** 2
+                ).sum(-1)
+                for s in range(0, n, chunk)
             ]
         )
         conditional = calibrate_perplexity(sq_distances, self.perplexity)
@@ -290,10 +291,13 @@ class PerplexityAffinity:
         neighbour stands for itself (weight 1); each other point stands for
         ``(n - 1 - k_i) / m_i`` points, the non-neighbours of ``i`` it was drawn among
         (``k_i`` is the number of neighbours of ``i``). With these weights the batch sum
-        ``sum_j c_ij w_ij`` over the non-neighbours is an unbiased estimate of the row's sum
-        over all its non-neighbours in the training set, whatever the batch size, so the
-        repulsion of a batch does not weaken as ``n`` grows (the batch's neighbours count
-        once; absent neighbours are not represented).
+        ``sum_j c_ij w_ij`` over the non-neighbours is, for a uniformly drawn batch, an
+        unbiased estimate of the row's sum over all its non-neighbours in the training set,
+        whatever the batch size, so the repulsion of a batch does not weaken as ``n`` grows.
+        The batches of :class:`~beyond_icon.sampling.NeighborBatchSampler` are uniform in
+        their anchors only (the sampled neighbours favour points that many others pick), so
+        there it is an approximation. The batch's neighbours count once; absent neighbours
+        are not represented.
         ``exaggeration`` divides the negatives' weights (t-SNE's early exaggeration: the
         neighbours' pull against ``1 / exaggeration`` of the repulsion).
 

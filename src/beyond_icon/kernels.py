@@ -75,12 +75,19 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
 def _block_distances(z: Tensor, rows: slice) -> Tensor:
     centre = z.detach().mean(dim=0, keepdim=True)
     centred = z - centre
-    if torch.is_autocast_enabled(z.device.type) and z.dtype in (torch.float32, torch.float64):
+    if _autocast_on(z.device.type) and z.dtype in (torch.float32, torch.float64):
         # autocast would run the matmul in bf16/fp16: a same-class squared distance of 0.47
         # moves by 0.23 on projections of norm 10. Distances stay in the input's precision.
         with torch.autocast(z.device.type, enabled=False):
             return squared_distances(centred[rows], centred)
     return squared_distances(centred[rows], centred)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no argument (and only knows CUDA autocast)
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def _at_least_float32(z: Tensor) -> Tensor:

@@ -106,7 +106,8 @@ class SNE(IConLoss):
     """SNE: p = perplexity-calibrated Gaussian on the inputs, q = Gaussian on embeddings ``z``.
 
     ``q(j|i) ∝ exp(-|z_i - z_j|^2 / (2 sigma^2))``; the default ``sigma = 1/sqrt(2)`` gives
-    SNE's ``exp(-|z_i - z_j|^2)``. With KL this is the SNE cost ``(1/n) sum_i KL(P_i || Q_i)``.
+    SNE's ``exp(-|z_i - z_j|^2)``. With KL and p calibrated on the batch's inputs this is the
+    SNE cost ``(1/n) sum_i KL(P_i || Q_i)`` of the batch.
 
     p comes in one of three ways:
 
@@ -175,7 +176,11 @@ class SNE(IConLoss):
         """
         check_features(z, "z", min_rows=2)
         if indices is not None:
+            if x is not None or log_p is not None:
+                raise ValueError("give indices (p from the fitted affinity) or x / log_p, not both")
             return self._forward_fitted(z, indices, exaggeration)
+        if exaggeration != 1.0:
+            raise ValueError("exaggeration applies to a fitted affinity: pass indices too")
         if log_p is not None:
             if log_p.shape != (z.shape[0], z.shape[0]):
                 raise ValueError(
@@ -203,6 +208,11 @@ class SNE(IConLoss):
     def _forward_fitted(self, z: Tensor, indices: Tensor, exaggeration: float) -> Tensor:
         if self.affinity is None:
             raise ValueError("indices need a fitted affinity: SNE(..., affinity=...)")
+        if self.affinity.perplexity != self.perplexity:
+            raise ValueError(
+                f"the affinity was fitted with perplexity {self.affinity.perplexity:g}, "
+                f"the preset has {self.perplexity:g}"
+            )
         check_labels(indices, "indices", n=z.shape[0])
         (z, indices), shard = self._gather(z, indices.to(z.device))
         if bool((indices.sort().values.diff() == 0).any()):

@@ -12,6 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 __all__ = [
     "adjusted_rand",
+    "cluster_size_entropy",
     "hungarian_accuracy",
     "knn_accuracy",
     "linear_probe_accuracy",
@@ -73,6 +74,36 @@ def hungarian_accuracy(labels, clusters) -> float:
     np.add.at(counts, (clusters, labels), 1)
     rows, cols = linear_sum_assignment(-counts)
     return float(counts[rows, cols].sum() / len(labels))
+
+
+def cluster_size_entropy(clusters, n_clusters: int) -> float:
+    """Normalised entropy of the cluster sizes, ``H(sizes / n) / log(n_clusters)``.
+
+    Parameters
+    ----------
+    clusters : (n,) integer array
+        Cluster of each point, in ``[0, n_clusters)``.
+    n_clusters : int
+        K, the number of clusters available (empty ones count).
+
+    Returns
+    -------
+    float in [0, 1]
+        1 for equal sizes, 0 when every point is in one cluster. A collapsed partition is the
+        failure mode of cluster losses without a balancing term.
+    """
+    clusters = _np(clusters).astype(np.int64).ravel()
+    if n_clusters < 2:
+        raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
+    if len(clusters) == 0:
+        raise ValueError("no points to measure")
+    if clusters.min() < 0 or clusters.max() >= n_clusters:
+        raise ValueError(
+            f"clusters must be in [0, {n_clusters}), got {clusters.min()}..{clusters.max()}"
+        )
+    share = np.bincount(clusters, minlength=n_clusters) / len(clusters)
+    share = share[share > 0]
+    return float(-(share * np.log(share)).sum() / np.log(n_clusters))
 
 
 def nmi(labels, clusters) -> float:

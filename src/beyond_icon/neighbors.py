@@ -78,7 +78,8 @@ def mine_neighbors(
     Returns
     -------
     indices : (n, k) int64 array
-        Self matches are excluded; ties are broken by the lower index.
+        Self matches are excluded; ties across blocks go to the lower index (within a block
+        ``topk`` does not promise an order among exact ties, e.g. duplicate points).
     values : (n, k) float32 array
         Only with ``return_distances``.
     """
@@ -246,46 +247,79 @@ def cached_neighbor_table(
     method = resolve_method(method, n, device)
     cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "beyond-icon"
     key = f"knn-{_fingerprint(x)}-{metric}{'-approx' if method == 'nndescent' else ''}"
+    from beyond_icon.distributed import world
+
+    rank, world_size = world()
+    if world_size > 1:  # rank 0 decides and shares: every rank must hold the same table
+        return _distributed_table(x, k, cache, key, metric, method, device, verbose, seed)
+    table = _lookup(cache, key, n, k)
+    if table is not None:
+        return (*table, True)
+    if method == "nndescent":
+        indices, values = _nndescent(x, k, metric, seed, verbose)
+    else:
+        indices, values = mine_neighbors(
+            x, k, metric=metric, device=device, verbose=verbose, return_distances=True
+        )
+    _store(cache, key, k, indices, values)
+    return indices, values, False
+
+
+def _lookup(cache: Path, key: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
     for found in sorted(cache.glob(f"{key}-k*.npz")) if cache.is_dir() else []:
         stored_k = found.name[len(key) + 2 : -len(".npz")]
         if not stored_k.isdigit() or int(stored_k) < k:
             continue
         table = _load_table(found, n, k)
         if table is not None:
-            return (*table, True)
-    from beyond_icon.distributed import gather_rows, world
+            return table
+    return None
 
-    rank, world_size = world()
-    if method == "nndescent":
-        indices, values = _nndescent(x, k, metric, seed, verbose)
-    elif world_size == 1:
-        indices, values = mine_neighbors(
-            x, k, metric=metric, device=device, verbose=verbose, return_distances=True
-        )
-    else:  # each rank mines a contiguous share of the queries; the shares are gathered
-        bounds = np.linspace(0, n, world_size + 1).astype(int)
-        share = slice(bounds[rank], bounds[rank + 1])
-        mine, mine_values = mine_neighbors(
-            x,
-            k,
-            metric=metric,
-            device=device,
-            verbose=verbose,
-            queries=share,
-            return_distances=True,
-        )
-        sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-        indices = gather_rows(torch.as_tensor(mine).to(device), sizes).cpu().numpy()
-        values = gather_rows(torch.as_tensor(mine_values).to(device), sizes).cpu().numpy()
-        if rank != 0:
-            return indices, values, False
+
+def _store(cache: Path, key: str, k: int, indices: np.ndarray, values: np.ndarray) -> None:
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{key}-k{k}.{os.getpid()}.tmp.npz"  # never matches the glob above
+        tmp = cache / f".{key}-k{k}.{os.getpid()}.tmp.npz"  # never matches the lookup's glob
         np.savez(tmp, indices=indices, values=values)
         tmp.replace(cache / f"{key}-k{k}.npz")
     except OSError:
         pass  # a read-only place: the neighbours are still returned
+
+
+def _distributed_table(x, k, cache, key, metric, method, device, verbose, seed):
+    """Rank 0 looks the table up (or runs the approximate search) and broadcasts it; the exact
+    search is sharded: each rank mines a contiguous share of the queries, all gather them."""
+    import torch.distributed as dist
+
+    from beyond_icon.distributed import gather_rows, world
+
+    rank, world_size = world()
+    n = len(x)
+    device = torch.device(device)
+    table = _lookup(cache, key, n, k) if rank == 0 else None
+    looked_up = table is not None
+    if method == "nndescent" and rank == 0 and table is None:
+        table = _nndescent(x, k, metric, seed, verbose)
+        _store(cache, key, k, *table)
+    flags = torch.tensor([table is not None, looked_up], dtype=torch.int64, device=device)
+    dist.broadcast(flags, 0)
+    if bool(flags[0].item()):
+        indices = torch.as_tensor(table[0]) if rank == 0 else torch.empty(n, k, dtype=torch.long)
+        values = torch.as_tensor(table[1]) if rank == 0 else torch.empty(n, k)
+        indices, values = indices.to(device), values.to(device)
+        dist.broadcast(indices, 0)
+        dist.broadcast(values, 0)
+        return indices.cpu().numpy(), values.cpu().numpy(), bool(flags[1].item())
+    bounds = np.linspace(0, n, world_size + 1).astype(int)
+    share = slice(bounds[rank], bounds[rank + 1])
+    mine, mine_values = mine_neighbors(
+        x, k, metric=metric, device=device, verbose=verbose, queries=share, return_distances=True
+    )
+    sizes = [int(b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    indices = gather_rows(torch.as_tensor(mine).to(device), sizes).cpu().numpy()
+    values = gather_rows(torch.as_tensor(mine_values).to(device), sizes).cpu().numpy()
+    if rank == 0:
+        _store(cache, key, k, indices, values)
     return indices, values, False
 
 

@@ -120,11 +120,13 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     n_steps : int, optional
         Optimiser steps; default ``clip(40 * n / batch_size, 4000, 20000)``: at least 4,000
         steps (a floor for small data), 40 passes of the anchors over the data from ~25k
-        points, at most 20,000 steps. On Fashion-MNIST 10k, 4,000 steps at lr 4e-3 gave test
+        points, at most 20,000 steps; rounded up to whole passes of the anchors (an epoch, the
+        unit of checkpoints). On Fashion-MNIST 10k, 4,000 steps at lr 4e-3 gave test
         5-NN 0.723 against 0.708 for 6,000 steps at 1e-3 and 0.724 for 6,000 at 2e-3.
     batch_size : int
-        Anchors per batch (``affinity="global"``; a batch holds up to twice as many points) or
-        points per batch (``"batch"``).
+        Anchors per batch (``affinity="global"``; ``n // batch_size`` equal chunks of a
+        permutation, each anchor with one sampled neighbour, so a batch holds at most twice its
+        anchors) or points per batch (``"batch"``).
     lr : float
         Adam learning rate (cosine decay to 0 over the steps).
     exaggeration : float

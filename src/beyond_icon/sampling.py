@@ -28,16 +28,18 @@ __all__ = ["NeighborBatchSampler"]
 class NeighborBatchSampler:
     """Batches of anchors and their sampled neighbours, reproducible from (seed, epoch).
 
-    An epoch is one pass over a permutation of the training points in chunks of
-    ``n_anchors``; each chunk gives a batch: the anchors, ``n_positives`` neighbours of each
-    drawn from ``p(.|anchor)``, duplicates removed (sorted indices).
+    An epoch is one pass over a permutation of the training points, split into
+    ``n // n_anchors`` chunks of ``n_anchors`` to ``2 * n_anchors - 1`` anchors (equal sizes up to
+    one); each chunk gives a batch: the anchors, ``n_positives`` neighbours of each drawn from
+    ``p(.|anchor)``, duplicates removed (sorted indices).
 
     Parameters
     ----------
     affinity : PerplexityAffinity
         A fitted affinity (its ``sample_neighbors`` draws the neighbours).
     n_anchors : int
-        Anchors per batch (a batch holds at most ``n_anchors * (1 + n_positives)`` points).
+        Anchors per batch (see above; a batch holds at most ``(1 + n_positives)`` times its
+        anchors).
     n_positives : int
         Neighbours drawn per anchor.
     """

@@ -166,6 +166,7 @@ def fit(
     desc: str = "train",
     verbose: bool = True,
     stop_after_epochs: int | None = None,
+    checkpoint_every_s: float = 30.0,
 ) -> list[dict]:
     """Train ``model`` with Adam and return the per-step history.
 
@@ -173,8 +174,10 @@ def fit(
     the step) yields one epoch of batches; ``loss_fn(batch)`` returns the scalar
     loss. ``state_modules`` (e.g. a loss with buffers, an EMA teacher) are checkpointed with
     the model; ``after_step`` runs after each optimiser step (EMA updates). With ``out_dir``
-    a checkpoint is written atomically after every epoch and ``history.csv`` kept current;
+    checkpoints are written atomically and ``history.csv`` kept current with them;
     ``resume`` continues from it. ``stop_after_epochs`` ends early (for tests of resumption).
+    Checkpoints are written after an epoch when ``checkpoint_every_s`` seconds have passed since
+    the last one (0: after every epoch), and always after the last epoch.
     """
     config.check()
     from beyond_icon.distributed import world
@@ -204,12 +207,18 @@ def fit(
         if verbose:
             tqdm.write(f"resuming {desc} from epoch {start_epoch} of {config.epochs}")
     use_amp = config.amp and device.type == "cuda"
-    takes_epoch = len(inspect.signature(batches).parameters) >= 2
+    required = [
+        p
+        for p in inspect.signature(batches).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    takes_epoch = len(required) >= 2
     step = len(history)
     started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
     last_epoch = (
         config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     )
+    last_save = time.perf_counter()
     for epoch in range(start_epoch, last_epoch):
         model.train()
         for module in state_modules.values():
@@ -263,7 +272,13 @@ def fit(
         bar.close()
         if verbose:
             tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {running:.4f}")
-        if out is not None and rank == 0:
+        # A checkpoint costs a pickle of the model, the optimiser and the whole history: with
+        # epochs of a few steps (parametric SNE on small data) saving after each would cost more
+        # than training. Save at most every checkpoint_every_s seconds, and at the end. Epochs are
+        # reproducible from (seed, epoch), so resuming from any checkpoint ends the same way.
+        due = time.perf_counter() - last_save >= checkpoint_every_s or epoch + 1 == last_epoch
+        if out is not None and rank == 0 and due:
+            last_save = time.perf_counter()
             atomic_save(
                 {
                     "model": model.state_dict(),

@@ -251,6 +251,7 @@ def run(
             "kmeans_acc": metrics.hungarian_accuracy(eval_y, kmeans_assign),
             "kmeans_nmi": metrics.nmi(eval_y, kmeans_assign),
             "kmeans_ari": metrics.adjusted_rand(eval_y, kmeans_assign),
+            "kmeans_cluster_size_entropy": metrics.cluster_size_entropy(kmeans_assign, k),
         }
     epochs_run = max(h["epoch"] for h in history) + 1
     result = {
@@ -259,6 +260,7 @@ def run(
         "ari": metrics.adjusted_rand(eval_y, assignments),
         **baseline,
         "clusters_used": int(len(np.unique(assignments))),
+        "cluster_size_entropy": metrics.cluster_size_entropy(assignments, k),
         "best_head": best_head,
         "train_time_s": train_time,
         "epoch_time_s": history[-1]["time"] / epochs_run,
