@@ -33,8 +33,9 @@ DEMO = [
         },
         {"epochs": 2},
         "A linear cluster head on the standardised pixels of the digits train split, trained with the "
-        "I-Con cluster loss (p: a mined k-NN partner, q: the cluster-sharing kernel); Hungarian accuracy, "
-        "NMI and ARI of its clusters on the test split, with k-means on the same inputs as a row.",
+        "I-Con cluster loss (p: a partner among the 20 cosine nearest neighbours, q: the cluster-sharing "
+        "kernel); Hungarian accuracy, NMI and ARI of its clusters on the test split, with k-means on the "
+        "same inputs as a row.",
     ),
     (
         "supcon",

@@ -44,7 +44,13 @@ TABLE_METRICS = {
         ("train_time_s", False),
     ],
     "supcon": [("linear_probe_acc", True), ("knn_acc", True), ("train_time_s", False)],
-    "cluster": [("acc", True), ("nmi", True), ("ari", True), ("train_time_s", False)],
+    "cluster": [
+        ("acc", True),
+        ("nmi", True),
+        ("ari", True),
+        ("cluster_size_entropy", True),
+        ("train_time_s", False),
+    ],
 }
 BAR_METRICS = {
     "sne": ["knn_acc", "trustworthiness", "silhouette"],
@@ -235,7 +241,8 @@ def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
         by_seed = {r["seed"]: r for r in with_kmeans}
         summary["k-means"] = {
             m: (*_mean_std([r[f"kmeans_{m}"] for r in by_seed.values()]), len(by_seed))
-            for m in ("acc", "nmi", "ari")
+            for m in ("acc", "nmi", "ari", "cluster_size_entropy")
+            if all(f"kmeans_{m}" in r for r in by_seed.values())  # older runs lack entropy
         }
     return task, rows, summary
 
