@@ -211,13 +211,17 @@ class PerplexityAffinity:
             raise ValueError(f"indices must be in [0, {self.n_samples_}), the fitted points")
         return indices.astype(np.int64, copy=False)
 
-    def dense_batch(self, indices: np.ndarray | Tensor) -> np.ndarray:
-        """``P_ij`` for ``i, j`` in the batch, a dense (b, b) float64 array."""
+    def _batch_block(self, indices: np.ndarray | Tensor) -> sp.coo_matrix:
+        """``P`` restricted to the batch, sparse; p and q of one batch share the slice."""
         indices = self._indices(indices)
         key = indices.tobytes()
-        if self._last_batch is None or self._last_batch[0] != key:  # p and q share one slice
-            self._last_batch = (key, self.P_[indices][:, indices].toarray())
+        if self._last_batch is None or self._last_batch[0] != key:
+            self._last_batch = (key, self.P_[indices][:, indices].tocoo())
         return self._last_batch[1]
+
+    def dense_batch(self, indices: np.ndarray | Tensor) -> np.ndarray:
+        """``P_ij`` for ``i, j`` in the batch, a dense (b, b) float64 array."""
+        return self._batch_block(indices).toarray()
 
     def get_batch(
         self,
@@ -240,12 +244,17 @@ class PerplexityAffinity:
         (b, b) tensor
             ``log p_B(j|i) = log P_ij - log sum_{l in B} P_il``; ``-inf`` where ``P_ij = 0``
             (always on the diagonal); a row without neighbours in the batch is all ``-inf``
-            (:func:`beyond_icon.icon_loss` leaves it out of the mean).
+            (:func:`beyond_icon.icon_loss` leaves it out of the mean). The logarithms are
+            taken in float64 on the stored entries only.
         """
-        block = torch.as_tensor(self.dense_batch(indices), dtype=torch.float64)
-        total = block.sum(dim=1, keepdim=True)
-        log_p = torch.where(block > 0, block.log() - total.log(), -math.inf)
-        return log_p.to(device=device, dtype=dtype)
+        block = self._batch_block(indices)
+        total = np.bincount(block.row, weights=block.data, minlength=block.shape[0])
+        values = np.log(block.data) - np.log(total[block.row])
+        log_p = torch.full(block.shape, -math.inf, dtype=dtype)
+        log_p[torch.as_tensor(block.row), torch.as_tensor(block.col)] = torch.as_tensor(
+            values, dtype=dtype
+        )
+        return log_p.to(device)
 
     def batch_mass(self, indices: np.ndarray | Tensor) -> np.ndarray:
         """Fraction of each batch row's global mass ``sum_j p(j|i)`` that lies in the batch."""
@@ -319,10 +328,12 @@ class PerplexityAffinity:
         if not (isinstance(exaggeration, (int, float)) and exaggeration > 0):
             raise ValueError(f"exaggeration must be a positive number, got {exaggeration!r}")
         indices = self._indices(indices)
-        neighbour = self.dense_batch(indices) > 0  # a copy: the cached block is untouched
-        np.fill_diagonal(neighbour, True)
-        others = (~neighbour).sum(axis=1, keepdims=True)
-        represented = (self.n_samples_ - 1 - self.n_nonzero_[indices])[:, None]
+        block = self._batch_block(indices)
+        b = block.shape[0]
+        others = b - 1 - np.bincount(block.row, minlength=b)  # P has no diagonal entries
+        represented = self.n_samples_ - 1 - self.n_nonzero_[indices]
         log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
-        out = np.where(neighbour, 0.0, log_weight)
-        return torch.as_tensor(out, dtype=dtype, device=device)
+        out = torch.as_tensor(log_weight, dtype=dtype)[:, None].repeat(1, b)
+        out[torch.as_tensor(block.row), torch.as_tensor(block.col)] = 0.0
+        out.fill_diagonal_(0.0)
+        return out.to(device)

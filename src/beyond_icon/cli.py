@@ -50,7 +50,18 @@ def _converter(annotation: str):
     return lambda text: None if text.strip().lower() in ("none", "null", "") else simple(text)
 
 
+def _refuse(message: str):
+    def convert(text: str):
+        raise argparse.ArgumentTypeError(f"no longer an option: {message}")
+
+    return convert
+
+
 def _add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    for old, message in config_cls.renamed.items():
+        parser.add_argument(
+            "--" + old.replace("_", "-"), type=_refuse(message), help=argparse.SUPPRESS
+        )
     for field in dataclasses.fields(config_cls):
         default = (
             field.default if field.default is not dataclasses.MISSING else field.default_factory()

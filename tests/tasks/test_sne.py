@@ -82,3 +82,9 @@ def test_cli_config_file_and_errors(tmp_path, capsys):
     assert main(["sne", "--config", str(config), "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "unknown sne option(s): bogus" in capsys.readouterr().err
     assert main(["sne", "--data", "nope", "--out", str(tmp_path / "r3"), "--quiet"]) == 2
+    config.write_text("task: sne\nepochs: 50\n")  # an option of the previous recipe
+    assert main(["sne", "--config", str(config), "--out", str(tmp_path / "r4"), "--quiet"]) == 2
+    assert "no option 'epochs' any more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sne", "--epochs", "50", "--out", str(tmp_path / "r5"), "--quiet"])
+    assert "--n-steps" in capsys.readouterr().err

@@ -61,7 +61,7 @@ class ClusterConfig(TaskConfig):
     divergence: str = "tv"
     loss: str = "icon"
     head: str = "linear"
-    n_heads: int = 1
+    n_heads: int = 10
     n_neighbors: int = 20
     propagate_steps: int = 1
     debias: float = 0.0
@@ -70,7 +70,7 @@ class ClusterConfig(TaskConfig):
     beta: float = 0.6
     epochs: int = 30
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 1e-2
     lr_step_epochs: int = 10
     kmeans_init: int = 10
 

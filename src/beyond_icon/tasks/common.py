@@ -38,6 +38,8 @@ class TaskConfig:
         "seed": "random seed",
         "device": "auto, cpu, cuda or cuda:N",
     }
+    # options a task no longer has, with what replaces them: a one-line error, not a guess
+    renamed: ClassVar[dict[str, str]] = {}
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -110,6 +112,8 @@ def write_config(config: Any, out: Path) -> None:
 def config_from_dict(cls: type, values: dict) -> Any:
     """Build a task config from a dict, rejecting unknown keys with a clear message."""
     names = {f.name for f in dataclasses.fields(cls)}
+    for old in sorted(set(values) & set(cls.renamed)):
+        raise ValueError(f"{cls.task} has no option {old!r} any more: {cls.renamed[old]}")
     unknown = sorted(set(values) - names - {"task"})
     if unknown:
         raise ValueError(

@@ -35,6 +35,10 @@ class SNEConfig(TaskConfig):
     (``seed`` is its ``random_state``)."""
 
     task: ClassVar[str] = "sne"
+    renamed: ClassVar[dict[str, str]] = {
+        "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
+        "clip(40 n / batch_size, 4000, 20000))"
+    }
     help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "divergence": "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name",
         "kernel": "q on the embedding: student_t (t-SNE) or gaussian (SNE)",
