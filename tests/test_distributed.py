@@ -42,6 +42,12 @@ def _case(name):
         return methods.SimCLR("tv", temperature=0.3), None, torch.cat([x, x2], 1)
     if name == "cluster":
         return (methods.ClusterLoss("hellinger", debias=0.1, debias_side="both"), None, x)
+    if name == "cluster_merged":  # the merged-columns path, two heads, same-sample positives
+        return (
+            methods.ClusterLoss("tv", debias=0.1, debias_side="q", exclude_self=True),
+            None,
+            x,
+        )
     if name == "sne":
         inputs = torch.randn(n, 9, generator=gen, dtype=torch.float64)
         return methods.SNE("jsd", perplexity=3.0), None, torch.cat([x, inputs], 1)
@@ -73,6 +79,13 @@ def _loss(name, loss, model, x, rows_list):
         pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
         logits = model(x[index])
         return loss(logits, pair, teacher_logits=logits.detach() * 0.5)
+    if name == "cluster_merged":
+        parts = [torch.arange(r.start, r.stop) for r in rows_list]
+        index = torch.cat(parts)
+        pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
+        logits = model(x[index])
+        heads = torch.stack([logits, 2.0 * logits.flip(1)])
+        return loss(heads, pair, heads.detach() * 0.5, sample_index=index % 4).sum()
     if name == "sne":
         index = torch.cat([torch.arange(r.start, r.stop) for r in rows_list])
         return loss(x[index, 6:], model(x[index, :6]))
@@ -117,7 +130,15 @@ def _worker(rank, world_size, port, names, results):
         dist.destroy_process_group()
 
 
-NAMES = ["supcon", "supcon_cosine_kl", "simclr", "cluster", "sne", "tsne_fitted"]
+NAMES = [
+    "supcon",
+    "supcon_cosine_kl",
+    "simclr",
+    "cluster",
+    "cluster_merged",
+    "sne",
+    "tsne_fitted",
+]
 
 
 @pytest.fixture(scope="module")

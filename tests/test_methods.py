@@ -273,3 +273,133 @@ def test_supcon_all_singletons_single_view_is_an_error_two_views_are_fine():
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# --------------------------------------------------------------------------------------------
+# ClusterLoss: the merged-columns path equals the dense (n, n) path
+# --------------------------------------------------------------------------------------------
+
+
+def _cluster_batch(seed: int, b: int = 10, k: int = 5, duplicates: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * b, k, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(2 * b, k, generator=g, dtype=torch.float64)
+    pair = torch.arange(b).repeat(2)
+    sample = torch.randint(0, 2 * b if duplicates else 10**6, (2 * b,), generator=g)
+    return logits, teacher, pair, sample
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"exclude_self": True},
+        {"debias": 0.2, "debias_side": "q"},
+        {"debias": 0.3, "debias_side": "q", "exclude_self": True},
+    ],
+)
+@pytest.mark.parametrize("extras", ["pairs", "teacher+samples"])
+def test_cluster_merged_columns_equal_dense(divergence, options, extras):
+    logits, teacher, pair, sample = _cluster_batch(3)
+    kwargs = {}
+    if extras != "pairs":
+        kwargs = {"teacher_logits": teacher, "sample_index": sample}
+    values, grads = [], []
+    for compress in (True, False):
+        z = logits.clone().requires_grad_(True)
+        loss = methods.ClusterLoss(divergence, compress=compress, **options)
+        value = loss(z, pair, **kwargs)
+        value.backward()
+        values.append(float(value.detach()))
+        grads.append(z.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-11)
+
+
+def test_cluster_merged_columns_confident_and_lonely():
+    """Confident heads (|logits| ~ 40) and points alone in their cluster: no underflow, no nan."""
+    logits, _, pair, sample = _cluster_batch(5, b=6, k=12)
+    logits = logits * 15
+    for exclude_self in (False, True):
+        values = []
+        for compress in (True, False):
+            z = logits.clone().requires_grad_(True)
+            value = methods.ClusterLoss("tv", exclude_self=exclude_self, compress=compress)(
+                z, pair, sample_index=sample
+            )
+            value.backward()
+            assert torch.isfinite(z.grad).all()
+            values.append(float(value.detach()))
+        assert values[0] == pytest.approx(values[1], abs=1e-9)
+
+
+def test_positive_columns_union_of_keys_without_self():
+    pair = torch.tensor([0, 1, 2, 0, 1, 2])
+    sample = torch.tensor([7, 8, 9, 8, 5, 7])  # row 3 holds sample 8, as row 1 does
+    columns, mask = kernels.positive_columns(pair, sample)
+    listed = [sorted(set(columns[i][mask[i]].tolist())) for i in range(6)]
+    assert [len(columns[i][mask[i]]) for i in range(6)] == [len(x) for x in listed]  # no repeats
+    want = [
+        [j for j in range(6) if j != i and (pair[j] == pair[i] or sample[j] == sample[i])]
+        for i in range(6)
+    ]
+    assert listed == want
+
+
+def test_same_sample_columns_are_positives():
+    """A sample drawn twice into a batch puts p mass on its own copy, never counts it negative."""
+    logits, _, pair, _ = _cluster_batch(1, b=3)
+    sample = torch.tensor([10, 11, 12, 13, 10, 14])  # sample 10: anchor 0 and partner of pair 1
+    loss = methods.ClusterLoss("kl", compress=False)
+    # p of row 0: its pair-mate (row 3) and its own copy (row 4), half each
+    columns, mask = kernels.positive_columns(torch.arange(3).repeat(2), sample)
+    row0 = sorted(columns[0][mask[0]].tolist())
+    assert row0 == [3, 4]
+    with_samples = loss(logits, pair, sample_index=sample)
+    without = loss(logits, pair)
+    log_q = kernels.clusters(torch.log_softmax(logits, -1))
+    want0 = -0.5 * (log_q[0, 3] + log_q[0, 4]) - math.log(2)  # KL(uniform{3,4} || q)
+    rows = [want0]
+    for i in range(1, 6):
+        cols = columns[i][mask[i]]
+        rows.append(
+            -log_q[i, cols].mean() - math.log(len(cols)) if len(cols) else torch.tensor(0.0)
+        )
+    assert float(with_samples) == pytest.approx(float(torch.stack(rows).mean()), rel=1e-10)
+    assert float(with_samples) != pytest.approx(float(without))
+
+
+def test_divergences_not_of_the_f_family_take_the_dense_path():
+    """A user divergence that depends on how q spreads over p's zeros is not merged."""
+
+    def spread(log_p, log_q):  # sum_j q_j^2: changes when columns are merged
+        return (2 * log_q).exp().sum(-1) + 0 * log_p.clamp_min(-1).sum(-1)
+
+    logits, _, pair, _ = _cluster_batch(2)
+    got = methods.ClusterLoss(spread)(logits, pair)
+    dense = methods.ClusterLoss(spread, compress=False)(logits, pair)
+    assert float(got) == pytest.approx(float(dense), rel=1e-12)
+    assert divergences.get(spread).f_family is False
+    assert all(divergences.get(d).f_family for d in DIVERGENCES + ["reverse_kl", "jeffreys"])
+    generated = divergences.f_divergence(lambda t: (t - 1) ** 2, name="pearson")
+    assert divergences.get(generated).f_family
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_cluster_heads_together_equal_one_by_one(compress):
+    """(h, n, k) logits give the (h,) losses of the heads, each as if computed alone."""
+    logits, teacher, pair, sample = _cluster_batch(4)
+    heads = torch.stack([logits, -logits, 0.5 * logits]).requires_grad_(True)
+    teachers = torch.stack([teacher, teacher.flip(0), teacher * 2])
+    loss = methods.ClusterLoss("jsd", exclude_self=True, compress=compress)
+    together = loss(heads, pair, teachers, sample_index=sample)
+    assert together.shape == (3,)
+    together.sum().backward()
+    alone = heads.detach().clone().requires_grad_(True)
+    one_by_one = torch.stack(
+        [loss(alone[h], pair, teachers[h], sample_index=sample) for h in range(3)]
+    )
+    one_by_one.sum().backward()
+    torch.testing.assert_close(together.detach(), one_by_one.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(heads.grad, alone.grad, rtol=1e-10, atol=1e-13)

@@ -205,7 +205,7 @@ def test_cluster_sweep_has_pmi_and_kmeans_rows(tmp_path):
             "300",
             "--n-test",
             "100",
-            "--epochs",
+            "--n-steps",
             "1",
             "--kmeans-init",
             "1",

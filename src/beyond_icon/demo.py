@@ -25,13 +25,11 @@ DEMO = [
         "cluster",
         {
             "data": "digits",
-            "epochs": 60,
             "batch_size": 256,
-            "lr_step_epochs": 20,
             "n_neighbors": 20,
             "kmeans_init": 10,
         },
-        {"epochs": 2},
+        {"n_steps": 20},
         "A linear cluster head on the standardised pixels of the digits train split, trained with the "
         "I-Con cluster loss (p: a partner among the 20 cosine nearest neighbours, q: the cluster-sharing "
         "kernel); Hungarian accuracy, NMI and ARI of its clusters on the test split, with k-means on the "

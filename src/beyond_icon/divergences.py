@@ -305,6 +305,7 @@ def f_divergence(
 
     divergence.__name__ = name
     divergence.__doc__ = f"f-divergence '{name}': sum_j q_j f(p_j / q_j)."
+    divergence.f_family = True  # read by get() and register()
     return divergence
 
 
@@ -318,13 +319,17 @@ class Divergence:
     """A named divergence: ``D(log_p, log_q) -> (n,)``, with what is known of its range.
 
     Calling it validates the inputs (shapes, finiteness, normalised rows) unless
-    ``validate=False``; ``fn`` is the raw function.
+    ``validate=False``; ``fn`` is the raw function. ``f_family`` marks an f-divergence
+    ``sum_j q_j f(p_j / q_j)``: merging the columns where ``p = 0`` into one leaves it unchanged.
     """
 
     name: str
     fn: DivergenceFn = field(repr=False)
     upper_bound: float = math.inf
     symmetric: bool = False
+    # an f-divergence, sum_j q_j f(p_j / q_j): the columns where p = 0 may be merged into one
+    # (their q summed) without changing its value, which the cluster preset uses for speed
+    f_family: bool = False
 
     def __call__(self, log_p: Tensor, log_q: Tensor, *, validate: bool = True) -> Tensor:
         if validate:
@@ -349,16 +354,23 @@ def register(
     *,
     upper_bound: float = math.inf,
     symmetric: bool = False,
+    f_family: bool = False,
     overwrite: bool = False,
 ) -> Divergence:
-    """Register ``fn(log_p, log_q) -> (n,)`` under ``name`` and return the Divergence."""
+    """Register ``fn(log_p, log_q) -> (n,)`` under ``name`` and return the Divergence.
+
+    Pass ``f_family=True`` only for an f-divergence (what :func:`f_divergence` builds).
+    """
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"a divergence name must be a non-empty string without ':', got {name!r}")
     if not callable(fn):
         raise TypeError(f"divergence '{name}' must be callable (log_p, log_q) -> (n,)")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"divergence '{name}' is already registered (pass overwrite=True)")
-    divergence = Divergence(name, fn, upper_bound=upper_bound, symmetric=symmetric)
+    f_family = f_family or getattr(fn, "f_family", False)
+    divergence = Divergence(
+        name, fn, upper_bound=upper_bound, symmetric=symmetric, f_family=f_family
+    )
     _REGISTRY[name] = divergence
     return divergence
 
@@ -373,7 +385,9 @@ def get(name: str | Divergence | DivergenceFn) -> Divergence:
     if isinstance(name, Divergence):
         return name
     if callable(name):
-        return Divergence(getattr(name, "__name__", "custom"), name)
+        return Divergence(
+            getattr(name, "__name__", "custom"), name, f_family=getattr(name, "f_family", False)
+        )
     if not isinstance(name, str):
         raise TypeError(f"divergence must be a name or a callable, got {type(name).__name__}")
     key = name.strip().lower()
@@ -383,23 +397,25 @@ def get(name: str | Divergence | DivergenceFn) -> Divergence:
         except ValueError:
             raise ValueError(f"'{name}': alpha:A needs a number A, e.g. 'alpha:0.5'") from None
         if a == 1.0:
-            return Divergence(f"alpha:{a:g}", kl)
+            return Divergence(f"alpha:{a:g}", kl, f_family=True)
         if a == 0.0:
-            return Divergence(f"alpha:{a:g}", reverse_kl)
+            return Divergence(f"alpha:{a:g}", reverse_kl, f_family=True)
         bound = 1.0 / (a * (1.0 - a)) if 0.0 < a < 1.0 else math.inf
-        return Divergence(f"alpha:{a:g}", alpha(a), upper_bound=bound, symmetric=a == 0.5)
+        return Divergence(
+            f"alpha:{a:g}", alpha(a), upper_bound=bound, symmetric=a == 0.5, f_family=True
+        )
     if key not in _REGISTRY:
         raise ValueError(f"unknown divergence '{name}'; known: {', '.join(names())}")
     return _REGISTRY[key]
 
 
-register("kl", kl)
-register("reverse_kl", reverse_kl)
-register("tv", tv, upper_bound=1.0, symmetric=True)
-register("hellinger", hellinger, upper_bound=1.0, symmetric=True)
-register("jsd", jsd, upper_bound=math.log(2.0), symmetric=True)
-register("chi2", chi2)
-register("jeffreys", jeffreys, symmetric=True)
+register("kl", kl, f_family=True)
+register("reverse_kl", reverse_kl, f_family=True)
+register("tv", tv, upper_bound=1.0, symmetric=True, f_family=True)
+register("hellinger", hellinger, upper_bound=1.0, symmetric=True, f_family=True)
+register("jsd", jsd, upper_bound=math.log(2.0), symmetric=True, f_family=True)
+register("chi2", chi2, f_family=True)
+register("jeffreys", jeffreys, symmetric=True, f_family=True)
 
 
 def register_module(spec: str) -> Divergence:
@@ -419,7 +435,12 @@ def register_module(spec: str) -> Divergence:
         raise ValueError(f"{spec} is not callable")
     if isinstance(fn, Divergence):
         return register(
-            name, fn.fn, upper_bound=fn.upper_bound, symmetric=fn.symmetric, overwrite=True
+            name,
+            fn.fn,
+            upper_bound=fn.upper_bound,
+            symmetric=fn.symmetric,
+            f_family=fn.f_family,
+            overwrite=True,
         )
     try:
         n_params = len(
@@ -432,7 +453,7 @@ def register_module(spec: str) -> Divergence:
     except (TypeError, ValueError):
         n_params = 2
     if n_params == 1:
-        return register(name, f_divergence(fn, name=name), overwrite=True)
+        return register(name, f_divergence(fn, name=name), f_family=True, overwrite=True)
     if n_params == 2:
         return register(name, fn, overwrite=True)
     raise ValueError(

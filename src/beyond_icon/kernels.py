@@ -26,12 +26,14 @@ from beyond_icon._validation import (
 
 __all__ = [
     "clusters",
+    "clusters_at",
     "cosine",
     "debias",
     "gaussian",
     "knn",
     "labels",
     "perplexity",
+    "positive_columns",
     "propagate",
     "squared_distances",
     "student_t",
@@ -298,6 +300,130 @@ def clusters(
     if exclude_self:
         log_q = _masked_log_softmax(log_q, block, True)
     return log_q.to(log_assign.dtype)
+
+
+def positive_columns(*keys: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row ``i``, the columns ``j != i`` that share any of the ``keys`` with ``i``.
+
+    ``keys`` are (n,) integer tensors (a pair id, a sample index, ...); ``j`` is listed for
+    ``i`` when ``key[j] == key[i]`` for at least one key, once. Returns ``(columns, mask)``, both
+    (n, s): column indices, and which of them are real (the rest is padding). This is the
+    support of the views kernel (:func:`views`) without its dense (n, n) matrix: sorting costs
+    O(n log n) and the width ``s`` is the largest group.
+    """
+    if not keys:
+        raise ValueError("positive_columns needs at least one key")
+    n = keys[0].shape[0]
+    for key in keys:
+        check_labels(key, "key", n=n)
+    device = keys[0].device
+    arange = torch.arange(n, device=device)
+    columns, masks = [], []
+    for k, key in enumerate(keys):
+        order = torch.argsort(key, stable=True)
+        _, group_sorted, counts = torch.unique_consecutive(
+            key[order], return_inverse=True, return_counts=True
+        )
+        group = torch.empty_like(group_sorted)
+        group[order] = group_sorted
+        starts = torch.cumsum(counts, 0) - counts
+        width = int(counts.max())
+        slots = torch.arange(width, device=device)
+        mask = slots[None, :] < counts[group][:, None]
+        column = order[(starts[group][:, None] + slots[None, :]).clamp(max=n - 1)]
+        mask &= column != arange[:, None]
+        for earlier in keys[:k]:  # listed already through an earlier key
+            mask &= earlier[column] != earlier[:, None]
+        columns.append(column)
+        masks.append(mask)
+    column, mask = torch.cat(columns, dim=1), torch.cat(masks, dim=1)
+    # real entries first, then cut to the longest row (the anchor's own slot is gone)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    width = max(int(mask.sum(dim=1).max()), 1)
+    return column.gather(1, order)[:, :width], mask.gather(1, order)[:, :width]
+
+
+def clusters_at(
+    log_assign: Tensor,
+    columns: Tensor,
+    mask: Tensor,
+    teacher: Tensor | None = None,
+    *,
+    rows: slice | None = None,
+    exclude_self: bool = False,
+) -> Tensor:
+    """The cluster-sharing kernel at a few columns per row, and the mass of all the others.
+
+    With ``q(j|i) = sum_c a_ic b_jc / sum_l b_lc`` (see :func:`clusters`), returns the
+    (n, s + 1) log-probabilities ``[log q(c_i1|i), ..., log q(c_is|i), log r_i]`` where
+    ``c_it = columns[i, t]`` (``-inf`` where ``mask`` is False) and
+    ``r_i = sum_{j not listed} q(j|i) = sum_c a_ic (1 - sum_t b_{c_it c} / sum_l b_lc)``:
+    every column that is not listed merged into one. With ``exclude_self`` the anchor's own
+    column is dropped from ``r_i`` and the row renormalised by ``1 - q(i|i)``, computed from
+    leave-one-out sums (exact also when ``i`` holds nearly all of its clusters' batch mass).
+    ``log_assign`` (and ``teacher``)
+    may carry leading dimensions (several heads: (h, n, k) gives (h, n, s + 1)).
+
+    Merging the columns where ``p = 0`` changes no f-divergence (they all have ``p/q = 0``), so
+    ``D(p_listed || this)`` equals ``D(p || clusters(...))`` for every f-divergence, at O(n s k)
+    cost instead of O(n^2 k). The listed columns are exact log-sum-exps; ``r_i`` is one minus
+    their sum, in float64.
+    """
+    k = log_assign.shape[-1]
+    check_log_distributions(log_assign.reshape(-1, k), "log_assign", allow_empty_rows=False)
+    if teacher is None:
+        teacher = log_assign
+    else:
+        if teacher.shape != log_assign.shape:
+            raise ValueError(
+                f"teacher has shape {tuple(teacher.shape)}, log_assign {tuple(log_assign.shape)}"
+            )
+        check_log_distributions(teacher.reshape(-1, k), "teacher", allow_empty_rows=False)
+    n = log_assign.shape[-2]
+    if n < 2:
+        raise ValueError("the cluster kernel needs a batch of at least 2 points")
+    block = _row_slice(n, rows)
+    if columns.shape != mask.shape or columns.shape[0] != n:
+        raise ValueError(
+            f"columns and mask must both be ({n}, s), got {tuple(columns.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    columns, mask = columns[block], mask[block]
+    la = log_assign[..., block, :]
+    lb = teacher - torch.logsumexp(teacher, dim=-2, keepdim=True)  # log b_jc / sum_l b_lc
+    listed = torch.stack(
+        [torch.logsumexp(la + lb[..., columns[:, t], :], dim=-1) for t in range(columns.shape[1])],
+        dim=-1,
+    ).masked_fill(~mask, -math.inf)
+    if exclude_self:  # renormalise by 1 - q(i|i), from leave-one-out cluster masses
+        listed = listed - _log_mass_of_others(la, teacher, block)
+    # the rest: 1 - the listed mass, in float64; it enters every f-divergence linearly
+    # (as f(0) r_i), so an absolute rounding error of the listed values is all it carries
+    other = (1.0 - listed.double().exp().sum(dim=-1, keepdim=True)).clamp_min(0.0)
+    positive = other > 0
+    rest = torch.where(positive, torch.where(positive, other, 1.0).log(), -math.inf)
+    return torch.cat([listed, rest.to(listed.dtype)], dim=-1)
+
+
+def _log_mass_of_others(la: Tensor, log_b: Tensor, block: slice) -> Tensor:
+    """``log(1 - q(i|i)) = log sum_c a_ic (sum_{j != i} b_jc) / sum_l b_lc`` for the block.
+
+    The sums over ``j != i`` are exclusive prefix plus suffix sums (no subtraction), so a point
+    that holds almost all of a cluster's mass keeps full relative precision.
+    """
+    top = log_b.max(dim=-2, keepdim=True).values
+    e = (log_b - top).exp()
+    zero = torch.zeros_like(e[..., :1, :])
+    before = torch.cat([zero, e.cumsum(dim=-2)[..., :-1, :]], dim=-2)
+    after = torch.cat([e.flip(-2).cumsum(dim=-2)[..., :-1, :].flip(-2), zero], dim=-2)
+    others = (before + after)[..., block, :]
+    positive = others > 0
+    log_others = torch.where(positive, torch.where(positive, others, 1.0).log(), -math.inf)
+    log_share = log_others + top - torch.logsumexp(log_b, dim=-2, keepdim=True)
+    terms = la + log_share
+    finite = torch.isfinite(terms).any(dim=-1, keepdim=True)
+    out = torch.logsumexp(torch.where(finite, terms, 0.0), dim=-1, keepdim=True)
+    return torch.where(finite, out, -math.inf)
 
 
 def debias(

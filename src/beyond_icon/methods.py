@@ -376,10 +376,28 @@ class ClusterLoss(IConLoss):
     """Clustering: p = views over pairs (anchor and mined neighbour), q = cluster-sharing kernel.
 
     ``q(j|i) = sum_c a_ic b_jc / sum_l b_lc`` with ``a = softmax(logits)`` and ``b`` the
-    teacher's assignments (default ``a``). ``debias`` alpha mixes p, q or both
-    (``debias_side``) with uniform over ``j != i``. Every row (both members of each pair) is
-    an anchor, so the loss is symmetric in the pair.
-    ``forward(logits, pair_index, teacher_logits=None)``.
+    teacher's assignments (default ``a``). ``p(j|i)`` is uniform over the columns that share
+    ``i``'s pair id (its pair-mate) or, when ``sample_index`` is given, hold the same training
+    sample as ``i`` (a sample drawn twice into a batch is never a negative of itself).
+    ``exclude_self`` drops ``j = i`` from q as every p here does (consistent self-pairs).
+    ``debias`` alpha mixes p, q or both (``debias_side``) with uniform over ``j != i``.
+    ``propagate_steps > 1`` walks p along the batch's ``n_neighbors``-NN graph of ``features``
+    (:func:`~beyond_icon.kernels.propagate`). Every row is an anchor, so the loss is symmetric
+    in the pair.
+
+    Speed: p of pairs is zero on all but a few columns of each row, and an f-divergence does
+    not change when those columns are merged into one (their q summed). With ``compress``
+    (default) and an f-divergence (every built-in one), q is evaluated at the positive columns
+    and the merged rest only (:func:`~beyond_icon.kernels.clusters_at`): O(n k) per head
+    instead of O(n^2 k), with the dense path's value and gradient. A p-side debias, an explicit
+    ``log_p``, propagation or a divergence that is not marked ``f_family`` use the dense path.
+
+    ``forward(logits, pair_index, teacher_logits=None, log_p=None, sample_index=None,
+    features=None)``.
+
+    References
+    ----------
+    Alshammari et al., "I-Con: A Unifying Framework for Representation Learning", ICLR 2025.
     """
 
     def __init__(
@@ -389,15 +407,25 @@ class ClusterLoss(IConLoss):
         debias_side: str = "p",
         exclude_self: bool = False,
         chunk_size: int | None = None,
+        propagate_steps: int = 1,
+        n_neighbors: int = 20,
+        compress: bool = True,
     ):
         super().__init__(divergence, chunk_size)
         if debias_side not in _SIDES:
             raise ValueError(f"debias_side must be one of {_SIDES}, got {debias_side!r}")
         if not 0.0 <= debias <= 1.0:
             raise ValueError(f"debias must be in [0, 1], got {debias}")
+        if not isinstance(propagate_steps, int) or propagate_steps < 1:
+            raise ValueError(f"propagate_steps must be an integer >= 1, got {propagate_steps!r}")
+        if not isinstance(n_neighbors, int) or n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be an integer >= 1, got {n_neighbors!r}")
         self.debias = debias
         self.debias_side = debias_side
         self.exclude_self = exclude_self
+        self.propagate_steps = propagate_steps
+        self.n_neighbors = n_neighbors
+        self.compress = compress
 
     def forward(
         self,
@@ -405,15 +433,31 @@ class ClusterLoss(IConLoss):
         pair_index: Tensor | None,
         teacher_logits: Tensor | None = None,
         log_p: Tensor | None = None,
+        sample_index: Tensor | None = None,
+        features: Tensor | None = None,
     ) -> Tensor:
-        """``pair_index`` gives p = views over pairs; or pass ``log_p`` (n, n) directly."""
+        """``pair_index`` gives p = views over pairs; or pass ``log_p`` (n, n) directly.
+
+        ``logits`` (n, k) gives the loss; (h, n, k), ``h`` heads on one batch (``teacher_logits``
+        alike), gives the (h,) losses of the heads, computed together.
+        """
+        if isinstance(logits, Tensor) and logits.dim() == 3:
+            return self._heads(logits, pair_index, teacher_logits, log_p, sample_index, features)
         check_features(logits, "logits", min_rows=2)
+        n = logits.shape[0]
         if log_p is None:
-            check_labels(pair_index, "pair_index", n=logits.shape[0])
-        elif log_p.shape != (logits.shape[0], logits.shape[0]):
-            raise ValueError(
-                f"log_p must be ({logits.shape[0]}, {logits.shape[0]}), got {tuple(log_p.shape)}"
-            )
+            check_labels(pair_index, "pair_index", n=n)
+            if sample_index is not None:
+                check_labels(sample_index, "sample_index", n=n)
+        elif log_p.shape != (n, n):
+            raise ValueError(f"log_p must be ({n}, {n}), got {tuple(log_p.shape)}")
+        walks = self.propagate_steps > 1 and log_p is None
+        if walks:
+            if features is None:
+                raise ValueError("propagate_steps > 1 needs the batch's features (features=...)")
+            check_features(features, "features")
+            if features.shape[0] != n:
+                raise ValueError(f"features must have {n} rows, got {features.shape[0]}")
         log_a = torch.log_softmax(logits, dim=-1)
         log_b = None
         if teacher_logits is not None:
@@ -425,22 +469,167 @@ class ClusterLoss(IConLoss):
             raise ValueError("an explicit log_p cannot be combined with a distributed batch")
         if log_p is None:
             pair_index = _unique_ids(pair_index)
-        (log_a, log_b, pair_index), shard = self._gather(log_a, log_b, pair_index)
+        (log_a, log_b, pair_index, sample_index, features), shard = self._gather(
+            log_a, log_b, pair_index, sample_index, features.detach() if walks else None
+        )
         alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
-        given = log_p
-        log_p = _debiased(
-            (lambda rows: given[rows])
-            if given is not None
-            else (lambda rows: kernels.views(pair_index, rows=rows, dtype=logits.dtype)),
-            alpha_p,
-        )
+        n = log_a.shape[0]
+        if log_p is None:
+            keys = [pair_index] + ([sample_index] if sample_index is not None else [])
+            columns, mask = kernels.positive_columns(*keys)
+            if self.compress and self.divergence.f_family and alpha_p == 0.0 and not walks:
+                return self._compressed(log_a, log_b, columns, mask, alpha_q, shard)
+            given = _scatter_uniform(columns, mask, n, log_a.dtype)
+            if walks:
+                graph = torch.logaddexp(
+                    given, kernels.knn(features, min(self.n_neighbors, n - 1)).to(given.dtype)
+                )
+                given = kernels.propagate(torch.log_softmax(graph, dim=1), self.propagate_steps)
+        else:
+            given = log_p
+        log_p = _debiased(lambda rows: given[rows], alpha_p)
         log_q = _debiased(
             lambda rows: kernels.clusters(log_a, log_b, rows=rows, exclude_self=self.exclude_self),
             alpha_q,
             exclude_self=self.exclude_self,
         )
-        return self._icon(log_p, log_q, log_a.shape[0], shard)
+        return self._icon(log_p, log_q, n, shard)
+
+    def _heads(
+        self,
+        logits: Tensor,
+        pair_index: Tensor | None,
+        teacher_logits: Tensor | None,
+        log_p: Tensor | None,
+        sample_index: Tensor | None,
+        features: Tensor | None,
+    ) -> Tensor:
+        """(h,) losses of ``h`` heads; one vectorised pass on the merged-columns path."""
+        h, n, k = logits.shape
+        if teacher_logits is not None and teacher_logits.shape != logits.shape:
+            raise ValueError("teacher_logits must have the shape of logits")
+        alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
+        merged = (
+            log_p is None
+            and self.compress
+            and self.divergence.f_family
+            and alpha_p == 0.0
+            and self.propagate_steps == 1
+        )
+        if not merged:
+            return torch.stack(
+                [
+                    self.forward(
+                        logits[i],
+                        pair_index,
+                        None if teacher_logits is None else teacher_logits[i],
+                        log_p,
+                        sample_index,
+                        features,
+                    )
+                    for i in range(h)
+                ]
+            )
+        check_features(logits.transpose(0, 1).reshape(n, h * k), "logits", min_rows=2)
+        check_labels(pair_index, "pair_index", n=n)
+        if sample_index is not None:
+            check_labels(sample_index, "sample_index", n=n)
+        log_a = torch.log_softmax(logits, dim=-1).transpose(0, 1)  # rows first, for the gather
+        log_b = None
+        if teacher_logits is not None:
+            check_features(teacher_logits.transpose(0, 1).reshape(n, h * k), "teacher_logits")
+            log_b = torch.log_softmax(teacher_logits, dim=-1).transpose(0, 1)
+        (log_a, log_b, pair_index, sample_index), shard = self._gather(
+            log_a, log_b, _unique_ids(pair_index), sample_index
+        )
+        log_a = log_a.transpose(0, 1)
+        log_b = None if log_b is None else log_b.transpose(0, 1)
+        keys = [pair_index] + ([sample_index] if sample_index is not None else [])
+        columns, mask = kernels.positive_columns(*keys)
+        alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
+        return self._compressed(log_a, log_b, columns, mask, alpha_q, shard)
+
+    def _compressed(
+        self,
+        log_a: Tensor,
+        log_b: Tensor | None,
+        columns: Tensor,
+        mask: Tensor,
+        alpha_q: float,
+        shard: Shard | None,
+    ) -> Tensor:
+        """The loss on rows ``[positives..., rest]``: exact for f-divergences (see the class).
+
+        ``log_a`` (n, k) gives the loss, (h, n, k) the (h,) losses of the heads.
+        """
+        n = log_a.shape[-2]
+        count = mask.sum(dim=1, keepdim=True)
+        log_p = torch.where(mask, -count.clamp_min(1).to(log_a.dtype).log(), -math.inf)
+        log_p = torch.cat([log_p, torch.full_like(log_p[:, :1], -math.inf)], dim=1)
+        allowed = n - 1 if self.exclude_self else n
+
+        def log_q(rows: slice) -> Tensor:
+            out = kernels.clusters_at(
+                log_a, columns, mask, log_b, rows=rows, exclude_self=self.exclude_self
+            )
+            if alpha_q == 0.0:
+                return out
+            # (1 - alpha) q + alpha / m on each listed column, alpha (m - s_i) / m on the rest
+            block_count = count[rows].to(out.dtype)
+            listed = torch.full(mask[rows].shape, -math.log(allowed), dtype=out.dtype)
+            uniform = torch.cat(
+                [
+                    listed.to(out.device).masked_fill(~mask[rows], -math.inf),
+                    torch.log((allowed - block_count) / allowed),
+                ],
+                dim=1,
+            ).expand_as(out)
+            kept = out + math.log1p(-alpha_q) if alpha_q < 1.0 else torch.full_like(out, -math.inf)
+            some = (kept > -math.inf) | (uniform > -math.inf)  # logaddexp(-inf, -inf): nan grad
+            mixed = torch.logaddexp(
+                torch.where(some, kept, 0.0), torch.where(some, uniform + math.log(alpha_q), 0.0)
+            )
+            return torch.where(some, mixed, -math.inf)
+
+        if log_a.dim() == 2:
+            return self._icon(log_p, log_q, n, shard)
+        rows = slice(0, n) if shard is None else shard.rows
+        block_q, block_p = log_q(rows), log_p[rows]
+        has_mass = mask[rows].any(dim=1)
+        block_q, block_p = block_q[:, has_mass], block_p[has_mass]
+        heads, width = block_q.shape[0], block_q.shape[-1]
+        if block_p.shape[0] == 0:  # still part of the graph (the all-gather's backward)
+            sums = block_q.masked_fill(~torch.isfinite(block_q), 0.0).sum(dim=(1, 2)) * 0.0
+        else:
+            values = self.divergence(
+                block_p.expand(heads, -1, -1).reshape(-1, width), block_q.reshape(-1, width)
+            )
+            sums = values.view(heads, -1).sum(dim=1)
+        count, n_global, world_size = int(has_mass.sum()), n, 1
+        if shard is not None:
+            from beyond_icon.distributed import all_reduce_sum
+
+            count = int(all_reduce_sum(torch.tensor(count, device=sums.device)))
+            world_size = shard.world_size
+        if count == 0:
+            raise ValueError(f"no row of the {n_global} has a positive (pair-mate); loss undefined")
+        self.last_stats = LossStats(n_rows=count, n_empty=n_global - count)
+        losses = sums / count * world_size
+        if not bool(torch.isfinite(losses.detach()).all()):
+            raise ValueError(
+                f"the '{self.divergence.name}' cluster loss overflowed {losses.dtype}: q gives a "
+                "pair-mate a tiny probability. Debias q or use a bounded divergence"
+            )
+        return losses
+
+
+def _scatter_uniform(columns: Tensor, mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """Dense (n, n) log p, uniform over each row's listed columns (-inf elsewhere)."""
+    count = mask.sum(dim=1, keepdim=True).clamp_min(1)
+    values = torch.where(mask, -count.to(dtype).log(), -math.inf)
+    out = torch.full((n, n + 1), -math.inf, dtype=dtype, device=columns.device)
+    return out.scatter(1, torch.where(mask, columns, n), values)[:, :n]  # padding -> column n
 
 
 class PMI(nn.Module):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -45,6 +46,13 @@ class Standardize(nn.Module):
         if self.mean.dim() == 2:
             x = x.reshape(len(x), -1)
         return (x - self.mean) / self.std
+
+
+class L2Normalize(nn.Module):
+    """Each row scaled to unit Euclidean norm (flattened first)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x.reshape(len(x), -1), dim=1)
 
 
 class MLP(nn.Module):
@@ -190,11 +198,50 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+class HeadLinear(nn.Module):
+    """``n_heads`` independent linear maps run as one batched product.
+
+    Input (n, d) (shared by every head) or (n_heads, n, d); output (n_heads, n, out).
+    Initialised as ``nn.Linear`` is: uniform in ``+-1/sqrt(d)``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, n_heads: int, bias: bool = True):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n_heads, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = (
+            nn.Parameter(torch.empty(n_heads, 1, out_dim).uniform_(-bound, bound)) if bias else None
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            out = torch.einsum("nd,hdo->hno", x, self.weight)
+        else:
+            out = torch.bmm(x, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
 class ClusterHead(nn.Module):
     """``n_heads`` independent heads mapping features to ``n_clusters`` logits each.
 
-    Output shape (n_heads, n, n_clusters). ``kind`` is "linear" or "mlp" (one hidden layer).
+    Output shape (n_heads, n, n_clusters); the heads run as batched products.
+
+    ``kind``:
+
+    - ``"linear"``: one linear map (the paper's head);
+    - ``"mlp"``: one hidden layer of ``hidden`` units, GELU;
+    - ``"temi"``: TEMI's (and DINO's) head: a 3-layer MLP (``hidden`` units, GELU) to a
+      256-d bottleneck, L2-normalised, then a weight-normalised linear layer without bias
+      (unit-norm cluster prototypes), divided by ``temperature``: logits are cosines / 0.1.
+
+    References
+    ----------
+    Adaloglou et al., "Exploring the Limits of Deep Image Clustering using Pretrained Models"
+    (TEMI), BMVC 2023; Caron et al., "Emerging Properties in Self-Supervised Vision
+    Transformers" (DINO), ICCV 2021.
     """
+
+    KINDS = ("linear", "mlp", "temi")
 
     def __init__(
         self,
@@ -203,22 +250,36 @@ class ClusterHead(nn.Module):
         n_heads: int = 1,
         kind: str = "linear",
         hidden: int = 512,
+        bottleneck: int = 256,
+        temperature: float = 0.1,
     ):
         super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ValueError(f"head must be 'linear' or 'mlp', got {kind!r}")
-
-        def make() -> nn.Module:
-            if kind == "linear":
-                return nn.Linear(in_dim, n_clusters)
-            return nn.Sequential(
-                nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, n_clusters)
+        if kind not in self.KINDS:
+            raise ValueError(f"head must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        self.kind = kind
+        self.temperature = temperature
+        if kind == "linear":
+            self.body = nn.Identity()
+            self.last = HeadLinear(in_dim, n_clusters, n_heads)
+        elif kind == "mlp":
+            self.body = nn.Sequential(HeadLinear(in_dim, hidden, n_heads), nn.GELU())
+            self.last = HeadLinear(hidden, n_clusters, n_heads)
+        else:
+            self.body = nn.Sequential(
+                HeadLinear(in_dim, hidden, n_heads),
+                nn.GELU(),
+                HeadLinear(hidden, hidden, n_heads),
+                nn.GELU(),
+                HeadLinear(hidden, bottleneck, n_heads),
             )
-
-        self.heads = nn.ModuleList(make() for _ in range(n_heads))
+            self.last = HeadLinear(bottleneck, n_clusters, n_heads, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([head(x) for head in self.heads])
+        if self.kind != "temi":
+            return self.last(self.body(x))
+        z = F.normalize(self.body(x), dim=-1)
+        prototypes = F.normalize(self.last.weight, dim=1)  # unit-norm columns
+        return torch.bmm(z, prototypes) / self.temperature
 
 
 BACKBONES = ("auto", "mlp", "cnn", "resnet18", "resnet50")

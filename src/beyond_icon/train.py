@@ -94,6 +94,7 @@ class TrainConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
     schedule: str = "none"  # none | cosine | step
     warmup_epochs: int = 0
     step_epochs: int = 10  # for "step": multiply lr by step_gamma every step_epochs
@@ -108,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         if self.schedule not in ("none", "cosine", "step"):
             raise ValueError(f"schedule must be none, cosine or step, got {self.schedule!r}")
 
@@ -190,7 +193,8 @@ def fit(
         for tensor in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(tensor.data, 0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
     state_modules = state_modules or {}
     history: list[dict] = []
     start_epoch = 0

@@ -32,13 +32,10 @@ def test_well_separated_mixture_is_recovered(tmp_path, divergence, loss):
         data=f"embeddings:{path}",
         divergence=divergence,
         loss=loss,
-        n_neighbors=10,
-        epochs=15,
+        n_steps=75,  # shorter than the default budget (speed only); everything else default
         batch_size=64,
-        lr=1e-2,
         kmeans_init=2,
         device="cpu",
-        n_heads=2,
     )
     result = cluster.run(config, verbose=False)
     assert result.metrics["acc"] > 0.95, result.metrics
@@ -64,7 +61,7 @@ def test_cli_on_digits(tmp_path):
             "digits",
             "--divergence",
             "jsd",
-            "--epochs",
+            "--n-steps",
             "2",
             "--n-train",
             "400",
@@ -187,7 +184,7 @@ def test_extract_with_a_local_encoder(tmp_path):
                 "cluster",
                 "--data",
                 f"embeddings:{out}",
-                "--epochs",
+                "--n-steps",
                 "1",
                 "--kmeans-init",
                 "1",
@@ -238,7 +235,7 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
                 "cluster",
                 "--data",
                 "simplex:4",
-                "--epochs",
+                "--n-steps",
                 "1",
                 "--kmeans-init",
                 "0",

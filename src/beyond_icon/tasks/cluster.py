@@ -11,6 +11,7 @@ evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family referenc
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from beyond_icon import kernels, metrics, report
+from beyond_icon import metrics, report
 from beyond_icon.data import as_float
 from beyond_icon.distributed import is_main
 from beyond_icon.methods import PMI, ClusterLoss
-from beyond_icon.models import ClusterHead, Standardize
+from beyond_icon.models import ClusterHead, L2Normalize, Standardize
 from beyond_icon.neighbors import cached_neighbors
 from beyond_icon.tasks.common import TaskConfig, begin
 from beyond_icon.train import TrainConfig, fit, seed_everything, write_csv
@@ -37,23 +38,34 @@ class ClusterConfig(TaskConfig):
     """Settings of one ``beyond-icon cluster`` run."""
 
     task: ClassVar[str] = "cluster"
+    renamed: ClassVar[dict[str, str]] = {
+        "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
+        "max(2000, 30 n / batch_size))",
+        "lr_step_epochs": "use schedule (--schedule step halves the learning rate at 1/3 and 2/3 "
+        "of the steps, as the paper's 30 epochs halved every 10 do)",
+    }
     help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "pca_components": "PCA of the (flattened) inputs before clustering (none: as given)",
         "n_clusters": "K (default: the number of classes)",
         "divergence": "kl, tv, jsd, hellinger, ... (loss=icon)",
         "loss": "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)",
-        "head": "linear or mlp",
+        "head": "linear, mlp or temi (MLP, L2-normalised bottleneck, weight-normalised prototypes)",
+        "head_input": "what the head sees: standardize (per feature), l2 (unit rows) or none",
         "n_heads": "heads trained at once; the lowest-loss head is evaluated",
         "n_neighbors": "k of the mined k-NN from which each anchor's partner is drawn",
         "propagate_steps": "k-NN walk length for p (1 = pairs only)",
         "debias": "mix with uniform, alpha in [0, 1]",
         "debias_side": "p, q or both",
+        "exclude_self": "drop j = i from q, as p does (consistent self-pairs)",
+        "same_sample_positive": "a sample drawn twice into a batch is its own positive in p",
         "ema_teacher": "EMA momentum of a teacher head for q's second factor (none: no teacher)",
         "beta": "beta of TEMI's beta-PMI (loss=pmi)",
-        "epochs": "passes over the anchors",
+        "n_steps": "optimiser steps (default max(2000, 30 n / batch_size), whole passes)",
         "batch_size": "anchors per batch (each with one neighbour)",
         "lr": "Adam learning rate",
-        "lr_step_epochs": "halve the learning rate every this many epochs (0: constant)",
+        "schedule": "learning rate: step (halved at 1/3 and 2/3 of the steps), cosine or none",
+        "optimizer": "adam or adamw (decoupled weight decay, TEMI's)",
+        "weight_decay": "weight decay of the optimiser",
         "kmeans_init": "k-means restarts of the baseline (0: no k-means baseline)",
     }
     pca_components: int | None = None
@@ -61,17 +73,22 @@ class ClusterConfig(TaskConfig):
     divergence: str = "tv"
     loss: str = "icon"
     head: str = "linear"
+    head_input: str = "standardize"
     n_heads: int = 10
     n_neighbors: int = 20
     propagate_steps: int = 1
     debias: float = 0.0
     debias_side: str = "p"
+    exclude_self: bool = False
+    same_sample_positive: bool = False
     ema_teacher: float | None = None
     beta: float = 0.6
-    epochs: int = 30
+    n_steps: int | None = None
     batch_size: int = 256
     lr: float = 1e-2
-    lr_step_epochs: int = 10
+    schedule: str = "step"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
     kmeans_init: int = 10
 
 
@@ -105,6 +122,12 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         )
     if not 1 <= config.n_neighbors < n_train:
         raise ValueError(f"n_neighbors must be in [1, {n_train - 1}], got {config.n_neighbors}")
+    if config.head_input not in ("standardize", "l2", "none"):
+        raise ValueError(f"head_input must be standardize, l2 or none, got {config.head_input!r}")
+    if config.n_steps is not None and config.n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer, got {config.n_steps}")
+    if config.schedule not in ("step", "cosine", "none"):
+        raise ValueError(f"schedule must be step, cosine or none, got {config.schedule!r}")
     if config.n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
     if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
@@ -133,16 +156,27 @@ def run(
         train_x, config.n_neighbors, cache_dir, device=device, verbose=verbose
     )
     mining_time = time.perf_counter() - started
+    prepare = {"standardize": standardize, "l2": L2Normalize(), "none": nn.Identity()}[
+        config.head_input
+    ]
     model = nn.Sequential(
-        standardize, ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
+        prepare, ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
     ).to(device)
     teacher = copy.deepcopy(model).requires_grad_(False) if config.ema_teacher is not None else None
-    icon = ClusterLoss(config.divergence, debias=config.debias, debias_side=config.debias_side)
+    icon = ClusterLoss(
+        config.divergence,
+        debias=config.debias,
+        debias_side=config.debias_side,
+        exclude_self=config.exclude_self,
+        propagate_steps=config.propagate_steps,
+        n_neighbors=config.n_neighbors,
+    )
     pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
     x_all = torch.as_tensor(train_x).to(device)
     knn = torch.as_tensor(neighbors)
     n = len(train_x)
     batch = min(config.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
     head_losses = torch.zeros(config.n_heads)
     head_counts = [0]
 
@@ -152,40 +186,34 @@ def run(
         partners = knn[order, choice]
         return list(
             zip(
-                torch.tensor_split(order, max(1, n // batch)),
-                torch.tensor_split(partners, max(1, n // batch)),
+                torch.tensor_split(order, steps_per_epoch),
+                torch.tensor_split(partners, steps_per_epoch),
             )
         )
-
-    def head_loss(logits, teacher_logits, pair, log_p, h):
-        if config.loss == "pmi":
-            half = len(pair) // 2
-            t = teacher_logits if teacher_logits is not None else logits.detach()
-            return pmi[h](logits[:half], logits[half:], t[:half], t[half:])
-        return icon(logits, pair, teacher_logits, log_p=log_p)
 
     def loss_fn(item):
         anchors, partners = item
         index = torch.cat([anchors, partners]).to(device)
-        pair = torch.arange(len(anchors), device=device).repeat(2)
         x = x_all[index]
-        log_p = None
-        if config.propagate_steps > 1:
-            graph = torch.logaddexp(
-                kernels.views(pair, dtype=x.dtype),
-                kernels.knn(standardize(x), min(config.n_neighbors, len(x) - 1)),
-            )
-            log_p = kernels.propagate(torch.log_softmax(graph, dim=1), config.propagate_steps)
-        logits = model(x).float()
+        logits = model(x).float()  # (heads, 2 * batch, k)
         teacher_logits = teacher(x).float() if teacher is not None else None
-        losses = torch.stack(
-            [
-                head_loss(
-                    logits[h], None if teacher_logits is None else teacher_logits[h], pair, log_p, h
-                )
-                for h in range(config.n_heads)
-            ]
-        )
+        if config.loss == "pmi":
+            half = len(anchors)
+            t = teacher_logits if teacher_logits is not None else logits.detach()
+            losses = torch.stack(
+                [
+                    pmi[h](logits[h, :half], logits[h, half:], t[h, :half], t[h, half:])
+                    for h in range(config.n_heads)
+                ]
+            )
+        else:
+            losses = icon(
+                logits,
+                torch.arange(len(anchors), device=device).repeat(2),
+                teacher_logits,
+                sample_index=index if config.same_sample_positive else None,
+                features=standardize(x) if config.propagate_steps > 1 else None,
+            )
         head_losses.add_(losses.detach().cpu())
         head_counts[0] += 1
         return losses.mean()
@@ -197,12 +225,16 @@ def run(
             for t, s in zip(teacher.parameters(), model.parameters()):
                 t.mul_(config.ema_teacher).add_(s.detach(), alpha=1 - config.ema_teacher)
 
+    n_steps = config.n_steps or max(2000, math.ceil(30 * n / batch))
+    epochs = math.ceil(n_steps / steps_per_epoch)  # whole passes over the anchors
     train_config = TrainConfig(
-        epochs=config.epochs,
+        epochs=epochs,
         lr=config.lr,
         seed=config.seed,
-        schedule="step" if config.lr_step_epochs else "none",
-        step_epochs=max(config.lr_step_epochs, 1),
+        schedule=config.schedule,
+        optimizer=config.optimizer,
+        weight_decay=config.weight_decay,
+        step_epochs=epochs / 3,
         step_gamma=0.5,
     )
     state = {"pmi": pmi} | ({"teacher": teacher} if teacher is not None else {})
@@ -267,6 +299,8 @@ def run(
         "best_head": best_head,
         "train_time_s": train_time,
         "epoch_time_s": history[-1]["time"] / epochs_run,
+        "step_time_s": history[-1]["time"] / (epochs_run * steps_per_epoch),
+        "n_steps": epochs_run * steps_per_epoch,
         "mining_time_s": mining_time,
         "neighbors_from_cache": from_cache,
         "evaluated_on": "test" if evaluate_on_test else "train",

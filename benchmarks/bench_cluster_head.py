@@ -1,0 +1,100 @@
+"""Time of one training step of the cluster head: the I-Con loss against TEMI's PMI.
+
+The same batch, head and optimiser for both (the defaults of ``beyond-icon cluster``: 10
+linear heads, Adam); the step is forward, loss, backward and the optimiser update. Prints a
+table of milliseconds per step and the I-Con / PMI ratio, for each batch size and K.
+
+    python benchmarks/bench_cluster_head.py --data embeddings:PATH [--batch-sizes 256,4096]
+        [--clusters 20,1000] [--divergence tv] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from beyond_icon import data as data_registry
+from beyond_icon.methods import PMI, ClusterLoss
+from beyond_icon.models import ClusterHead
+from beyond_icon.neighbors import cached_neighbors
+
+
+def _step_time(step, repeats: int) -> float:
+    step()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - started) / repeats
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--batch-sizes", default="256,4096")
+    parser.add_argument("--clusters", default="20,1000")
+    parser.add_argument("--divergence", default="tv")
+    parser.add_argument("--n-heads", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    dataset = data_registry.load(args.data)
+    x = np.asarray(dataset.x_train, dtype=np.float32).reshape(len(dataset.x_train), -1)
+    neighbors, _ = cached_neighbors(x, 20, None, device=torch.device("cpu"), verbose=False)
+    x_all, knn = torch.as_tensor(x), torch.as_tensor(neighbors)
+    rows = []
+    print(f"{'batch':>6} {'K':>5} {'I-Con ms':>9} {'PMI ms':>8} {'ratio':>6}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        anchors = torch.randperm(len(x))[:batch]
+        partners = knn[anchors, torch.randint(0, 20, (len(anchors),))]
+        index = torch.cat([anchors, partners])
+        xb = x_all[index]
+        for k in (int(c) for c in args.clusters.split(",")):
+            times = {}
+            for name in ("icon", "pmi"):
+                torch.manual_seed(0)
+                head = ClusterHead(x.shape[1], k, args.n_heads)
+                optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
+                icon = ClusterLoss(args.divergence)
+                pmi = [PMI(k) for _ in range(args.n_heads)]
+
+                def step(name=name, head=head, optimizer=optimizer, icon=icon, pmi=pmi, xb=xb):
+                    logits = head(xb)
+                    if name == "icon":
+                        loss = icon(logits, torch.arange(len(xb) // 2).repeat(2)).mean()
+                    else:
+                        loss = torch.stack(
+                            [
+                                p(logits[h, : len(xb) // 2], logits[h, len(xb) // 2 :])
+                                for h, p in enumerate(pmi)
+                            ]
+                        ).mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+
+                times[name] = _step_time(step, args.repeats)
+            ratio = times["icon"] / times["pmi"]
+            rows.append(
+                {"batch": batch, "k": k, "icon_s": times["icon"], "pmi_s": times["pmi"]}
+                | {"ratio": ratio}
+            )
+            print(
+                f"{batch:>6} {k:>5} {1e3 * times['icon']:>9.1f} {1e3 * times['pmi']:>8.1f} "
+                f"{ratio:>6.2f}",
+                flush=True,
+            )
+    result = {"data": args.data, "divergence": args.divergence, "n_heads": args.n_heads}
+    result["rows"] = rows
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
