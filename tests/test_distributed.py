@@ -42,6 +42,8 @@ def _case(name):
         return methods.SimCLR("tv", temperature=0.3), None, torch.cat([x, x2], 1)
     if name == "cluster":
         return (methods.ClusterLoss("hellinger", debias=0.1, debias_side="both"), None, x)
+    if name == "cluster_walks":  # p walked along the k-NN graph of the whole (gathered) batch
+        return (methods.ClusterLoss("jsd", propagate_steps=2, n_neighbors=3), None, x)
     if name == "cluster_merged":  # the merged-columns path, two heads, same-sample positives
         return (
             methods.ClusterLoss("tv", debias=0.1, debias_side="q", exclude_self=True),
@@ -79,6 +81,11 @@ def _loss(name, loss, model, x, rows_list):
         pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
         logits = model(x[index])
         return loss(logits, pair, teacher_logits=logits.detach() * 0.5)
+    if name == "cluster_walks":
+        parts = [torch.arange(r.start, r.stop) for r in rows_list]
+        index = torch.cat(parts)
+        pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
+        return loss(model(x[index]), pair, features=x[index])
     if name == "cluster_merged":
         parts = [torch.arange(r.start, r.stop) for r in rows_list]
         index = torch.cat(parts)
@@ -135,6 +142,7 @@ NAMES = [
     "supcon_cosine_kl",
     "simclr",
     "cluster",
+    "cluster_walks",
     "cluster_merged",
     "sne",
     "tsne_fitted",

@@ -42,6 +42,29 @@ def test_heads():
         models.ClusterHead(16, 7, kind="conv")
 
 
+def test_batched_heads_are_independent_linear_maps():
+    heads = models.HeadLinear(6, 4, n_heads=3)
+    x = torch.randn(5, 6)
+    out = heads(x)
+    for h in range(3):
+        torch.testing.assert_close(out[h], x @ heads.weight[h] + heads.bias[h])
+    torch.testing.assert_close(heads(x.expand(3, 5, 6)), out)
+    out[1].sum().backward()  # head 1's loss moves head 1 only
+    assert heads.weight.grad[0].abs().max() == 0 and heads.weight.grad[1].abs().max() > 0
+
+
+def test_temi_head_is_cosine_to_unit_prototypes_over_temperature():
+    head = models.ClusterHead(8, n_clusters=5, n_heads=2, kind="temi", hidden=16, bottleneck=4)
+    logits = head(torch.randn(7, 8))
+    assert logits.shape == (2, 7, 5)
+    assert logits.abs().max() <= 1 / 0.1 + 1e-5  # |cosine| <= 1, divided by the temperature
+    x = torch.randn(3, 8)
+    before = head(x)
+    with torch.no_grad():
+        head.last.weight.mul_(3.0)  # the prototypes' scale does not matter
+    torch.testing.assert_close(head(x), before)
+
+
 def test_backbone_errors():
     with pytest.raises(ValueError, match="unknown backbone"):
         models.build_backbone("vit", (3, 32, 32))
