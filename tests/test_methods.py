@@ -403,3 +403,30 @@ def test_cluster_heads_together_equal_one_by_one(compress):
     one_by_one.sum().backward()
     torch.testing.assert_close(together.detach(), one_by_one.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(heads.grad, alone.grad, rtol=1e-10, atol=1e-13)
+
+
+def _partition_loss(divergence: str, sizes: list[int]) -> float:
+    """Cluster loss of confident heads on pairs that never straddle a cluster."""
+    k = 4
+    clusters = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    # pairs inside each cluster: (0, 1), (2, 3), ... within the sorted labels
+    pair = torch.arange(len(clusters)) // 2
+    logits = 40.0 * F.one_hot(clusters, k).double()
+    return float(methods.ClusterLoss(divergence)(logits, pair))
+
+
+def test_balance_pull_of_each_divergence_on_constructed_partitions():
+    """16 points in pairs, confident heads, q(mate|i) = 1/|c|. Collapsing into one cluster is
+    worse than using all four for every divergence; among partitions that use all four, KL,
+    JSD and Hellinger prefer the balanced one (mean of log|c|, of a concave function of 1/|c|),
+    while TV is exactly indifferent: its loss is 1 - q(mate|i), whose mean is (n - K) / n
+    whatever the sizes. This is why TV needs the kernel's, not the divergence's, pressure to
+    balance (README, Clustering frozen embeddings)."""
+    balanced, skewed, collapsed = [4, 4, 4, 4], [10, 2, 2, 2], [16]
+    for divergence in ("kl", "jsd", "hellinger", "tv"):
+        b, s, c = (_partition_loss(divergence, sizes) for sizes in (balanced, skewed, collapsed))
+        assert c > b and c > s, divergence
+        if divergence == "tv":
+            assert b == pytest.approx(s, abs=1e-12) and b == pytest.approx(12 / 16, abs=1e-12)
+        else:
+            assert s > b + 1e-3, divergence

@@ -248,3 +248,42 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert "acc" in metrics and not any(key.startswith("kmeans") for key in metrics)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_positives": 0}, "n_positives must be in [1, n_neighbors=20]"),
+        ({"n_positives": 3, "loss": "pmi"}, "loss=pmi trains on pairs"),
+        ({"schedule": "linear"}, "schedule must be step, cosine or none"),
+        ({"head_input": "pca"}, "head_input must be standardize, l2 or none"),
+        ({"n_steps": 0}, "n_steps must be a positive integer"),
+    ],
+)
+def test_bad_options_are_one_line_errors(options, message):
+    config = cluster.ClusterConfig(data="simplex:4", kmeans_init=0, **options)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cluster.run(config, verbose=False)
+
+
+def test_removed_options_name_their_replacement(tmp_path, capsys):
+    for option in ("--epochs", "--lr-step-epochs"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["cluster", "--data", "simplex:4", option, "3", "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "no longer an option" in err
+        assert "n_steps" in err or "schedule" in err
+
+
+def test_several_positives_per_anchor(tmp_path):
+    """n_positives > 1: each anchor comes with 3 distinct mined neighbours; p is uniform over
+    the group. It trains end to end and recovers the well-separated mixture."""
+    path = _mixture(tmp_path)
+    config = cluster.ClusterConfig(
+        data=f"embeddings:{path}", n_positives=3, n_steps=40, batch_size=64, kmeans_init=0
+    )
+    result = cluster.run(config, verbose=False)
+    # rounded up to whole passes over the anchors
+    assert 40 <= result.metrics["n_steps"] < 40 + 64, result.metrics
+    assert result.metrics["acc"] > 0.9, result.metrics

@@ -53,6 +53,7 @@ class ClusterConfig(TaskConfig):
         "head_input": "what the head sees: standardize (per feature), l2 (unit rows) or none",
         "n_heads": "heads trained at once; the lowest-loss head is evaluated",
         "n_neighbors": "k of the mined k-NN from which each anchor's partner is drawn",
+        "n_positives": "mined neighbours drawn per anchor into the batch (p uniform over them; pmi: 1)",
         "propagate_steps": "k-NN walk length for p (1 = pairs only)",
         "debias": "mix with uniform, alpha in [0, 1]",
         "debias_side": "p, q or both",
@@ -76,6 +77,7 @@ class ClusterConfig(TaskConfig):
     head_input: str = "standardize"
     n_heads: int = 10
     n_neighbors: int = 20
+    n_positives: int = 1
     propagate_steps: int = 1
     debias: float = 0.0
     debias_side: str = "p"
@@ -128,6 +130,12 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError(f"n_steps must be a positive integer, got {config.n_steps}")
     if config.schedule not in ("step", "cosine", "none"):
         raise ValueError(f"schedule must be step, cosine or none, got {config.schedule!r}")
+    if not 1 <= config.n_positives <= config.n_neighbors:
+        raise ValueError(
+            f"n_positives must be in [1, n_neighbors={config.n_neighbors}], got {config.n_positives}"
+        )
+    if config.loss == "pmi" and config.n_positives != 1:
+        raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
     if config.n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
     if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
@@ -182,8 +190,12 @@ def run(
 
     def batches(generator):
         order = torch.randperm(n, generator=generator)
-        choice = torch.randint(0, config.n_neighbors, (n,), generator=generator)
-        partners = knn[order, choice]
+        # n_positives distinct neighbours per anchor, drawn uniformly from its n_neighbors
+        if config.n_positives == 1:
+            choice = torch.randint(0, config.n_neighbors, (n, 1), generator=generator)
+        else:
+            choice = torch.rand(n, config.n_neighbors, generator=generator).argsort(dim=1)
+        partners = knn[order[:, None], choice[:, : config.n_positives]]
         return list(
             zip(
                 torch.tensor_split(order, steps_per_epoch),
@@ -192,8 +204,8 @@ def run(
         )
 
     def loss_fn(item):
-        anchors, partners = item
-        index = torch.cat([anchors, partners]).to(device)
+        anchors, partners = item  # (b,), (b, n_positives)
+        index = torch.cat([anchors, partners.T.flatten()]).to(device)
         x = x_all[index]
         logits = model(x).float()  # (heads, 2 * batch, k)
         teacher_logits = teacher(x).float() if teacher is not None else None
@@ -209,7 +221,7 @@ def run(
         else:
             losses = icon(
                 logits,
-                torch.arange(len(anchors), device=device).repeat(2),
+                torch.arange(len(anchors), device=device).repeat(config.n_positives + 1),
                 teacher_logits,
                 sample_index=index if config.same_sample_positive else None,
                 features=standardize(x) if config.propagate_steps > 1 else None,
