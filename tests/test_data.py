@@ -155,3 +155,71 @@ def test_digits_split_is_fixed_and_stratified():
 def test_unknown_spec():
     with pytest.raises(ValueError, match="unknown data spec"):
         data.load("mnist-but-not")
+
+
+def _cifar_dir(tmp_path, planted=None):
+    import pickle
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"labels": [0, 1, 2, 3],
+        }
+        with open(root / name, "wb") as handle:
+            pickle.dump(planted if planted and name == "data_batch_3" else entry, handle)
+    return tmp_path
+
+
+class _Planted:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def test_cifar10_batches_in_the_official_format_load(tmp_path):
+    loaded = data.load("cifar10", data_dir=_cifar_dir(tmp_path))
+    assert loaded.x_train.shape == (20, 3, 32, 32) and loaded.y_test.tolist() == [0, 1, 2, 3]
+
+
+def test_a_planted_cifar10_batch_never_runs_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = _cifar_dir(tmp_path, planted={b"data": _Planted(), b"labels": [0]})
+    with pytest.raises(ValueError, match="not an official CIFAR-10 batch: it asks to load"):
+        data.load("cifar10", data_dir=root)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "objects", "not-a-zip"])
+def test_broken_features_files_never_advise_unsafe_loading(tmp_path, kind):
+    path = tmp_path / "f.npz"
+    if kind == "objects":
+        np.savez(path, x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
+    elif kind == "truncated":
+        np.savez(path, x=np.zeros((50, 8)), y=np.arange(50))
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="is not a valid features file") as info:
+        data.load(f"embeddings:{path}")
+    assert "allow_pickle" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_labels_and_test_splits_are_checked(tmp_path):
+    np.savez(tmp_path / "float.npz", x=np.zeros((6, 2)), y=np.array([0.5, 1, 2, 0, 1, 2]))
+    with pytest.raises(ValueError, match="must be integer class labels"):
+        data.load(f"embeddings:{tmp_path / 'float.npz'}")
+    np.savez(tmp_path / "whole.npz", x=np.zeros((12, 2)), y=np.arange(12.0) % 2)
+    assert data.load(f"embeddings:{tmp_path / 'whole.npz'}").y_train.dtype == np.int64
+    np.savez(tmp_path / "half.npz", x=np.zeros((6, 2)), y=np.arange(6) % 2, x_test=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="has x_test but no y_test"):
+        data.load(f"embeddings:{tmp_path / 'half.npz'}")
+
+
+def test_n_train_zero_is_an_error():
+    from beyond_icon.tasks.cluster import ClusterConfig
+    from beyond_icon.tasks.common import load_task_data
+
+    with pytest.raises(ValueError, match="n_train must be a positive integer"):
+        load_task_data(ClusterConfig(data="digits", n_train=0))

@@ -79,3 +79,73 @@ def test_schedules():
 def test_bad_config(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value}).check()
+
+
+class _Planted:
+    """What a hostile checkpoint would hold: unpickling it runs code."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
+
+
+def _train_two_epochs(tmp_path, identity=None):
+    model, batches, loss_fn = _setup()
+    config = TrainConfig(epochs=2, lr=1e-2, seed=1)
+    return fit(
+        model,
+        batches,
+        loss_fn,
+        config,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        verbose=False,
+        stop_after_epochs=1,
+        identity=identity,
+    )
+
+
+def _resume(tmp_path, identity=None):
+    model, batches, loss_fn = _setup()
+    return fit(
+        model,
+        batches,
+        loss_fn,
+        TrainConfig(epochs=2, lr=1e-2, seed=1),
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        resume=True,
+        verbose=False,
+        identity=identity,
+    )
+
+
+def test_a_planted_checkpoint_never_runs_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _Planted()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a beyond-icon checkpoint that can be loaded safely"):
+        _resume(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage", None], ids=["empty", "garbage", "foreign-dict"]
+)
+def test_foreign_or_broken_checkpoints_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    if content is None:
+        torch.save({"model": {}, "epoch": 1}, path)  # a plain dict from another program
+        message = "not written by this version of beyond-icon"
+    else:
+        path.write_bytes(content)
+        message = "not a beyond-icon checkpoint"
+    with pytest.raises(ValueError, match=message) as info:
+        _resume(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
+    _train_two_epochs(tmp_path, identity={"divergence": "kl", "lr": 0.01, "n_steps": 10})
+    with pytest.raises(ValueError, match=r"divergence: 'kl' there, 'tv' now"):
+        _resume(tmp_path, identity={"divergence": "tv", "lr": 0.01, "n_steps": 10})
+    history = _resume(tmp_path, identity={"divergence": "kl", "lr": 0.01, "n_steps": 20})
+    assert history[-1]["segment"] == 1 and history[0]["segment"] == 0

@@ -397,10 +397,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             resume=resume,
             desc=f"sne[{divergences.get(self.divergence).name}]",
             verbose=self.verbose,
+            identity={k: v for k, v in self.get_params().items() if k != "verbose"}
+            | {"n_samples": n},
         )
         self.n_steps_ = len(self.history_)
         self.embedding_ = self.transform(x)
-        self.fit_time_ = time.perf_counter() - started
+        # this segment's wall time plus the training time of the segments before a --resume
+        last = self.history_[-1]["segment"] if self.history_ else 0
+        before = [h["time"] for h in self.history_ if h["segment"] < last]
+        self.fit_time_ = time.perf_counter() - started + (before[-1] if before else 0.0)
         return self
 
     @torch.no_grad()

@@ -155,6 +155,62 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
         offset += g.numel()
 
 
+CHECKPOINT_FORMAT = "beyond-icon-checkpoint/2"
+BUDGET_FIELDS = ("epochs", "n_steps")  # may differ on resume: the run is extended or cut
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain data (what ``weights_only`` loading admits); anything else as repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
+def load_checkpoint(
+    path: Path, device: torch.device, identity: dict | None = None, verbose: bool = False
+) -> dict:
+    """A checkpoint written by :func:`fit`, loaded without unpickling code, checked against
+    the run's ``identity``; a one-line ``ValueError`` for anything else."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets one line
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise ValueError(
+            f"{path} is not a beyond-icon checkpoint that can be loaded safely "
+            f"({type(error).__name__}{': ' + reason if reason else ''}); delete it or run "
+            "without --resume"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} was not written by this version of beyond-icon (format "
+            f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}, "
+            f"expected {CHECKPOINT_FORMAT!r}); delete it or run without --resume"
+        )
+    saved = state.get("identity")
+    if identity is not None and saved is not None:
+        keys = sorted(set(saved) | set(identity))
+        differ = [k for k in keys if saved.get(k) != identity.get(k) and k not in BUDGET_FIELDS]
+        if differ:
+            shown = ", ".join(
+                f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in differ
+            )
+            raise ValueError(
+                f"{path} belongs to a run with other settings ({shown}); resume with the same "
+                "settings, or use another --out"
+            )
+        for key in BUDGET_FIELDS:
+            if key in saved and saved.get(key) != identity.get(key) and verbose:
+                tqdm.write(
+                    f"resuming with {key} {identity.get(key)!r} instead of {saved.get(key)!r}: "
+                    "the run is extended (or ends at the new budget)"
+                )
+    return state
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[torch.Generator], Iterable[Any]],
@@ -170,6 +226,7 @@ def fit(
     verbose: bool = True,
     stop_after_epochs: int | None = None,
     checkpoint_every_s: float = 30.0,
+    identity: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` with Adam and return the per-step history.
 
@@ -181,6 +238,12 @@ def fit(
     ``resume`` continues from it. ``stop_after_epochs`` ends early (for tests of resumption).
     Checkpoints are written after an epoch when ``checkpoint_every_s`` seconds have passed since
     the last one (0: after every epoch), and always after the last epoch.
+
+    Checkpoints hold tensors, numbers and plain containers only and are read with
+    ``torch.load(weights_only=True)``: a planted file cannot run code, and a foreign or old one
+    is refused with a one-line ``ValueError``. ``identity`` (the settings that define the run,
+    plain values) is stored with them; resuming with different settings is refused, naming the
+    fields, except the budget (``epochs`` / ``n_steps``), which may extend a run.
     """
     config.check()
     from beyond_icon.distributed import world
@@ -200,8 +263,9 @@ def fit(
     start_epoch = 0
     out = Path(out_dir) if out_dir is not None else None
     checkpoint_path = out / CHECKPOINT if out is not None else None
+    identity = _plain(identity) if identity is not None else None
     if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        state = load_checkpoint(checkpoint_path, device, identity, verbose)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         for name, module in state_modules.items():
@@ -219,6 +283,7 @@ def fit(
     takes_epoch = len(required) >= 2
     step = len(history)
     started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+    segment = history[-1].get("segment", 0) + 1 if history else 0  # +1 after each --resume
     last_epoch = (
         config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     )
@@ -270,6 +335,7 @@ def fit(
                     "grad_norm": float(norm),
                     "lr": config.lr * factor,
                     "time": time.perf_counter() - started,
+                    "segment": segment,
                 }
             )
             step += 1
@@ -291,6 +357,8 @@ def fit(
                     "torch_rng": torch.get_rng_state(),
                     "history": history,
                     "epoch": epoch + 1,
+                    "format": CHECKPOINT_FORMAT,
+                    "identity": identity,
                 },
                 checkpoint_path,
             )

@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,6 +261,43 @@ CIFAR10_CLASSES = [
 ]
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads the official CIFAR-10 python batches and nothing else.
+
+    They hold a dict of bytes keys, lists of ints and bytes, and one numpy array; any other
+    global a pickle asks for (the way a planted file would run code) is refused.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def __init__(self, handle, path: Path):
+        super().__init__(handle, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise ValueError(
+                f"{self.path} is not an official CIFAR-10 batch: it asks to load {module}.{name}, "
+                "which a CIFAR-10 file never does (refused, nothing was run)"
+            )
+        return super().find_class(module, name)
+
+    def load(self):
+        try:
+            return super().load()
+        except ValueError:
+            raise
+        except Exception as error:  # truncated or not a pickle at all
+            raise ValueError(
+                f"{self.path} is not a readable CIFAR-10 batch ({type(error).__name__}: {error})"
+            ) from None
+
+
 def load_cifar10(data_dir: str | Path | None = None, download: bool = False) -> Dataset:
     """CIFAR-10 from the official python batches (cifar-10-batches-py), or a checked download."""
     candidates = [d / "cifar-10-batches-py" for d in _search_dirs(data_dir, "cifar10")]
@@ -281,11 +319,20 @@ def load_cifar10(data_dir: str | Path | None = None, download: bool = False) -> 
         found = root / "cifar-10-batches-py"
 
     def batch(name):
-        with open(found / name, "rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
-        return np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(
-            entry[b"labels"]
-        )
+        path = found / name
+        with open(path, "rb") as handle:
+            entry = _CifarUnpickler(handle, path).load()
+        try:
+            data, labels = entry[b"data"], entry[b"labels"]
+            x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(labels, dtype=np.int64)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path} is not an official CIFAR-10 batch (no data/labels)") from None
+        if len(x) != len(y):
+            raise ValueError(
+                f"{path} is not an official CIFAR-10 batch: {len(x)} images, {len(y)} labels"
+            )
+        return x, y
 
     parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = batch("test_batch")
@@ -402,39 +449,68 @@ def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
     return data
 
 
-def load_embeddings(path: str | Path) -> Dataset:
-    """Precomputed features and labels: .npz (x/features/embeddings and y/labels, optional
-    x_test/y_test), .pt (a dict of the same keys), .safetensors, or .npy (features) with
-    labels in PATH-without-suffix + '.labels.npy'. Without a test split, a fixed 75/25 split."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"embeddings file {path} does not exist")
-    suffix = path.suffix.lower()
+def _read_arrays(path: Path, suffix: str) -> dict:
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    elif suffix == ".pt":
+            return {k: data[k] for k in data.files}
+    if suffix == ".pt":
         import torch
 
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a .pt embeddings file must hold a dict of tensors")
-        arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in loaded.items()}
-    elif suffix == ".safetensors":
+        return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in loaded.items()}
+    if suffix == ".safetensors":
         try:
             from safetensors.numpy import load_file
         except ImportError as error:
             raise ImportError(
                 "reading .safetensors needs the safetensors package (pip install safetensors)"
             ) from error
-        arrays = load_file(str(path))
-    elif suffix == ".npy":
+        return load_file(str(path))
+    if suffix == ".npy":
         labels = path.with_suffix(".labels.npy")
         if not labels.is_file():
             raise FileNotFoundError(f"labels for {path} not found: expected {labels}")
-        arrays = {"x": np.load(path), "y": np.load(labels)}
-    else:
-        raise ValueError(f"{path}: embeddings must be .npz, .npy, .pt or .safetensors")
+        return {"x": np.load(path, allow_pickle=False), "y": np.load(labels, allow_pickle=False)}
+    raise ValueError(f"{path}: embeddings must be .npz, .npy, .pt or .safetensors")
+
+
+def _labels(values, path: Path, name: str) -> np.ndarray:
+    """Integer class labels, or a one-line error (float labels are never truncated)."""
+    y = np.asarray(values).reshape(-1)
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+        return y.astype(np.int64)
+    raise ValueError(
+        f"{path}: {name} must be integer class labels, got {y.dtype} values such as "
+        f"{y[:3].tolist()}"
+    )
+
+
+def load_embeddings(path: str | Path) -> Dataset:
+    """Precomputed features and labels: .npz (x/features/embeddings and y/labels, optional
+    x_test/y_test), .pt (a dict of the same keys), .safetensors, or .npy (features) with
+    labels in PATH-without-suffix + '.labels.npy'. Without a test split, a fixed 75/25 split.
+
+    A file that cannot be read as plain arrays (truncated, not an archive, holding Python
+    objects) is a one-line ``ValueError``; nothing in it is ever unpickled."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        arrays = _read_arrays(path, suffix)
+    except (FileNotFoundError, ImportError):
+        raise
+    except (ValueError, OSError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile) as error:
+        if str(error).startswith(str(path)):
+            raise
+        reason = str(error).split(";")[0].split("\n")[0]
+        if "pickle" in reason.lower():  # never advise loading a file "unsafely"
+            reason = "it holds Python objects, not plain arrays"
+        raise ValueError(f"{path} is not a valid features file: {reason}") from None
 
     def pick(*names):
         return next((arrays[n] for n in names if n in arrays), None)
@@ -447,12 +523,18 @@ def load_embeddings(path: str | Path) -> Dataset:
             f"found keys {sorted(arrays)}"
         )
     x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-    y = np.asarray(y).reshape(-1)
+    y = _labels(y, path, "labels")
     if len(y) != len(x):
         raise ValueError(f"{path}: {len(x)} embeddings but {len(y)} labels")
-    if "x_test" in arrays and "y_test" in arrays:
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        present, missing = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise ValueError(f"{path}: has {present} but no {missing}; give both or neither")
+    if "x_test" in arrays:
         x_test = np.asarray(arrays["x_test"], dtype=np.float32).reshape(len(arrays["x_test"]), -1)
-        return Dataset(path.stem, x, y, x_test, np.asarray(arrays["y_test"]).reshape(-1))
+        y_test = _labels(arrays["y_test"], path, "y_test")
+        if len(x_test) != len(y_test):
+            raise ValueError(f"{path}: {len(x_test)} test embeddings but {len(y_test)} test labels")
+        return Dataset(path.stem, x, y, x_test, y_test)
     return _split(path.stem, x, y)
 
 

@@ -27,7 +27,7 @@ from beyond_icon.distributed import is_main
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, L2Normalize, Standardize
 from beyond_icon.neighbors import cached_neighbors
-from beyond_icon.tasks.common import TaskConfig, begin
+from beyond_icon.tasks.common import TaskConfig, begin, identity
 from beyond_icon.train import TrainConfig, fit, seed_everything, write_csv
 
 __all__ = ["ClusterConfig", "ClusterResult", "run"]
@@ -269,8 +269,10 @@ def run(
         after_step=ema_update,
         desc=f"cluster[{config.divergence if config.loss == 'icon' else 'pmi'}]",
         verbose=verbose,
+        identity=identity(config),
     )
-    train_time = time.perf_counter() - started
+    # the loop's clock, carried across --resume segments (not only this segment's)
+    train_time = history[-1]["time"] if history else time.perf_counter() - started
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return ClusterResult({}, np.zeros(0, dtype=np.int64), history)
     best_head = int(torch.argmin(head_losses / max(head_counts[0], 1))) if head_counts[0] else 0

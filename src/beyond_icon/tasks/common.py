@@ -16,6 +16,7 @@ __all__ = [
     "TaskConfig",
     "begin",
     "config_from_dict",
+    "identity",
     "load_task_data",
     "prepare_run_dir",
     "register_divergence_module",
@@ -40,6 +41,8 @@ class TaskConfig:
     }
     # options a task no longer has, with what replaces them: a one-line error, not a guess
     renamed: ClassVar[dict[str, str]] = {}
+    # fields that may differ when a run is resumed (where the data sit, which device runs it)
+    not_identity: ClassVar[tuple[str, ...]] = ("data_dir", "download", "device")
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
@@ -48,6 +51,12 @@ class TaskConfig:
     divergence_module: str | None = None
     seed: int = 0
     device: str = "auto"
+
+
+def identity(config: TaskConfig) -> dict:
+    """The settings that define a run (stored in its checkpoint, checked on resume)."""
+    values = dataclasses.asdict(config)
+    return {k: v for k, v in values.items() if k not in config.not_identity} | {"task": config.task}
 
 
 def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
@@ -70,6 +79,10 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
 
 def load_task_data(config: Any) -> Dataset:
     """The dataset named by ``config.data``, cut to ``n_train`` / ``n_test`` if set."""
+    for name in ("n_train", "n_test"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
     dataset = data_registry.load(config.data, data_dir=config.data_dir, download=config.download)
     if config.n_train or config.n_test:
         dataset = dataset.subset(config.n_train, config.n_test, seed=0)

@@ -23,7 +23,7 @@ from beyond_icon.data.augment import Augment
 from beyond_icon.distributed import is_main
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
-from beyond_icon.tasks.common import TaskConfig, begin
+from beyond_icon.tasks.common import TaskConfig, begin, identity
 from beyond_icon.train import TrainConfig, fit, seed_everything
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
@@ -180,8 +180,10 @@ def run(
         resume=resume,
         desc=f"supcon[{config.divergence}]",
         verbose=verbose,
+        identity=identity(config),
     )
-    train_time = time.perf_counter() - started
+    # the loop's clock, carried across --resume segments (not only this segment's)
+    train_time = history[-1]["time"] if history else time.perf_counter() - started
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return SupConResult({}, history, model)
     last_epoch = history[-1]["epoch"]
