@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,3 +220,34 @@ def test_cluster_sweep_has_pmi_and_kmeans_rows(tmp_path):
     assert "| pmi |" in table and "| k-means |" in table
     task, rows, summary = sweep.aggregate(out)
     assert task == "cluster" and {r["divergence"] for r in rows} == {"tv", "pmi"}
+
+
+def test_a_run_held_by_another_sweep_is_skipped_not_redone(tmp_path):
+    """Two sweeps over one folder: a run locked by the other is skipped (not failed, not run
+    twice into the same checkpoint); once the lock is gone, the sweep does it."""
+    sweep_module = sweep
+    specs = sweep_module.plan(
+        "cluster",
+        ["tv"],
+        [0, 1],
+        {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0},
+        tmp_path / "s",
+    )
+    busy = Path(specs[0].folder)
+    with sweep_module.run_lock(busy):  # what the other sweep holds while it trains
+        with pytest.raises(sweep_module.RunBusy, match="being run by another process"):
+            sweep_module._execute(specs[0], None)
+        failed = sweep_module.run_sweep(specs, verbose=False)
+        assert failed == [] and not specs[0].finished and specs[1].finished
+    assert sweep_module.run_sweep(specs, verbose=False) == [] and specs[0].finished
+
+
+def test_metrics_json_is_written_after_every_other_artefact(tmp_path):
+    from beyond_icon.tasks import cluster
+
+    out = tmp_path / "r"
+    cluster.run(
+        cluster.ClusterConfig(data="simplex:3", n_steps=2, kmeans_init=0), out=out, verbose=False
+    )
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert stamps["metrics.json"] == max(stamps.values()), stamps

@@ -8,13 +8,16 @@ Layout of a sweep folder::
     DIR/results.md            divergence x metric, mean +- std over seeds, best marked
     DIR/*.png                 bar chart; for sne also the embedding grid and gradient norms
 
-A run is finished when its ``metrics.json`` exists; re-running the sweep skips finished runs
-and resumes unfinished ones from their last checkpoint. For the cluster task the name ``pmi``
+A run is finished when its ``metrics.json`` exists (every task writes it last, atomically, after
+all its other files); re-running the sweep skips finished runs and resumes unfinished ones from
+their last checkpoint. Each run is done under a lock (``runs/<name>/.lock``, released when its
+process ends), so a second sweep over the same folder skips the runs the first is doing. For the cluster task the name ``pmi``
 in the divergence list means TEMI's loss (``loss=pmi``), and k-means is reported as a row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import importlib
@@ -147,6 +150,34 @@ def plan(
     return specs
 
 
+class RunBusy(RuntimeError):
+    """Another process (a second sweep over the same folder) holds this run's lock."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path):
+    """An exclusive lock on ``folder/.lock`` for the life of this process's work on the run.
+
+    ``fcntl.flock`` locks die with their process, so a killed sweep never leaves a stale lock.
+    Raises :class:`RunBusy` when another process holds it. (No locking where fcntl is missing.)
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(folder / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"{folder.name} is being run by another process; skipped") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _execute(spec: RunSpec, threads: int | None) -> dict:
     import torch
 
@@ -156,7 +187,10 @@ def _execute(spec: RunSpec, threads: int | None) -> dict:
         torch.set_num_threads(threads)
     config = spec.config()
     register_divergence_module(getattr(config, "divergence_module", None))
-    result = task_module(spec.task).run(config, out=spec.folder, resume=True, verbose=False)
+    with run_lock(Path(spec.folder)):
+        if spec.finished:  # finished by another sweep while this one was planning
+            return json.loads((Path(spec.folder) / "metrics.json").read_text())
+        result = task_module(spec.task).run(config, out=spec.folder, resume=True, verbose=False)
     return result.metrics
 
 
@@ -177,6 +211,8 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list
             bar.set_postfix_str(Path(spec.folder).name)
             try:
                 _execute(spec, None)
+            except RunBusy as busy:
+                tqdm.write(str(busy))
             except (ValueError, RuntimeError) as error:
                 tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
                 failed.append(spec)
@@ -191,6 +227,8 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list
                 spec = futures[future]
                 try:
                     future.result()
+                except RunBusy as busy:
+                    tqdm.write(str(busy))
                 except (ValueError, RuntimeError) as error:
                     tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
                     failed.append(spec)

@@ -320,7 +320,6 @@ def run(
         "evaluated_on": "test" if evaluate_on_test else "train",
     }
     if out is not None:
-        report.save_json(result, out / "metrics.json")
         write_csv(history, out / "history.csv")
         np.savez(out / "assignments.npz", clusters=assignments, labels=eval_y, kmeans=kmeans_assign)
         report.plot_confusion(
@@ -330,6 +329,7 @@ def run(
             out / "confusion.png",
             f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}",
         )
+        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
     if verbose:
         print(
             " ".join(

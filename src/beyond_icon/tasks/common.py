@@ -15,6 +15,7 @@ from beyond_icon.data import Dataset
 __all__ = [
     "TaskConfig",
     "begin",
+    "coerce",
     "config_from_dict",
     "identity",
     "load_task_data",
@@ -132,7 +133,87 @@ def config_from_dict(cls: type, values: dict) -> Any:
         raise ValueError(
             f"unknown {cls.task} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
         )
-    return cls(**{k: v for k, v in values.items() if k in names})
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    return cls(
+        **{
+            k: coerce(fields[k], v, f"{cls.task} option {k}")
+            for k, v in values.items()
+            if k in names
+        }
+    )
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def coerce(annotation: str, value: Any, where: str) -> Any:
+    """``value`` checked against a field annotation (``int``, ``float | None``, ``list[str]``,
+    ...), converting the strings a YAML file or a command line gives (``"1e-3"``, ``"no"``);
+    anything else is a one-line ``ValueError`` naming ``where``, the value and the type."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+
+    def fail() -> ValueError:
+        return ValueError(
+            f"{where}: {value!r} is not {'an' if base == 'int' else 'a'} {annotation}"
+        )
+
+    if value is None or (
+        optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "")
+    ):
+        if optional:
+            return None
+        raise fail()
+    if base.startswith("list["):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise fail()
+        return [
+            coerce(base[5:-1], item.strip() if isinstance(item, str) else item, where)
+            for item in items
+            if not (isinstance(item, str) and not item.strip())
+        ]
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise fail()
+    if base == "int":
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    number = float(value.strip())  # "1e3"
+                except ValueError:
+                    raise fail() from None
+                if number.is_integer():
+                    return int(number)
+                raise fail() from None
+        raise fail()
+    if base == "float":
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise fail()
+    return value
 
 
 def register_divergence_module(spec: str | None) -> None:

@@ -213,7 +213,6 @@ def run(
         "images_per_s": n / max(epoch_seconds, 1e-9),  # source images (2 views each), last epoch
     }
     if out is not None:
-        report.save_json(result, out / "metrics.json")
         report.plot_training(
             history,
             out / "training.png",
@@ -226,6 +225,7 @@ def run(
             y_train=dataset.y_train,
             y_test=dataset.y_test,
         )
+        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
     if verbose:
         print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return SupConResult(result, history, model)
