@@ -149,3 +149,23 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
         _resume(tmp_path, identity={"divergence": "tv", "lr": 0.01, "n_steps": 10})
     history = _resume(tmp_path, identity={"divergence": "kl", "lr": 0.01, "n_steps": 20})
     assert history[-1]["segment"] == 1 and history[0]["segment"] == 0
+
+
+def test_finite_loss_with_non_finite_gradient_stops_with_the_step(tmp_path):
+    from beyond_icon.train import TrainingDiverged
+
+    model = torch.nn.Linear(3, 1)
+
+    def loss_fn(_):
+        return torch.sqrt((model.weight * 0).sum()) + 1.0  # value 1, gradient nan (sqrt at 0)
+
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step 0 \(epoch 1\)"):
+        fit(
+            model,
+            lambda g: [0, 1],
+            loss_fn,
+            TrainConfig(epochs=1),
+            device=torch.device("cpu"),
+            verbose=False,
+        )
+    assert torch.isfinite(model.weight).all()  # the step was not taken

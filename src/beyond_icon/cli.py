@@ -93,7 +93,16 @@ def _config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
 
     values: dict = {}
     if getattr(args, "config", None):
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {path} is not a file")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(error, "problem", None) or type(error).__name__
+            raise ValueError(f"{path} is not valid YAML: {problem}{where}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config} must hold a mapping of option: value")
         task = loaded.pop("task", config_cls.task)
@@ -181,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Representation learning with the I-Con loss and any divergence.",
     )
     parser.add_argument("--version", action="version", version=f"beyond-icon {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for task, config_cls in _task_configs().items():
         doc = (config_cls.__doc__ or "").strip().splitlines()[0]
@@ -243,13 +253,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (YAML and some library errors span several); the
+    exception's name where the message alone would not say what went wrong."""
+    text = " ".join(str(error).split())
+    if isinstance(error, (ValueError, FileNotFoundError)) and text:
+        return text
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"syntax error in {error.filename}, line {error.lineno}: {error.msg}"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import zipfile
+
+    import yaml
+
+    expected = (
+        ValueError,
+        TypeError,
+        OSError,  # missing files, folders where files belong, unreadable images
+        RuntimeError,
+        ImportError,
+        EOFError,
+        SyntaxError,  # a --divergence-module with a syntax error
+        zipfile.BadZipFile,  # a truncated .npz
+        yaml.YAMLError,
+    )
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as error:
-        print(f"beyond-icon {args.command}: error: {error}", file=sys.stderr)
+    except expected as error:
+        if args.debug:
+            raise
+        print(f"beyond-icon {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

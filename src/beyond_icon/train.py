@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "TrainConfig",
+    "TrainingDiverged",
     "atomic_save",
     "epoch_generator",
     "fit",
+    "load_checkpoint",
     "resolve_device",
     "seed_everything",
     "write_csv",
@@ -153,6 +155,10 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
         offset += g.numel()
+
+
+class TrainingDiverged(ValueError):
+    """The loss or its gradient stopped being finite during training."""
 
 
 CHECKPOINT_FORMAT = "beyond-icon-checkpoint/2"
@@ -316,6 +322,13 @@ def fit(
             if world_size > 1:
                 _average_gradients(params, world_size)
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
+            if not math.isfinite(float(norm)):  # before the step: the weights stay usable
+                raise TrainingDiverged(
+                    f"training diverged at step {step} (epoch {epoch + 1}): the loss is "
+                    f"{float(loss.detach()):.4g} but its gradient is not finite. Lower the "
+                    "learning rate (--lr), compute in float32 or float64 rather than float16, or "
+                    "use a bounded divergence ('tv', 'jsd', 'hellinger')"
+                )
             optimizer.step()
             if after_step is not None:
                 after_step()

@@ -509,7 +509,7 @@ def load_embeddings(path: str | Path) -> Dataset:
             raise
         reason = str(error).split(";")[0].split("\n")[0]
         if "pickle" in reason.lower():  # never advise loading a file "unsafely"
-            reason = "it holds Python objects, not plain arrays"
+            reason = "not an archive of plain arrays (truncated, or holding Python objects)"
         raise ValueError(f"{path} is not a valid features file: {reason}") from None
 
     def pick(*names):

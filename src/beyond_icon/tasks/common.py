@@ -94,6 +94,8 @@ def prepare_run_dir(out: str | Path | None) -> Path | None:
     if out is None:
         return None
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
