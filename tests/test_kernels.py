@@ -302,3 +302,17 @@ def test_propagate_matches_matrix_powers(rng):
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "student_t", "cosine"])
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e3])
+def test_half_precision_inputs_give_float32_kernels_and_finite_gradients(name, scale):
+    from beyond_icon import icon_loss
+
+    z = (torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * scale).half()
+    z.requires_grad_(True)
+    log_q = getattr(kernels, name)(z)
+    assert log_q.dtype == torch.float32
+    loss = icon_loss(kernels.labels(torch.arange(8) % 2, dtype=log_q.dtype), log_q, "jsd")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

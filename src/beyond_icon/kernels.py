@@ -92,6 +92,15 @@ def _autocast_on(device_type: str) -> bool:
         return device_type == "cuda" and torch.is_autocast_enabled()
 
 
+def _autocast_off(z: Tensor):
+    """A context without autocast on ``z``'s device (a no-op context when it is off)."""
+    import contextlib
+
+    if _autocast_on(z.device.type):
+        return torch.autocast(z.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _at_least_float32(z: Tensor) -> Tensor:
     """Half-precision embeddings (a network under autocast) are promoted to float32."""
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
@@ -162,12 +171,17 @@ def student_t(
 def cosine(
     z: Tensor, temperature: float = 0.1, *, rows: slice | None = None, exclude_self: bool = True
 ) -> Tensor:
-    """Cosine kernel: ``q(j|i) ∝ exp(cos(z_i, z_j) / temperature)``, ``j != i``."""
+    """Cosine kernel: ``q(j|i) ∝ exp(cos(z_i, z_j) / temperature)``, ``j != i``.
+
+    Computed in float32 or wider (half-precision norms of ~1e-6 underflow and give infinite
+    gradients), also under autocast.
+    """
     _check_pairwise(z, "z")
     temperature = check_positive(temperature, "temperature")
     block = _row_slice(z.shape[0], rows)
-    unit = F.normalize(z, dim=-1, eps=1e-12)
-    logits = (unit[block] @ unit.T) / temperature
+    with _autocast_off(z):
+        unit = F.normalize(_at_least_float32(z), dim=-1, eps=1e-12)
+        logits = (unit[block] @ unit.T) / temperature
     return _masked_log_softmax(logits, block, exclude_self)
 
 

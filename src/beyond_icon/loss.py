@@ -67,7 +67,24 @@ def _block_terms(
         # empty but still connected to q's graph: a rank whose rows all lack mass must still
         # take part in the backward pass (the distributed all-gather reduces gradients there)
         return log_q.sum(dim=-1), has_mass
-    return divergence(log_p, log_q, validate=False), has_mass
+    values = divergence(log_p, log_q, validate=False)
+    if not _divergences.is_builtin(divergence):  # a user's function: check what it returns
+        _check_user_values(values.detach(), divergence.name)
+    return values, has_mass
+
+
+def _check_user_values(values: Tensor, name: str) -> None:
+    bad = torch.isnan(values)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:5].tolist()
+        raise ValueError(f"divergence '{name}' returned NaN for row(s) {rows}: check its formula")
+    negative = values < -1e-6 * (1.0 + values.abs())
+    if bool(negative.any()):
+        rows = torch.nonzero(negative).flatten()[:5].tolist()
+        raise ValueError(
+            f"divergence '{name}' returned negative values ({values[negative][:3].tolist()}) for "
+            f"row(s) {rows}; a divergence is >= 0"
+        )
 
 
 def icon_loss_rows(

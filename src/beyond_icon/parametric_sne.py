@@ -252,6 +252,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             raise ValueError(
                 f"exaggeration_fraction must be in [0, 1], got {self.exaggeration_fraction!r}"
             )
+        if self.perplexity < 1:
+            raise ValueError(
+                f"perplexity must be >= 1 (an effective number of neighbours), got "
+                f"{self.perplexity!r}"
+            )
         if n < 3:
             raise ValueError(f"parametric SNE needs at least 3 samples, got n_samples = {n}")
         if self.affinity == "batch":

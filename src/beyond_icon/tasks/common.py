@@ -80,6 +80,8 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
 
 def load_task_data(config: Any) -> Dataset:
     """The dataset named by ``config.data``, cut to ``n_train`` / ``n_test`` if set."""
+    if not 0 <= config.seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {config.seed}")
     for name in ("n_train", "n_test"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < 1):
