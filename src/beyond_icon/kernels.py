@@ -102,8 +102,30 @@ def _autocast_off(z: Tensor):
 
 
 def _at_least_float32(z: Tensor) -> Tensor:
-    """Half-precision embeddings (a network under autocast) are promoted to float32."""
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    """Half-precision embeddings (a network under autocast) are promoted to float32.
+
+    Their gradient goes back in half precision: where it would overflow (cosine on features of
+    norm ~1e-6 in float16, whose gradient is ~1/norm), backward raises a one-line
+    ``ValueError`` instead of handing back inf.
+    """
+    if z.dtype not in (torch.float16, torch.bfloat16):
+        return z
+    wide = z.float()
+    if wide.requires_grad and z.dtype == torch.float16:  # bfloat16 has float32's range
+        limit = torch.finfo(z.dtype).max
+        dtype = z.dtype
+
+        def guard(grad: Tensor) -> Tensor:
+            largest = float(grad.detach().abs().max()) if grad.numel() else 0.0
+            if not largest < limit:  # also nan
+                raise ValueError(
+                    f"the gradient with respect to the {dtype} embeddings overflows {dtype} "
+                    f"(largest entry {largest:.3g}); compute the embeddings in float32"
+                )
+            return grad
+
+        wide.register_hook(guard)
+    return wide
 
 
 def _check_pairwise(z: Tensor, name: str) -> None:
