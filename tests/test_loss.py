@@ -173,3 +173,13 @@ def test_icon_loss_rows_returns_the_rows_with_mass():
     keep = torch.tensor([0, 1, 3, 4])
     torch.testing.assert_close(values, divergences.hellinger(log_p[keep], log_q[keep]))
     torch.testing.assert_close(values.mean(), bi.icon_loss(log_p, log_q, "hellinger"))
+
+
+def test_wrongly_typed_arguments_are_value_errors():
+    from beyond_icon import methods
+
+    log_p = torch.log_softmax(torch.randn(4, 4), dim=1)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        bi.icon_loss(log_p, log_p, chunk_size="8")
+    with pytest.raises(ValueError, match="debias must be a number in"):
+        methods.ClusterLoss(debias="0.1")

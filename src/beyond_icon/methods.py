@@ -414,8 +414,8 @@ class ClusterLoss(IConLoss):
         super().__init__(divergence, chunk_size)
         if debias_side not in _SIDES:
             raise ValueError(f"debias_side must be one of {_SIDES}, got {debias_side!r}")
-        if not 0.0 <= debias <= 1.0:
-            raise ValueError(f"debias must be in [0, 1], got {debias}")
+        if isinstance(debias, bool) or not isinstance(debias, (int, float)) or not 0 <= debias <= 1:
+            raise ValueError(f"debias must be a number in [0, 1], got {debias!r}")
         if not isinstance(propagate_steps, int) or propagate_steps < 1:
             raise ValueError(f"propagate_steps must be an integer >= 1, got {propagate_steps!r}")
         if not isinstance(n_neighbors, int) or n_neighbors < 1:

@@ -135,3 +135,11 @@ def test_singleton_classes_single_view_vs_two_views():
     with pytest.raises(ValueError, match="no mass"):
         SupCon("tv")(z, y)
     assert SupCon("tv")(torch.randn(5, 2, 8), y).isfinite()
+
+
+def test_knn_k_is_checked_before_training(tmp_path, capsys):
+    from beyond_icon.cli import main
+
+    code = main(["supcon", "--data", "digits", "--knn-k", "0", "--out", str(tmp_path / "r")])
+    assert code == 2 and "knn_k must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()  # nothing was trained

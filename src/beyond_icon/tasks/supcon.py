@@ -123,7 +123,15 @@ def run(
     config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SupConResult:
     """Train with two views per sample, then evaluate frozen backbone features on the test split."""
-    device, dataset, out, verbose = begin(config, out, verbose)
+    for name in ("knn_k", "probe_epochs", "epochs", "batch_size", "projection_dim"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    device, dataset, out, verbose = begin(config, out, verbose)  # checked before any training
+    if config.knn_k >= len(dataset.x_train):
+        raise ValueError(
+            f"knn_k must be below the {len(dataset.x_train)} training points, got {config.knn_k}"
+        )
     seed_everything(config.seed)
     x_train = torch.as_tensor(as_float(dataset.x_train))
     model = Encoder(
