@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from beyond_icon.cli import main
 from beyond_icon.tasks import cluster
@@ -148,83 +147,6 @@ def test_bad_inputs(tmp_path, capsys):
         == 2
     )
     assert "10 embeddings but 9 labels" in capsys.readouterr().err
-
-
-ENCODER = """
-import torch
-def make():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16))
-"""
-
-
-def test_extract_with_a_local_encoder(tmp_path):
-    (tmp_path / "enc.py").write_text(ENCODER)
-    out = tmp_path / "emb.npz"
-    code = main(
-        [
-            "extract",
-            "--encoder",
-            f"{tmp_path / 'enc.py'}:make",
-            "--data",
-            "digits",
-            "--out",
-            str(out),
-            "--batch-size",
-            "500",
-            "--quiet",
-        ]
-    )
-    assert code == 0
-    emb = np.load(out)
-    assert emb["x_train"].shape == (1347, 16) and emb["x_test"].shape == (450, 16)
-    assert (
-        main(
-            [
-                "cluster",
-                "--data",
-                f"embeddings:{out}",
-                "--n-steps",
-                "1",
-                "--kmeans-init",
-                "1",
-                "--out",
-                str(tmp_path / "r"),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-
-
-def test_extract_unknown_or_unreachable_encoder(tmp_path, capsys, monkeypatch):
-    assert (
-        main(
-            ["extract", "--encoder", "resnet", "--data", "digits", "--out", str(tmp_path / "x.npz")]
-        )
-        == 2
-    )
-    assert "unknown encoder" in capsys.readouterr().err
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(torch.hub, "load", offline)
-    assert (
-        main(
-            [
-                "extract",
-                "--encoder",
-                "dinov2_vits14",
-                "--data",
-                "digits",
-                "--out",
-                str(tmp_path / "x.npz"),
-            ]
-        )
-        == 2
-    )
-    assert "module:factory" in capsys.readouterr().err
 
 
 def test_kmeans_baseline_can_be_skipped(tmp_path):
