@@ -6,7 +6,8 @@ SupContrast code computes it. Both run in the same process on the same inputs; t
 reports our time and memory as ratios to it. A second table compares the row-chunked path's
 peak memory against the dense path.
 
-    python benchmarks/bench_loss.py [--sizes 1024 4096] [--dim 128] [--repeats 3] [--device cpu]
+    python benchmarks/bench_loss.py [--sizes 1024 4096] [--large-sizes 16384] [--dim 128]
+        [--repeats 3] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -93,6 +94,35 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperatu
     return rows, chunk_rows
 
 
+def bench_large(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
+    """Rows for a batch too large for n x n buffers per divergence: the chunked path only
+    (``chunk_size`` rows at a time), against the dense reference."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(n, args.dim, generator=gen).to(device)
+    labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
+
+    def make_step(loss_fn):
+        def step():
+            z = base.clone().requires_grad_()
+            loss_fn(z, labels).backward()
+
+        return step
+
+    ref_time, ref_mem = measure(
+        make_step(lambda z, y: supcon_reference(z, y, temperature)), device, 1
+    )
+    rows = [(n, "reference SupCon (Khosla), dense", ref_time, ref_mem, 1.0, 1.0)]
+    for name in ("kl", "tv", "jsd"):
+        loss = methods.SupCon(
+            name, metric="cosine", temperature=temperature, chunk_size=args.large_chunk_size
+        )
+        t, m = measure(make_step(loss), device, 1)
+        rows.append(
+            (n, f"{name}, chunked ({args.large_chunk_size} rows)", t, m, t / ref_time, m / ref_mem)
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
@@ -101,6 +131,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--large-sizes", type=int, nargs="*", default=[16384], help="chunked path only"
+    )
+    parser.add_argument("--large-chunk-size", type=int, default=1024)
     args = parser.parse_args()
     device = torch.device(args.device)
     temperature = 0.1
@@ -114,6 +148,8 @@ def main() -> None:
         size_rows, size_chunk_rows = bench_size(n, args, device, temperature)
         rows += size_rows
         chunk_rows += size_chunk_rows
+    for n in args.large_sizes:
+        rows += bench_large(n, args, device, temperature)
 
     print("| n | loss | fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference |")
     print("|---:|---|---:|---:|---:|---:|")

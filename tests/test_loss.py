@@ -183,3 +183,22 @@ def test_wrongly_typed_arguments_are_value_errors():
         bi.icon_loss(log_p, log_p, chunk_size="8")
     with pytest.raises(ValueError, match="debias must be a number in"):
         methods.ClusterLoss(debias="0.1")
+
+
+def test_trusted_path_skips_only_the_row_check():
+    """Presets pass validate=False (p and q from the library's kernels): same value and
+    gradient; a user's log_p handed to a preset is still checked."""
+    from beyond_icon import methods
+
+    z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(12) % 3
+    log_q = bi.kernels.cosine(z)
+    log_p = bi.kernels.labels(y, dtype=z.dtype)
+    checked = bi.icon_loss(log_p, log_q, "tv")
+    trusted = bi.icon_loss(log_p, log_q, "tv", validate=False)
+    assert float(checked) == float(trusted)
+    bad = torch.zeros(12, 12, dtype=torch.float64)  # rows sum to 12, not 1
+    with pytest.raises(ValueError, match="rows must be log-probabilities"):
+        methods.ClusterLoss("tv")(z[:, :4], None, log_p=bad)
+    with pytest.raises(ValueError, match="rows must be log-probabilities"):
+        methods.SNE("tv")(None, z[:, :2], log_p=bad)

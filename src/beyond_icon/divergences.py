@@ -129,14 +129,116 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     return _KLFunction.apply(log_q, log_p)
 
 
+class _Rowwise(torch.autograd.Function):
+    """``sum_j t(log p_j, log q_j)`` with a closed-form backward that saves only the inputs.
+
+    ``rule`` gives the elementwise terms and their partial derivatives with respect to
+    ``log p`` and ``log q`` (each 0 where both ``p`` and ``q`` are 0): one implementation of
+    the row-wise pattern for every divergence below, with no (n x m) intermediate kept for
+    the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, log_q: Tensor, rule) -> Tensor:
+        ctx.save_for_backward(log_p, log_q)
+        ctx.rule = rule
+        return rule.terms(log_p, log_q).sum(dim=-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_p, log_q = ctx.saved_tensors
+        d_p, d_q = ctx.rule.partials(log_p, log_q, ctx.needs_input_grad[:2])
+        grad = grad[:, None]
+        return (
+            d_p * grad if d_p is not None else None,
+            d_q * grad if d_q is not None else None,
+            None,
+        )
+
+
+class _TV:
+    """``t = |p - q| / 2``; ``dt/dlog p = sign(p - q) p / 2``, ``dt/dlog q = -sign(p - q) q / 2``."""
+
+    @staticmethod
+    def terms(log_p, log_q):
+        return 0.5 * (log_p.exp() - log_q.exp()).abs()
+
+    @staticmethod
+    def partials(log_p, log_q, needed):
+        p, q = log_p.exp(), log_q.exp()
+        half_sign = 0.5 * torch.sign(p - q)
+        return (half_sign * p if needed[0] else None, -half_sign * q if needed[1] else None)
+
+
+class _Hellinger:
+    """``t = (sqrt p - sqrt q)^2 / 2``; ``dt/dlog p = (sqrt p - sqrt q) sqrt p / 2``,
+    ``dt/dlog q = -(sqrt p - sqrt q) sqrt q / 2``."""
+
+    @staticmethod
+    def terms(log_p, log_q):
+        return 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()).pow(2)
+
+    @staticmethod
+    def partials(log_p, log_q, needed):
+        root_p, root_q = (0.5 * log_p).exp(), (0.5 * log_q).exp()
+        half_gap = 0.5 * (root_p - root_q)
+        return (half_gap * root_p if needed[0] else None, -half_gap * root_q if needed[1] else None)
+
+
+def _on(mask: Tensor, log_a: Tensor) -> Tensor:
+    return torch.where(mask, log_a, 0.0)
+
+
+class _Chi2:
+    """``t = (p - q)^2 / q = (p - q) expm1(log p - log q)`` where ``q > 0`` (else 0);
+    ``dt/dlog p = 2 p expm1(log p - log q)``, ``dt/dlog q = q - p exp(log p - log q)``."""
+
+    @staticmethod
+    def terms(log_p, log_q):
+        support = log_q > -math.inf
+        lp, lq = _on(support, log_p), _on(support, log_q)
+        terms = (lp.exp() - lq.exp()) * torch.expm1(lp - lq)
+        return torch.where(support, terms, 0.0)
+
+    @staticmethod
+    def partials(log_p, log_q, needed):
+        support = log_q > -math.inf
+        lp, lq = _on(support, log_p), _on(support, log_q)
+        p, ratio = lp.exp(), (lp - lq).exp()
+        d_p = torch.where(support, 2.0 * p * torch.expm1(lp - lq), 0.0) if needed[0] else None
+        d_q = torch.where(support, lq.exp() - p * ratio, 0.0) if needed[1] else None
+        return d_p, d_q
+
+
+class _Jeffreys:
+    """``t = (p - q)(log p - log q)`` on the common support; ``dt/dlog p = p (log p - log q) +
+    p - q``, ``dt/dlog q = -q (log p - log q) - (p - q)``."""
+
+    @staticmethod
+    def terms(log_p, log_q):
+        support = log_p > -math.inf
+        lp, lq = _on(support, log_p), _on(support, log_q)
+        return torch.where(support, (lp.exp() - lq.exp()) * (lp - lq), 0.0)
+
+    @staticmethod
+    def partials(log_p, log_q, needed):
+        support = log_p > -math.inf
+        lp, lq = _on(support, log_p), _on(support, log_q)
+        p, q, gap = lp.exp(), lq.exp(), lp - lq
+        d_p = torch.where(support, p * gap + p - q, 0.0) if needed[0] else None
+        d_q = torch.where(support, -q * gap - (p - q), 0.0) if needed[1] else None
+        return d_p, d_q
+
+
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Total variation distance, ``1/2 sum_j |p_j - q_j|``, in ``[0, 1]``."""
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    return _Rowwise.apply(log_p, log_q, _TV)
 
 
 def hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Squared Hellinger distance, ``1/2 sum_j (sqrt p_j - sqrt q_j)^2``, in ``[0, 1]``."""
-    return 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()).pow(2).sum(dim=-1)
+    return _Rowwise.apply(log_p, log_q, _Hellinger)
 
 
 def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -179,16 +281,11 @@ class _JSDFunction(torch.autograd.Function):
 def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Pearson chi-squared divergence, ``sum_j (p_j - q_j)^2 / q_j``, in ``[0, inf)``.
 
-    Infinite where ``q = 0 < p`` (the Pearson form divides by ``q``).
+    Infinite where ``q = 0 < p`` (the Pearson form divides by ``q``). Computed as
+    ``(p - q) expm1(log p - log q)``: no division by a tiny q and no square of a huge ratio.
     """
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
-    support = log_q > -math.inf
-    safe_p = torch.where(support, log_p, torch.zeros_like(log_p))
-    safe_q = torch.where(support, log_q, torch.zeros_like(log_q))
-    # (p - q)^2 / q = (p - q)(p/q - 1), with p/q = exp(log p - log q): no division by a tiny q
-    # and no square of a huge ratio.
-    terms = (safe_p.exp() - safe_q.exp()) * torch.expm1(safe_p - safe_q)
-    return torch.where(support, terms, torch.zeros_like(terms)).sum(dim=-1)
+    return _Rowwise.apply(log_p, log_q, _Chi2)
 
 
 def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -196,7 +293,42 @@ def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
     p_only = (log_p > -math.inf) & (log_q == -math.inf)
     q_only = (log_q > -math.inf) & (log_p == -math.inf)
     _raise_if(p_only | q_only, "jeffreys", "p and q have different supports")
-    return (_p_log_ratio(log_p, log_q) + _p_log_ratio(log_q, log_p)).sum(dim=-1)
+    return _Rowwise.apply(log_p, log_q, _Jeffreys)
+
+
+class _Alpha:
+    """Amari alpha terms ``(A p + (1 - A) q - p^A q^(1-A)) / (A (1 - A))``;
+    ``dt/dlog p = (p - p^A q^(1-A)) / (1 - A)``, ``dt/dlog q = (q - p^A q^(1-A)) / A``."""
+
+    def __init__(self, a: float, scale: float):
+        self.a, self.scale = a, scale
+
+    def _safe(self, log_p, log_q):
+        both_zero = (log_p == -math.inf) & (log_q == -math.inf)
+        return both_zero, _on(~both_zero, log_p), _on(~both_zero, log_q)
+
+    def terms(self, log_p, log_q):
+        a = self.a
+        both_zero, safe_p, safe_q = self._safe(log_p, log_q)
+        # Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
+        # cases were raised before), leaving A p + (1 - A) q. Where p and q are close, the
+        # per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
+        # elsewhere the form with exponents <= 0 cannot overflow.
+        log_ratio = safe_p - safe_q
+        close = ~both_zero & (log_ratio.abs() < 1.0)
+        u = torch.where(close, log_ratio, 0.0)
+        near = safe_q.exp() * (a * torch.expm1(u) - torch.expm1(a * u))
+        far = a * safe_p.exp() + (1.0 - a) * safe_q.exp() - (a * safe_p + (1.0 - a) * safe_q).exp()
+        terms = torch.where(close, near, far)
+        return self.scale * torch.where(both_zero, 0.0, terms)
+
+    def partials(self, log_p, log_q, needed):
+        a = self.a
+        both_zero, safe_p, safe_q = self._safe(log_p, log_q)
+        mixed = torch.where(both_zero, 0.0, (a * safe_p + (1.0 - a) * safe_q).exp())
+        d_p = torch.where(both_zero, 0.0, (safe_p.exp() - mixed) / (1.0 - a)) if needed[0] else None
+        d_q = torch.where(both_zero, 0.0, (safe_q.exp() - mixed) / a) if needed[1] else None
+        return d_p, d_q
 
 
 def alpha(a: float) -> DivergenceFn:
@@ -226,7 +358,6 @@ def alpha(a: float) -> DivergenceFn:
         return _alpha_terms(log_p, log_q)
 
     def _alpha_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
-        both_zero = (log_p == -math.inf) & (log_q == -math.inf)
         if a > 1.0:
             _raise_if(
                 (log_p > -math.inf) & (log_q == -math.inf), f"alpha:{a:g}", "p > 0 where q = 0"
@@ -235,21 +366,9 @@ def alpha(a: float) -> DivergenceFn:
             _raise_if(
                 (log_q > -math.inf) & (log_p == -math.inf), f"alpha:{a:g}", "q > 0 where p = 0"
             )
-        safe_p = torch.where(both_zero, torch.zeros_like(log_p), log_p)
-        safe_q = torch.where(both_zero, torch.zeros_like(log_q), log_q)
-        # Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
-        # cases were raised above), leaving A p + (1 - A) q. Where p and q are close, the
-        # per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
-        # elsewhere the form with exponents <= 0 cannot overflow.
-        log_ratio = safe_p - safe_q
-        close = ~both_zero & (log_ratio.abs() < 1.0)
-        u = torch.where(close, log_ratio, torch.zeros_like(log_ratio))
-        near = safe_q.exp() * (a * torch.expm1(u) - torch.expm1(a * u))
-        far = a * safe_p.exp() + (1.0 - a) * safe_q.exp() - (a * safe_p + (1.0 - a) * safe_q).exp()
-        terms = torch.where(close, near, far)
-        terms = torch.where(both_zero, torch.zeros_like(terms), terms)
-        return scale * terms.sum(dim=-1)
+        return _Rowwise.apply(log_p, log_q, rule)
 
+    rule = _Alpha(a, scale)  # read by _alpha_terms when it is called
     alpha_divergence.__name__ = f"alpha_{a:g}"
     alpha_divergence.__doc__ = f"Amari alpha-divergence with A = {a:g}."
     return alpha_divergence

@@ -75,7 +75,11 @@ class IConLoss(nn.Module):
         log_q: Callable[[slice], Tensor],
         n_rows: int,
         shard: Shard | None = None,
+        trusted: bool = True,
     ) -> Tensor:
+        """``trusted``: p and q come from this library's kernels on validated inputs, so the
+        per-call check of their rows (a logsumexp over each n x n matrix) is skipped; a
+        user-supplied ``log_p`` passes ``trusted=False``."""
         loss, self.last_stats = icon_loss(
             log_p,
             log_q,
@@ -84,6 +88,7 @@ class IConLoss(nn.Module):
             n_rows=n_rows,
             return_stats=True,
             shard=shard,
+            validate=not trusted,
         )
         return loss
 
@@ -190,7 +195,10 @@ class SNE(IConLoss):
                 raise ValueError("a precomputed log_p cannot be combined with a distributed batch")
             given = log_p.to(z.dtype)
             return self._icon(
-                lambda rows: given[rows], lambda rows: self.log_q(z, rows), z.shape[0]
+                lambda rows: given[rows],
+                lambda rows: self.log_q(z, rows),
+                z.shape[0],
+                trusted=False,
             )
         if x is None:
             raise ValueError("pass the inputs x, a precomputed log_p, or indices with an affinity")
@@ -488,13 +496,14 @@ class ClusterLoss(IConLoss):
                 given = kernels.propagate(torch.log_softmax(graph, dim=1), self.propagate_steps)
         else:
             given = log_p
+        user_p = log_p is not None
         log_p = _debiased(lambda rows: given[rows], alpha_p)
         log_q = _debiased(
             lambda rows: kernels.clusters(log_a, log_b, rows=rows, exclude_self=self.exclude_self),
             alpha_q,
             exclude_self=self.exclude_self,
         )
-        return self._icon(log_p, log_q, n, shard)
+        return self._icon(log_p, log_q, n, shard, trusted=not user_p)
 
     def _heads(
         self,
