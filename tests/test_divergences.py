@@ -373,3 +373,19 @@ def test_user_divergences_returning_nan_or_negative_values_are_named():
         icon_loss(log_p, log_q, broken)
     with pytest.raises(ValueError, match="returned negative values"):
         icon_loss(log_p, log_q, negative)
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "hellinger", "jsd", "chi2", "jeffreys", "alpha:0.5"])
+def test_closed_form_backward_with_leading_dimensions(name):
+    """The row-wise Functions broadcast the incoming gradient over the last axis only."""
+    g = torch.Generator().manual_seed(1)
+    log_p = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+    log_q = torch.log_softmax(torch.randn(3, 4, 5, generator=g, dtype=torch.float64), -1)
+    weights = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    fn = divergences.get(name).fn
+    a = log_p.clone().requires_grad_(True)
+    (fn(a, log_q) * weights).sum().backward()
+    b = log_p.clone().requires_grad_(True)
+    flat = fn(b.reshape(12, 5), log_q.reshape(12, 5)).reshape(3, 4)
+    (flat * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)

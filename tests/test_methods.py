@@ -430,3 +430,28 @@ def test_balance_pull_of_each_divergence_on_constructed_partitions():
             assert b == pytest.approx(s, abs=1e-12) and b == pytest.approx(12 / 16, abs=1e-12)
         else:
             assert s > b + 1e-3, divergence
+
+
+@pytest.mark.parametrize("divergence", ["kl", "tv", "jsd"])
+def test_cluster_merged_columns_float32_with_huge_logit_gaps(divergence):
+    """float32, exclude_self: other points' cluster mass 120 nats below a point's own (their
+    linear-scale sums would underflow) still gives the dense path's value."""
+    logits = torch.tensor([[0.0, -120], [-120, 0], [0, -120], [0, -120]])
+    pair = torch.tensor([0, 0, 1, 1])
+    values = [
+        float(methods.ClusterLoss(divergence, exclude_self=True, compress=c)(logits, pair))
+        for c in (True, False)
+    ]
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    confident = torch.randn(16, 5, generator=g) * 300
+    pairs = torch.arange(8).repeat(2)
+    loss = [
+        float(
+            methods.ClusterLoss(
+                divergence, exclude_self=True, debias=0.3, debias_side="q", compress=c
+            )(confident, pairs)
+        )
+        for c in (True, False)
+    ]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-5)

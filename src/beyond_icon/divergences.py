@@ -108,7 +108,7 @@ class _KLFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: Tensor):
         log_p, log_q = ctx.saved_tensors
-        grad = grad[:, None]
+        grad = grad.unsqueeze(-1)
         grad_p = grad_q = None
         if ctx.needs_input_grad[0]:
             grad_p = (_xlogratio(log_p, log_q) + log_p.exp()) * grad
@@ -149,7 +149,7 @@ class _Rowwise(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         log_p, log_q = ctx.saved_tensors
         d_p, d_q = ctx.rule.partials(log_p, log_q, ctx.needs_input_grad[:2])
-        grad = grad[:, None]
+        grad = grad.unsqueeze(-1)
         return (
             d_p * grad if d_p is not None else None,
             d_q * grad if d_q is not None else None,
@@ -272,7 +272,7 @@ class _JSDFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         log_p, log_q = ctx.saved_tensors
         log_m = _log_mixture(log_p, log_q)
-        grad = 0.5 * grad[:, None]
+        grad = 0.5 * grad.unsqueeze(-1)
         grad_p = _xlogratio(log_p, log_m) * grad if ctx.needs_input_grad[0] else None
         grad_q = _xlogratio(log_q, log_m) * grad if ctx.needs_input_grad[1] else None
         return grad_p, grad_q

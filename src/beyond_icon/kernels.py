@@ -396,7 +396,7 @@ def clusters_at(
     ``r_i = sum_{j not listed} q(j|i) = sum_c a_ic (1 - sum_t b_{c_it c} / sum_l b_lc)``:
     every column that is not listed merged into one. With ``exclude_self`` the anchor's own
     column is dropped from ``r_i`` and the row renormalised by ``1 - q(i|i)``, computed from
-    leave-one-out sums (exact also when ``i`` holds nearly all of its clusters' batch mass).
+    leave-one-out log-sum-exps (exact also when ``i`` holds nearly all of its clusters' mass).
     ``log_assign`` (and ``teacher``)
     may carry leading dimensions (several heads: (h, n, k) gives (h, n, s + 1)).
 
@@ -444,22 +444,19 @@ def clusters_at(
 def _log_mass_of_others(la: Tensor, log_b: Tensor, block: slice) -> Tensor:
     """``log(1 - q(i|i)) = log sum_c a_ic (sum_{j != i} b_jc) / sum_l b_lc`` for the block.
 
-    The sums over ``j != i`` are exclusive prefix plus suffix sums (no subtraction), so a point
-    that holds almost all of a cluster's mass keeps full relative precision.
+    The sums over ``j != i`` are exclusive prefix and suffix log-sum-exps (no subtraction, and
+    in log space, so neither a point holding almost all of a cluster's mass nor others whose
+    mass is hundreds of nats smaller lose precision).
     """
-    top = log_b.max(dim=-2, keepdim=True).values
-    e = (log_b - top).exp()
-    zero = torch.zeros_like(e[..., :1, :])
-    before = torch.cat([zero, e.cumsum(dim=-2)[..., :-1, :]], dim=-2)
-    after = torch.cat([e.flip(-2).cumsum(dim=-2)[..., :-1, :].flip(-2), zero], dim=-2)
-    others = (before + after)[..., block, :]
-    positive = others > 0
-    log_others = torch.where(positive, torch.where(positive, others, 1.0).log(), -math.inf)
-    log_share = log_others + top - torch.logsumexp(log_b, dim=-2, keepdim=True)
-    terms = la + log_share
-    finite = torch.isfinite(terms).any(dim=-1, keepdim=True)
-    out = torch.logsumexp(torch.where(finite, terms, 0.0), dim=-1, keepdim=True)
-    return torch.where(finite, out, -math.inf)
+    empty = torch.full_like(log_b[..., :1, :], -math.inf)
+    before = torch.cat([empty, torch.logcumsumexp(log_b, dim=-2)[..., :-1, :]], dim=-2)
+    after = torch.cat(
+        [torch.logcumsumexp(log_b.flip(-2), dim=-2).flip(-2)[..., 1:, :], empty], dim=-2
+    )
+    # n >= 2, so every row has a finite before or after: logaddexp never sees (-inf, -inf)
+    others = torch.logaddexp(before, after)[..., block, :]
+    log_share = others - torch.logsumexp(log_b, dim=-2, keepdim=True)
+    return torch.logsumexp(la + log_share, dim=-1, keepdim=True)
 
 
 def debias(

@@ -614,6 +614,10 @@ class ClusterLoss(IConLoss):
             values = self.divergence(
                 block_p.expand(heads, -1, -1).reshape(-1, width), block_q.reshape(-1, width)
             )
+            if not _divergences.is_builtin(self.divergence):  # a user's f-divergence
+                from beyond_icon.loss import _check_user_values
+
+                _check_user_values(values.detach(), self.divergence.name)
             sums = values.view(heads, -1).sum(dim=1)
         count, n_global, world_size = int(has_mass.sum()), n, 1
         if shard is not None:

@@ -212,7 +212,8 @@ def load_checkpoint(
             if key in saved and saved.get(key) != identity.get(key) and verbose:
                 tqdm.write(
                     f"resuming with {key} {identity.get(key)!r} instead of {saved.get(key)!r}: "
-                    "the run is extended (or ends at the new budget)"
+                    "the run continues under the new budget's learning-rate schedule from where "
+                    "it stopped (not the same as a fresh run of that length)"
                 )
     return state
 
@@ -249,7 +250,8 @@ def fit(
     ``torch.load(weights_only=True)``: a planted file cannot run code, and a foreign or old one
     is refused with a one-line ``ValueError``. ``identity`` (the settings that define the run,
     plain values) is stored with them; resuming with different settings is refused, naming the
-    fields, except the budget (``epochs`` / ``n_steps``), which may extend a run.
+    fields, except the budget (``epochs`` / ``n_steps``), which may extend a run: it continues
+    under the new budget's schedule, which is not the same as a fresh run of that length.
     """
     config.check()
     from beyond_icon.distributed import world

@@ -89,3 +89,9 @@ def test_debug_shows_the_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file, not a run folder"):
         main(["--debug", "cluster", "--data", "simplex:3", "--out", str(tmp_path / "file")])
+
+
+def test_numbers_for_bools_and_huge_numbers_for_floats():
+    assert coerce("bool", 1, "x") is True and coerce("bool", 0, "x") is False
+    with pytest.raises(ValueError, match="is not a float"):
+        coerce("float", 10**400, "x")

@@ -38,6 +38,7 @@ class ClusterConfig(TaskConfig):
     """Settings of one ``beyond-icon cluster`` run."""
 
     task: ClassVar[str] = "cluster"
+    not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + ("kmeans_init",)
     renamed: ClassVar[dict[str, str]] = {
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
         "max(2000, 30 n / batch_size))",

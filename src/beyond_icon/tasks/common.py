@@ -180,6 +180,8 @@ def coerce(annotation: str, value: Any, where: str) -> Any:
     if base == "bool":
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
             return value.strip().lower() in _TRUE
         raise fail()
@@ -205,13 +207,13 @@ def coerce(annotation: str, value: Any, where: str) -> Any:
     if base == "float":
         if isinstance(value, bool):
             raise fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        try:
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
                 return float(value.strip())
-            except ValueError:
-                raise fail() from None
+        except (ValueError, OverflowError):
+            raise fail() from None
         raise fail()
     if base == "str":
         if isinstance(value, str):

@@ -34,6 +34,8 @@ class SupConConfig(TaskConfig):
     """Settings of one ``beyond-icon supcon`` run."""
 
     task: ClassVar[str] = "supcon"
+    # evaluation only: changing them on --resume re-evaluates the same training
+    not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + ("knn_k", "probe_epochs")
     help: ClassVar[dict[str, str]] = TaskConfig.help | {
         "divergence": "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name",
         "metric": "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
