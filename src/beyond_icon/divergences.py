@@ -130,25 +130,26 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 class _Rowwise(torch.autograd.Function):
-    """``sum_j t(log p_j, log q_j)`` with a closed-form backward that saves only the inputs.
+    """``sum_j t(log p_j, log q_j)`` with a closed-form backward.
 
     ``rule`` gives the elementwise terms and their partial derivatives with respect to
     ``log p`` and ``log q`` (each 0 where both ``p`` and ``q`` are 0): one implementation of
-    the row-wise pattern for every divergence below, with no (n x m) intermediate kept for
-    the backward pass.
+    the row-wise pattern for every divergence below. The partials are computed in the forward
+    pass from the same intermediates as the terms, and only those of inputs that need a
+    gradient are kept (usually just q's: p is supervision), so backward is one product.
     """
 
     @staticmethod
     def forward(ctx, log_p: Tensor, log_q: Tensor, rule) -> Tensor:
-        ctx.save_for_backward(log_p, log_q)
-        ctx.rule = rule
-        return rule.terms(log_p, log_q).sum(dim=-1)
+        needed = ctx.needs_input_grad[:2]
+        terms, d_p, d_q = rule.forward(log_p, log_q, needed)
+        ctx.save_for_backward(d_p, d_q)
+        return terms.sum(dim=-1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        log_p, log_q = ctx.saved_tensors
-        d_p, d_q = ctx.rule.partials(log_p, log_q, ctx.needs_input_grad[:2])
+        d_p, d_q = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         return (
             d_p * grad if d_p is not None else None,
@@ -157,7 +158,15 @@ class _Rowwise(torch.autograd.Function):
         )
 
 
-class _TV:
+class _Rule:
+    """Terms and partials computed separately (rules may share intermediates instead)."""
+
+    def forward(self, log_p, log_q, needed):
+        d_p, d_q = self.partials(log_p, log_q, needed) if any(needed) else (None, None)
+        return self.terms(log_p, log_q), d_p, d_q
+
+
+class _TVRule(_Rule):
     """``t = |p - q| / 2``; ``dt/dlog p = sign(p - q) p / 2``, ``dt/dlog q = -sign(p - q) q / 2``."""
 
     @staticmethod
@@ -170,8 +179,21 @@ class _TV:
         half_sign = 0.5 * torch.sign(p - q)
         return (half_sign * p if needed[0] else None, -half_sign * q if needed[1] else None)
 
+    def forward(self, log_p, log_q, needed):
+        p, q = log_p.exp(), log_q.exp()
+        gap = p - q
+        half_sign = 0.5 * torch.sign(gap) if any(needed) else None
+        return (
+            0.5 * gap.abs(),
+            half_sign * p if needed[0] else None,
+            -half_sign * q if needed[1] else None,
+        )
 
-class _Hellinger:
+
+_TV = _TVRule()
+
+
+class _HellingerRule(_Rule):
     """``t = (sqrt p - sqrt q)^2 / 2``; ``dt/dlog p = (sqrt p - sqrt q) sqrt p / 2``,
     ``dt/dlog q = -(sqrt p - sqrt q) sqrt q / 2``."""
 
@@ -185,12 +207,24 @@ class _Hellinger:
         half_gap = 0.5 * (root_p - root_q)
         return (half_gap * root_p if needed[0] else None, -half_gap * root_q if needed[1] else None)
 
+    def forward(self, log_p, log_q, needed):
+        root_p, root_q = (0.5 * log_p).exp(), (0.5 * log_q).exp()
+        half_gap = 0.5 * (root_p - root_q)
+        return (
+            half_gap * (root_p - root_q),
+            half_gap * root_p if needed[0] else None,
+            -half_gap * root_q if needed[1] else None,
+        )
+
+
+_Hellinger = _HellingerRule()
+
 
 def _on(mask: Tensor, log_a: Tensor) -> Tensor:
     return torch.where(mask, log_a, 0.0)
 
 
-class _Chi2:
+class _Chi2Rule(_Rule):
     """``t = (p - q)^2 / q = (p - q) expm1(log p - log q)`` where ``q > 0`` (else 0);
     ``dt/dlog p = 2 p expm1(log p - log q)``, ``dt/dlog q = q - p exp(log p - log q)``."""
 
@@ -211,7 +245,7 @@ class _Chi2:
         return d_p, d_q
 
 
-class _Jeffreys:
+class _JeffreysRule(_Rule):
     """``t = (p - q)(log p - log q)`` on the common support; ``dt/dlog p = p (log p - log q) +
     p - q``, ``dt/dlog q = -q (log p - log q) - (p - q)``."""
 
@@ -229,6 +263,10 @@ class _Jeffreys:
         d_p = torch.where(support, p * gap + p - q, 0.0) if needed[0] else None
         d_q = torch.where(support, -q * gap - (p - q), 0.0) if needed[1] else None
         return d_p, d_q
+
+
+_Chi2 = _Chi2Rule()
+_Jeffreys = _JeffreysRule()
 
 
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -296,7 +334,7 @@ def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
     return _Rowwise.apply(log_p, log_q, _Jeffreys)
 
 
-class _Alpha:
+class _Alpha(_Rule):
     """Amari alpha terms ``(A p + (1 - A) q - p^A q^(1-A)) / (A (1 - A))``;
     ``dt/dlog p = (p - p^A q^(1-A)) / (1 - A)``, ``dt/dlog q = (q - p^A q^(1-A)) / A``."""
 
