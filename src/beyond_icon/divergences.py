@@ -95,38 +95,27 @@ def _xlogratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), 0.0)
 
 
-class _KLFunction(torch.autograd.Function):
-    """KL with its closed-form gradient, saving only the inputs (no n x n intermediates):
-    d/d log p_j = p_j (log p_j - log q_j + 1) (0 where p_j = 0), d/d log q_j = -p_j."""
+class _KLRule:
+    """``t = p (log p - log q)`` (0 where p = 0); ``dt/dlog p = t + p``, ``dt/dlog q = -p``."""
 
     @staticmethod
-    def forward(ctx, log_p: Tensor, log_q: Tensor) -> Tensor:
-        ctx.save_for_backward(log_p, log_q)
-        return _xlogratio(log_p, log_q).sum(dim=-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        log_p, log_q = ctx.saved_tensors
-        grad = grad.unsqueeze(-1)
-        grad_p = grad_q = None
-        if ctx.needs_input_grad[0]:
-            grad_p = (_xlogratio(log_p, log_q) + log_p.exp()) * grad
-        if ctx.needs_input_grad[1]:
-            grad_q = -log_p.exp() * grad
-        return grad_p, grad_q
+    def forward(log_p, log_q, needed):
+        support = log_p > -math.inf
+        p = log_p.exp()
+        terms = torch.where(support, p * (log_p - log_q), 0.0)
+        return terms, terms + p if needed[0] else None, -p if needed[1] else None
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Kullback-Leibler divergence, ``sum_j p_j (log p_j - log q_j)``, in ``[0, inf)``."""
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
-    return _KLFunction.apply(log_p, log_q)
+    return _Rowwise.apply(log_p, log_q, _KLRule)
 
 
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Reverse KL, ``sum_j q_j (log q_j - log p_j)`` = KL(q || p), in ``[0, inf)``."""
     _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
-    return _KLFunction.apply(log_q, log_p)
+    return _Rowwise.apply(log_q, log_p, _KLRule)
 
 
 class _Rowwise(torch.autograd.Function):
@@ -244,6 +233,15 @@ class _Chi2Rule(_Rule):
         d_q = torch.where(support, lq.exp() - p * ratio, 0.0) if needed[1] else None
         return d_p, d_q
 
+    def forward(self, log_p, log_q, needed):
+        support = log_q > -math.inf
+        lp, lq = _on(support, log_p), _on(support, log_q)
+        p, q, gap = lp.exp(), lq.exp(), torch.expm1(lp - lq)
+        terms = torch.where(support, (p - q) * gap, 0.0)
+        d_p = torch.where(support, 2.0 * p * gap, 0.0) if needed[0] else None
+        d_q = torch.where(support, q - p * (gap + 1.0), 0.0) if needed[1] else None
+        return terms, d_p, d_q
+
 
 class _JeffreysRule(_Rule):
     """``t = (p - q)(log p - log q)`` on the common support; ``dt/dlog p = p (log p - log q) +
@@ -284,7 +282,7 @@ def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
 
     Natural logarithm, so the range is ``[0, log 2]``.
     """
-    return _JSDFunction.apply(log_p, log_q)
+    return _Rowwise.apply(log_p, log_q, _JSDRule)
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -295,25 +293,17 @@ def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(either, torch.logaddexp(safe_p, safe_q) - math.log(2.0), -math.inf)
 
 
-class _JSDFunction(torch.autograd.Function):
-    """JSD with its closed-form gradient, saving only the inputs:
-    d/d log p_j = 1/2 p_j (log p_j - log m_j), d/d log q_j = 1/2 q_j (log q_j - log m_j)."""
+class _JSDRule:
+    """``t = 1/2 p (log p - log m) + 1/2 q (log q - log m)``, ``m = (p + q) / 2``; the two
+    halves are the partials: ``dt/dlog p = 1/2 p (log p - log m)``, ``dt/dlog q = 1/2 q (log q
+    - log m)`` (the terms from ``d log m`` cancel)."""
 
     @staticmethod
-    def forward(ctx, log_p: Tensor, log_q: Tensor) -> Tensor:
-        ctx.save_for_backward(log_p, log_q)
+    def forward(log_p, log_q, needed):
         log_m = _log_mixture(log_p, log_q)
-        return 0.5 * (_xlogratio(log_p, log_m) + _xlogratio(log_q, log_m)).sum(dim=-1)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        log_p, log_q = ctx.saved_tensors
-        log_m = _log_mixture(log_p, log_q)
-        grad = 0.5 * grad.unsqueeze(-1)
-        grad_p = _xlogratio(log_p, log_m) * grad if ctx.needs_input_grad[0] else None
-        grad_q = _xlogratio(log_q, log_m) * grad if ctx.needs_input_grad[1] else None
-        return grad_p, grad_q
+        half_p = 0.5 * _xlogratio(log_p, log_m)
+        half_q = 0.5 * _xlogratio(log_q, log_m)
+        return half_p + half_q, half_p if needed[0] else None, half_q if needed[1] else None
 
 
 def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
