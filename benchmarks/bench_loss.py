@@ -63,7 +63,7 @@ def measure(step, device: torch.device, repeats: int) -> tuple[float, int]:
 def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
     """Rows of the two tables for batch size n."""
     gen = torch.Generator().manual_seed(0)
-    base = torch.randn(n, args.dim, generator=gen).to(device)
+    base = torch.randn(n, args.dim, generator=gen).to(device, getattr(torch, args.dtype))
     labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
 
     def make_step(loss_fn):
@@ -98,7 +98,7 @@ def bench_large(n: int, args: argparse.Namespace, device: torch.device, temperat
     """Rows for a batch too large for n x n buffers per divergence: the chunked path only
     (``chunk_size`` rows at a time), against the dense reference."""
     gen = torch.Generator().manual_seed(0)
-    base = torch.randn(n, args.dim, generator=gen).to(device)
+    base = torch.randn(n, args.dim, generator=gen).to(device, getattr(torch, args.dtype))
     labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
 
     def make_step(loss_fn):
@@ -132,6 +132,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"]
+    )
+    parser.add_argument(
         "--large-sizes", type=int, nargs="*", default=[16384], help="chunked path only"
     )
     parser.add_argument("--large-chunk-size", type=int, default=1024)
@@ -139,7 +142,8 @@ def main() -> None:
     device = torch.device(args.device)
     temperature = 0.1
     print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"torch {torch.__version__}, device {device}, {args.dtype}, "
+        f"threads {torch.get_num_threads()}, "
         f"d = {args.dim}, {args.classes} classes, median of {args.repeats}\n"
     )
 

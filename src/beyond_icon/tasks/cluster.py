@@ -317,6 +317,11 @@ def run(
         "step_time_s": history[-1]["time"] / (epochs_run * steps_per_epoch),
         "n_steps": epochs_run * steps_per_epoch,
         "mining_time_s": mining_time,
+        **(
+            {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+            if device.type == "cuda"
+            else {}
+        ),
         "neighbors_from_cache": from_cache,
         "evaluated_on": "test" if evaluate_on_test else "train",
     }

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU check of issue 13, one script (under 8 minutes on one GPU):
+#   1. bench_loss on the device in float32 and bfloat16 at n = 4096 and 16384 (chunked);
+#   2. a SupCon run of the paper config (ResNet-50, batch 2048, Euclidean kernel) on the
+#      CIFAR-10 JPEG copy for 10 steps, reporting images/s;
+#   3. the cluster task at batch 4096 with K = 1000 on 1M random 768-d embeddings: mining
+#      time, step time, peak GPU memory.
+#
+#   benchmarks/gpu_check.sh                 # on cuda, full sizes
+#   DEVICE=cpu benchmarks/gpu_check.sh --smoke   # tiny sizes on any machine (the test suite)
+#
+# CIFAR (default ../shared/data/cifar10-jpeg.tar.gz) may be the .tar.gz or an unpacked folder
+# with train/ and test/. PY (default .venv/bin/python) runs everything.
+set -euo pipefail
+
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-.venv/bin/python}
+CIFAR=${CIFAR:-../shared/data/cifar10-jpeg.tar.gz}
+if [ "${1:-}" = "--smoke" ]; then
+    LOSS_SIZES="256"; LARGE_SIZES="512"; LARGE_CHUNK=128
+    SUPCON_ARGS="--n-train 64 --n-test 32 --batch-size 32 --backbone cnn --probe-epochs 1"
+    EMB_N=3000; EMB_DIM=32; K=10; BATCH=256; STEPS=5
+else
+    LOSS_SIZES="4096"; LARGE_SIZES="16384"; LARGE_CHUNK=1024
+    SUPCON_ARGS="--n-train 20480 --n-test 1000 --probe-epochs 1"  # 10 steps of 2048
+    EMB_N=1000000; EMB_DIM=768; K=1000; BATCH=4096; STEPS=50
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+started=$(date +%s)
+
+for dtype in float32 bfloat16; do
+    echo "== bench_loss on $DEVICE in $dtype"
+    "$PY" benchmarks/bench_loss.py --device "$DEVICE" --dtype "$dtype" --sizes $LOSS_SIZES \
+        --large-sizes $LARGE_SIZES --large-chunk-size $LARGE_CHUNK --repeats 3
+done
+
+echo "== supcon, paper config, CIFAR-10 JPEG copy"
+if [ -d "$CIFAR" ]; then
+    images="$CIFAR"
+else
+    tar -xzf "$CIFAR" -C "$work"
+    images="$work/cifar10-jpeg"
+fi
+# shellcheck disable=SC2086
+"$PY" -m beyond_icon supcon --config configs/paper/cifar10_supcon.yaml \
+    --data "imagefolder:$images" --device "$DEVICE" --epochs 1 $SUPCON_ARGS \
+    --out "$work/supcon" --quiet
+"$PY" - "$work/supcon/metrics.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"supcon: {m['images_per_s']:.1f} images/s (2 views each), train {m['train_time_s']:.1f} s")
+PY
+
+echo "== cluster: batch $BATCH, K = $K, $EMB_N random $EMB_DIM-d embeddings"
+"$PY" - "$work/emb.npz" "$EMB_N" "$EMB_DIM" <<'PY'
+import sys
+import numpy as np
+path, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+np.savez(path, x=rng.standard_normal((n, d), dtype=np.float32).astype(np.float16),
+         y=rng.integers(0, 10, n))
+PY
+"$PY" -m beyond_icon cluster --data "embeddings:$work/emb.npz" --n-clusters "$K" \
+    --batch-size "$BATCH" --n-steps "$STEPS" --kmeans-init 0 --device "$DEVICE" \
+    --out "$work/cluster" --quiet
+"$PY" - "$work/cluster/metrics.json" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+memory = m.get("peak_gpu_memory_mib")
+print(f"cluster: mining {m['mining_time_s']:.1f} s, {1e3 * m['step_time_s']:.1f} ms per step "
+      f"({m['n_steps']} steps), peak GPU memory "
+      + (f"{memory:.0f} MiB" if memory is not None else "n/a (not on a GPU)"))
+PY
+echo "gpu_check: done in $(( $(date +%s) - started )) s"
