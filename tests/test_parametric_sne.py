@@ -170,3 +170,11 @@ if parametrize_with_checks is not None:
     @parametrize_with_checks([_tiny()], expected_failed_checks=lambda _: EXPECTED_FAILURES)
     def test_sklearn_estimator_checks(estimator, check):
         check(estimator)
+
+
+def test_perplexity_below_one_is_named():
+    from beyond_icon import ParametricSNE
+
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match="perplexity must be >= 1"):
+        ParametricSNE(perplexity=0.5, n_steps=1).fit(x)

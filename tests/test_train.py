@@ -169,3 +169,11 @@ def test_finite_loss_with_non_finite_gradient_stops_with_the_step(tmp_path):
             verbose=False,
         )
     assert torch.isfinite(model.weight).all()  # the step was not taken
+
+
+def test_the_clock_carries_over_resumed_segments(tmp_path):
+    """train_time_s of a resumed run counts every segment, not only the last."""
+    first = _train_two_epochs(tmp_path)
+    resumed = _resume(tmp_path)
+    assert resumed[len(first) - 1]["time"] == first[-1]["time"]
+    assert resumed[-1]["time"] >= first[-1]["time"] and resumed[-1]["segment"] == 1

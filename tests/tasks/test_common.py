@@ -95,3 +95,8 @@ def test_numbers_for_bools_and_huge_numbers_for_floats():
     assert coerce("bool", 1, "x") is True and coerce("bool", 0, "x") is False
     with pytest.raises(ValueError, match="is not a float"):
         coerce("float", 10**400, "x")
+
+
+def test_seed_beyond_int64_is_a_clear_error(tmp_path, capsys):
+    code = main(["cluster", "--data", "simplex:3", "--seed", str(2**70), "--out", str(tmp_path)])
+    assert code == 2 and "seed must be in [0, 2**63)" in capsys.readouterr().err
