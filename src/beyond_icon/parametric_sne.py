@@ -402,7 +402,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             resume=resume,
             desc=f"sne[{divergences.get(self.divergence).name}]",
             verbose=self.verbose,
-            identity={k: v for k, v in self.get_params().items() if k != "verbose"}
+            identity={  # what the run is; where it runs and what it prints may change
+                k: v
+                for k, v in self.get_params().items()
+                if k not in ("verbose", "cache_dir", "device", "amp")
+            }
             | {"n_samples": n},
         )
         self.n_steps_ = len(self.history_)
