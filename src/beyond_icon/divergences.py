@@ -109,23 +109,25 @@ class _KLRule:
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Kullback-Leibler divergence, ``sum_j p_j (log p_j - log q_j)``, in ``[0, inf)``."""
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
-    return _Rowwise.apply(log_p, log_q, _KLRule)
+    return _rowwise(log_p, log_q, _KLRule)
 
 
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Reverse KL, ``sum_j q_j (log q_j - log p_j)`` = KL(q || p), in ``[0, inf)``."""
     _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
-    return _Rowwise.apply(log_q, log_p, _KLRule)
+    return _rowwise(log_q, log_p, _KLRule)
 
 
 class _Rowwise(torch.autograd.Function):
-    """``sum_j t(log p_j, log q_j)`` with a closed-form backward.
+    """``sum_j t(log p_j, log q_j)`` with a closed-form backward (called via :func:`_rowwise`).
 
     ``rule`` gives the elementwise terms and their partial derivatives with respect to
     ``log p`` and ``log q`` (each 0 where both ``p`` and ``q`` are 0): one implementation of
     the row-wise pattern for every divergence below. The partials are computed in the forward
     pass from the same intermediates as the terms, and only those of inputs that need a
-    gradient are kept (usually just q's: p is supervision), so backward is one product.
+    gradient are kept (usually just q's: p is supervision), so backward is one product. The
+    price: one (n x m) tensor of partials stays alive from forward to backward per call (the
+    inputs alone were kept before).
     """
 
     @staticmethod
@@ -145,6 +147,14 @@ class _Rowwise(torch.autograd.Function):
             d_q * grad if d_q is not None else None,
             None,
         )
+
+
+def _rowwise(log_p: Tensor, log_q: Tensor, rule) -> Tensor:
+    """Through :class:`_Rowwise` when a gradient will be taken; the terms alone otherwise (no
+    partials computed under ``no_grad``, e.g. the first pass of a checkpointed chunk)."""
+    if torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad):
+        return _Rowwise.apply(log_p, log_q, rule)
+    return rule.forward(log_p, log_q, (False, False))[0].sum(dim=-1)
 
 
 class _Rule:
@@ -269,12 +279,12 @@ _Jeffreys = _JeffreysRule()
 
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Total variation distance, ``1/2 sum_j |p_j - q_j|``, in ``[0, 1]``."""
-    return _Rowwise.apply(log_p, log_q, _TV)
+    return _rowwise(log_p, log_q, _TV)
 
 
 def hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Squared Hellinger distance, ``1/2 sum_j (sqrt p_j - sqrt q_j)^2``, in ``[0, 1]``."""
-    return _Rowwise.apply(log_p, log_q, _Hellinger)
+    return _rowwise(log_p, log_q, _Hellinger)
 
 
 def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -282,7 +292,7 @@ def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
 
     Natural logarithm, so the range is ``[0, log 2]``.
     """
-    return _Rowwise.apply(log_p, log_q, _JSDRule)
+    return _rowwise(log_p, log_q, _JSDRule)
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -313,7 +323,7 @@ def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
     ``(p - q) expm1(log p - log q)``: no division by a tiny q and no square of a huge ratio.
     """
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
-    return _Rowwise.apply(log_p, log_q, _Chi2)
+    return _rowwise(log_p, log_q, _Chi2)
 
 
 def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -321,7 +331,7 @@ def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
     p_only = (log_p > -math.inf) & (log_q == -math.inf)
     q_only = (log_q > -math.inf) & (log_p == -math.inf)
     _raise_if(p_only | q_only, "jeffreys", "p and q have different supports")
-    return _Rowwise.apply(log_p, log_q, _Jeffreys)
+    return _rowwise(log_p, log_q, _Jeffreys)
 
 
 class _Alpha(_Rule):
@@ -394,7 +404,7 @@ def alpha(a: float) -> DivergenceFn:
             _raise_if(
                 (log_q > -math.inf) & (log_p == -math.inf), f"alpha:{a:g}", "q > 0 where p = 0"
             )
-        return _Rowwise.apply(log_p, log_q, rule)
+        return _rowwise(log_p, log_q, rule)
 
     rule = _Alpha(a, scale)  # read by _alpha_terms when it is called
     alpha_divergence.__name__ = f"alpha_{a:g}"
