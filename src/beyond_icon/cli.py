@@ -294,6 +294,18 @@ def main(argv: list[str] | None = None) -> int:
             "\ninterrupted: finished epochs are checkpointed; rerun with --resume", file=sys.stderr
         )
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group before the interpreter exits: a gloo group left
+    to static destruction sometimes aborts the process ("terminate called without an active
+    exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
