@@ -60,8 +60,8 @@ def measure(step, device: torch.device, repeats: int) -> tuple[float, int]:
     return statistics.median(times), peak_memory(step, device)
 
 
-def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
-    """Rows of the two tables for batch size n."""
+def _step_maker(n: int, args: argparse.Namespace, device: torch.device):
+    """``make_step(loss_fn)``: one forward + backward of ``loss_fn`` on fixed random features."""
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(n, args.dim, generator=gen).to(device, getattr(torch, args.dtype))
     labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
@@ -72,6 +72,13 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperatu
             loss_fn(z, labels).backward()
 
         return step
+
+    return make_step
+
+
+def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
+    """Rows of the two tables for batch size n."""
+    make_step = _step_maker(n, args, device)
 
     def supcon_khosla(z, y):
         return supcon_reference(z, y, temperature)
@@ -97,16 +104,7 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperatu
 def bench_large(n: int, args: argparse.Namespace, device: torch.device, temperature: float):
     """Rows for a batch too large for n x n buffers per divergence: the chunked path only
     (``chunk_size`` rows at a time), against the dense reference."""
-    gen = torch.Generator().manual_seed(0)
-    base = torch.randn(n, args.dim, generator=gen).to(device, getattr(torch, args.dtype))
-    labels = torch.randint(0, args.classes, (n,), generator=gen).to(device)
-
-    def make_step(loss_fn):
-        def step():
-            z = base.clone().requires_grad_()
-            loss_fn(z, labels).backward()
-
-        return step
+    make_step = _step_maker(n, args, device)
 
     ref_time, ref_mem = measure(
         make_step(lambda z, y: supcon_reference(z, y, temperature)), device, 1

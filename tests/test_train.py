@@ -88,23 +88,8 @@ class _Planted:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('ran')",))
 
 
-def _train_two_epochs(tmp_path, identity=None):
-    model, batches, loss_fn = _setup()
-    config = TrainConfig(epochs=2, lr=1e-2, seed=1)
-    return fit(
-        model,
-        batches,
-        loss_fn,
-        config,
-        device=torch.device("cpu"),
-        out_dir=tmp_path,
-        verbose=False,
-        stop_after_epochs=1,
-        identity=identity,
-    )
-
-
-def _resume(tmp_path, identity=None):
+def _two_epochs(tmp_path, identity=None, resume=False):
+    """Epoch 1 of 2 into ``tmp_path`` (or, with ``resume``, the rest from its checkpoint)."""
     model, batches, loss_fn = _setup()
     return fit(
         model,
@@ -113,10 +98,19 @@ def _resume(tmp_path, identity=None):
         TrainConfig(epochs=2, lr=1e-2, seed=1),
         device=torch.device("cpu"),
         out_dir=tmp_path,
-        resume=True,
         verbose=False,
+        stop_after_epochs=None if resume else 1,
+        resume=resume,
         identity=identity,
     )
+
+
+def _train_two_epochs(tmp_path, identity=None):
+    return _two_epochs(tmp_path, identity)
+
+
+def _resume(tmp_path, identity=None):
+    return _two_epochs(tmp_path, identity, resume=True)
 
 
 def test_a_planted_checkpoint_never_runs_code(tmp_path, monkeypatch):

@@ -451,6 +451,9 @@ class ClusterLoss(IConLoss):
         """
         if isinstance(logits, Tensor) and logits.dim() == 3:
             return self._heads(logits, pair_index, teacher_logits, log_p, sample_index, features)
+        if isinstance(logits, Tensor) and logits.dim() == 2 and self._merged(log_p):
+            teacher = teacher_logits[None] if isinstance(teacher_logits, Tensor) else None
+            return self._heads(logits[None], pair_index, teacher, None, sample_index, None)[0]
         check_features(logits, "logits", min_rows=2)
         n = logits.shape[0]
         if log_p is None:
@@ -485,10 +488,7 @@ class ClusterLoss(IConLoss):
         n = log_a.shape[0]
         if log_p is None:
             keys = [pair_index] + ([sample_index] if sample_index is not None else [])
-            columns, mask = kernels.positive_columns(*keys)
-            if self.compress and self.divergence.f_family and alpha_p == 0.0 and not walks:
-                return self._compressed(log_a, log_b, columns, mask, alpha_q, shard)
-            given = _scatter_uniform(columns, mask, n, log_a.dtype)
+            given = _scatter_uniform(*kernels.positive_columns(*keys), n, log_a.dtype)
             if walks:
                 graph = torch.logaddexp(
                     given, kernels.knn(features, min(self.n_neighbors, n - 1)).to(given.dtype)
@@ -505,6 +505,17 @@ class ClusterLoss(IConLoss):
         )
         return self._icon(log_p, log_q, n, shard, trusted=not user_p)
 
+    def _merged(self, log_p: Tensor | None) -> bool:
+        """Whether p is pairs (plus same-sample columns) and the merged-columns path is exact."""
+        alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
+        return (
+            log_p is None
+            and self.compress
+            and self.divergence.f_family
+            and alpha_p == 0.0
+            and self.propagate_steps == 1
+        )
+
     def _heads(
         self,
         logits: Tensor,
@@ -518,15 +529,7 @@ class ClusterLoss(IConLoss):
         h, n, k = logits.shape
         if teacher_logits is not None and teacher_logits.shape != logits.shape:
             raise ValueError("teacher_logits must have the shape of logits")
-        alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
-        merged = (
-            log_p is None
-            and self.compress
-            and self.divergence.f_family
-            and alpha_p == 0.0
-            and self.propagate_steps == 1
-        )
-        if not merged:
+        if not self._merged(log_p):
             return torch.stack(
                 [
                     self.forward(
@@ -568,10 +571,8 @@ class ClusterLoss(IConLoss):
         alpha_q: float,
         shard: Shard | None,
     ) -> Tensor:
-        """The loss on rows ``[positives..., rest]``: exact for f-divergences (see the class).
-
-        ``log_a`` (n, k) gives the loss, (h, n, k) the (h,) losses of the heads.
-        """
+        """The (h,) losses of ``log_a`` (h, n, k) on rows ``[positives..., rest]``: exact for
+        f-divergences (see the class). A single head is h = 1."""
         n = log_a.shape[-2]
         count = mask.sum(dim=1, keepdim=True)
         log_p = torch.where(mask, -count.clamp_min(1).to(log_a.dtype).log(), -math.inf)
@@ -601,8 +602,6 @@ class ClusterLoss(IConLoss):
             )
             return torch.where(some, mixed, -math.inf)
 
-        if log_a.dim() == 2:
-            return self._icon(log_p, log_q, n, shard)
         rows = slice(0, n) if shard is None else shard.rows
         block_q, block_p = log_q(rows), log_p[rows]
         has_mass = mask[rows].any(dim=1)
