@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format bench bench-sne clean
+.PHONY: install demo test lint format bench bench-sne docs dist clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,5 +38,14 @@ bench-sne: $(STAMP)
 	$(BIN)/pip install -e ".[bench]"
 	$(BIN)/python benchmarks/bench_sne.py --data fashion-mnist --n-train 10000 --n-test 10000
 
+# The documentation site (MkDocs + mkdocstrings, numpydoc docstrings) into site/; warnings fail.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
+# A wheel and an sdist in dist/ (tests/test_dist.py installs the wheel into a fresh venv).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site *.egg-info src/*.egg-info .pytest_cache

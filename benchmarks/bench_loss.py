@@ -19,9 +19,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from beyond_icon import methods
-from beyond_icon.profiling import peak_memory
+from beyond_icon import methods, value_checks
+from beyond_icon.profiling import HostSyncCounter, peak_memory
 
+SYNCS: dict = {}  # step -> host syncs of one forward + backward
 DIVERGENCES = ["kl", "reverse_kl", "tv", "hellinger", "jsd", "chi2", "jeffreys", "alpha:0.5"]
 
 
@@ -49,7 +50,9 @@ def _sync(device: torch.device) -> None:
 
 def measure(step, device: torch.device, repeats: int) -> tuple[float, int]:
     """Median seconds of ``step()`` over ``repeats`` (after one warm-up), and its peak bytes."""
-    step()
+    with HostSyncCounter() as syncs:  # the warm-up also counts the host syncs of one step
+        step()
+    SYNCS[step] = syncs.count
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -69,7 +72,8 @@ def _step_maker(n: int, args: argparse.Namespace, device: torch.device):
     def make_step(loss_fn):
         def step():
             z = base.clone().requires_grad_()
-            loss_fn(z, labels).backward()
+            with value_checks(args.value_checks == "on"):
+                loss_fn(z, labels).backward()
 
         return step
 
@@ -83,14 +87,16 @@ def bench_size(n: int, args: argparse.Namespace, device: torch.device, temperatu
     def supcon_khosla(z, y):
         return supcon_reference(z, y, temperature)
 
-    ref_time, ref_mem = measure(make_step(supcon_khosla), device, args.repeats)
-    rows = [(n, "reference SupCon (Khosla)", ref_time, ref_mem, 1.0, 1.0)]
+    ref_step = make_step(supcon_khosla)
+    ref_time, ref_mem = measure(ref_step, device, args.repeats)
+    rows = [(n, "reference SupCon (Khosla)", ref_time, ref_mem, 1.0, 1.0, SYNCS[ref_step])]
     for name in DIVERGENCES:
         debias = 0.05 if name in ("reverse_kl", "jeffreys") else 0.0  # infinite otherwise
         loss = methods.SupCon(name, metric="cosine", temperature=temperature, debias=debias)
-        t, m = measure(make_step(loss), device, args.repeats)
+        step = make_step(loss)
+        t, m = measure(step, device, args.repeats)
         label = name + (f" (p debiased {debias})" if debias else "")
-        rows.append((n, label, t, m, t / ref_time, m / ref_mem))
+        rows.append((n, label, t, m, t / ref_time, m / ref_mem, SYNCS[step]))
     chunk_rows = []
     for name in ("kl", "jsd"):
         dense = methods.SupCon(name, temperature=temperature)
@@ -106,18 +112,17 @@ def bench_large(n: int, args: argparse.Namespace, device: torch.device, temperat
     (``chunk_size`` rows at a time), against the dense reference."""
     make_step = _step_maker(n, args, device)
 
-    ref_time, ref_mem = measure(
-        make_step(lambda z, y: supcon_reference(z, y, temperature)), device, 1
-    )
-    rows = [(n, "reference SupCon (Khosla), dense", ref_time, ref_mem, 1.0, 1.0)]
+    ref_step = make_step(lambda z, y: supcon_reference(z, y, temperature))
+    ref_time, ref_mem = measure(ref_step, device, 1)
+    rows = [(n, "reference SupCon (Khosla), dense", ref_time, ref_mem, 1.0, 1.0, SYNCS[ref_step])]
     for name in ("kl", "tv", "jsd"):
         loss = methods.SupCon(
             name, metric="cosine", temperature=temperature, chunk_size=args.large_chunk_size
         )
-        t, m = measure(make_step(loss), device, 1)
-        rows.append(
-            (n, f"{name}, chunked ({args.large_chunk_size} rows)", t, m, t / ref_time, m / ref_mem)
-        )
+        step = make_step(loss)
+        t, m = measure(step, device, 1)
+        label = f"{name}, chunked ({args.large_chunk_size} rows)"
+        rows.append((n, label, t, m, t / ref_time, m / ref_mem, SYNCS[step]))
     return rows
 
 
@@ -136,13 +141,21 @@ def main() -> None:
         "--large-sizes", type=int, nargs="*", default=[16384], help="chunked path only"
     )
     parser.add_argument("--large-chunk-size", type=int, default=1024)
+    parser.add_argument(
+        "--value-checks",
+        choices=["off", "on"],
+        default="off",
+        help="the losses' value checks (off: as beyond_icon.train.fit runs a step; on: the "
+        "default of a direct call, about five host syncs each)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     temperature = 0.1
     print(
         f"torch {torch.__version__}, device {device}, {args.dtype}, "
         f"threads {torch.get_num_threads()}, "
-        f"d = {args.dim}, {args.classes} classes, median of {args.repeats}\n"
+        f"d = {args.dim}, {args.classes} classes, median of {args.repeats}, "
+        f"value checks {args.value_checks}\n"
     )
 
     rows, chunk_rows = [], []
@@ -153,10 +166,15 @@ def main() -> None:
     for n in args.large_sizes:
         rows += bench_large(n, args, device, temperature)
 
-    print("| n | loss | fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference |")
-    print("|---:|---|---:|---:|---:|---:|")
-    for n, label, t, m, rt, rm in rows:
-        print(f"| {n} | {label} | {1e3 * t:.1f} | {m / 2**20:.1f} | {rt:.2f} | {rm:.2f} |")
+    print(
+        "| n | loss | fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference "
+        "| host syncs |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for n, label, t, m, rt, rm, syncs in rows:
+        print(
+            f"| {n} | {label} | {1e3 * t:.1f} | {m / 2**20:.1f} | {rt:.2f} | {rm:.2f} | {syncs} |"
+        )
     print(f"\nRow-chunked path (chunk_size = {args.chunk_size}) against the dense path:\n")
     print("| n | divergence | dense ms | dense MiB | chunked ms | chunked MiB | memory ratio |")
     print("|---:|---|---:|---:|---:|---:|---:|")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import torch
@@ -31,3 +33,34 @@ def rng() -> np.random.Generator:
 def _private_home(tmp_path_factory, monkeypatch):
     """Neighbour caches (~/.cache/beyond-icon) go to a temporary home, never the user's."""
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2):
+    """Run ``python -m beyond_icon ARGS`` under torchrun with ``nproc`` gloo processes."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "beyond_icon",
+        *args,
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

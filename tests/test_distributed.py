@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port as _free_port
+from conftest import torchrun as _torchrun
 
 from beyond_icon import methods
 from beyond_icon.distributed import all_gather_with_grad, all_reduce_sum, world
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 SIZES = (5, 7)  # unequal local batches on purpose (the gather pads)
 FITTED_BATCH = torch.arange(0, 36, 3)  # 12 distinct indices into the 40 fitted points
@@ -172,30 +165,6 @@ def test_without_process_group_gather_is_identity():
 
 
 # ----------------------------------------------------------------------------- under torchrun
-
-
-def _torchrun(args, nproc=2):
-    import subprocess
-    import sys
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "beyond_icon",
-        *args,
-    ]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
 
 
 SUPCON = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,12 @@ def test_mlp_and_standardize():
     assert isinstance(net, models.MLP) and net(std(x)).shape == (10, 512)
     images = torch.rand(4, 3, 6, 6)
     assert models.Standardize.fit(images)(images).shape == images.shape
+    # the same statistics from blocks of rows of a float16 array (a memory-mapped table)
+    rows = np.random.default_rng(0).normal(3, 2, size=(101, 5)).astype(np.float16)
+    by_blocks = models.Standardize.fit_rows(rows, block=17)
+    whole = models.Standardize.fit(torch.as_tensor(rows, dtype=torch.float32))
+    torch.testing.assert_close(by_blocks.mean, whole.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(by_blocks.std, whole.std, rtol=1e-5, atol=1e-5)
 
 
 def test_heads():

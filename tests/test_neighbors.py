@@ -35,6 +35,24 @@ def test_euclidean_matches_dense_float64_search():
     np.testing.assert_allclose(d2, np.take_along_axis(full, want, 1), rtol=1e-4, atol=1e-3)
 
 
+def test_float16_memory_map_is_searched_in_its_dtype(tmp_path):
+    """A float16 table (an extract folder) is mined through a memory map, block by block, and
+    finds what the float32 search of the same values finds."""
+    x = np.random.default_rng(2).normal(size=(300, 8)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    for metric in ("cosine", "euclidean"):
+        got = mine_neighbors(mapped, 4, metric=metric, query_block=64, key_block=100)
+        want = mine_neighbors(x.astype(np.float32), 4, metric=metric)
+        assert np.array_equal(got, want)
+    indices, _, _ = cached_neighbor_table(mapped, 4, tmp_path)
+    assert np.array_equal(indices, mine_neighbors(x.astype(np.float32), 4))
+    bad = x.copy()
+    bad[7, 2] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mine_neighbors(bad, 3, key_block=64)
+
+
 def test_cache_reuse_truncation_and_damage(tmp_path):
     x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
     first, cached = cached_neighbors(x, 5, tmp_path)

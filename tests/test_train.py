@@ -171,3 +171,26 @@ def test_the_clock_carries_over_resumed_segments(tmp_path):
     resumed = _resume(tmp_path)
     assert resumed[len(first) - 1]["time"] == first[-1]["time"]
     assert resumed[-1]["time"] >= first[-1]["time"] and resumed[-1]["segment"] == 1
+
+
+def test_a_step_without_value_checks_still_names_a_bad_input():
+    """The loop runs the loss without value checks (no host syncs); a NaN feature then gives a
+    NaN loss, and the loop reruns the step with the checks on to name the rows."""
+    from beyond_icon import methods
+    from beyond_icon.train import TrainingDiverged
+
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    x[5] = float("nan")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    supcon = methods.SupCon(divergence="tv")
+    with pytest.raises(TrainingDiverged, match=r"step 0 .*z contains NaN or Inf in row\(s\) \[5\]"):
+        fit(
+            model,
+            lambda g: [0],
+            lambda _: supcon(model(x), labels),
+            TrainConfig(epochs=1),
+            device=torch.device("cpu"),
+            verbose=False,
+        )
+    assert torch.isfinite(model.weight).all()

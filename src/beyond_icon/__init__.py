@@ -1,6 +1,7 @@
 """beyond-icon: the I-Con loss ``mean_i D(p(.|i) || q(.|i))`` with any divergence D."""
 
 from beyond_icon import divergences, kernels, methods
+from beyond_icon._validation import value_checks
 from beyond_icon.divergences import InfiniteDivergenceError
 from beyond_icon.loss import LossStats, icon_loss, icon_loss_rows
 
@@ -26,4 +27,5 @@ __all__ = [
     "icon_loss_rows",
     "kernels",
     "methods",
+    "value_checks",
 ]

@@ -2,10 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
+
+_VALUE_CHECKS: ContextVar[bool] = ContextVar("beyond_icon_value_checks", default=True)
+
+
+def checking_values() -> bool:
+    """Whether checks that read tensor values (and so make the host wait for the device) run."""
+    return _VALUE_CHECKS.get()
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the value checks of the library's losses on or off inside a ``with`` block.
+
+    On (the default), every loss call checks that features are finite, that labels are in
+    range, that a divergence is not infinite and that the loss is finite, each with a one-line
+    error naming the rows; each check reads a value back from the device, about five host
+    synchronisations per call. Off, the built-in presets make none: a bad input then shows up
+    as a non-finite loss, which :func:`beyond_icon.train.fit` catches (one read per step) and
+    explains by running the same step again with the checks on. Shape and dtype checks always
+    run (they cost nothing).
+
+    Parameters
+    ----------
+    enabled : bool
+
+    Examples
+    --------
+    >>> with value_checks(False):  # doctest: +SKIP
+    ...     loss = supcon(z, labels)
+    """
+    token = _VALUE_CHECKS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
 
 # How far logsumexp of a row may be from 0 and still count as normalised.
 _ROW_TOLERANCE = {
@@ -39,10 +78,11 @@ def check_features(z: Tensor, name: str = "z", *, min_rows: int = 1) -> Tensor:
         raise ValueError(f"{name} must be a floating tensor, got dtype {z.dtype}")
     if z.shape[0] < min_rows:
         raise ValueError(f"{name} needs at least {min_rows} rows, got {z.shape[0]}")
-    bad = ~torch.isfinite(z.detach())
-    if bool(bad.any()):
-        rows = bad.any(dim=1)
-        raise ValueError(f"{name} contains NaN or Inf in row(s) {_where(rows)}")
+    if checking_values():
+        bad = ~torch.isfinite(z.detach())
+        if bool(bad.any()):
+            rows = bad.any(dim=1)
+            raise ValueError(f"{name} contains NaN or Inf in row(s) {_where(rows)}")
     return z
 
 

@@ -179,6 +179,11 @@ def _extract(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         image_size=args.image_size,
+        pooling=args.pooling,
+        crop=args.crop,
+        num_workers=args.workers,
+        chunk_batches=args.chunk_batches,
+        skip_corrupt=args.skip_corrupt,
         verbose=not args.quiet,
     )
     return 0
@@ -227,20 +232,55 @@ def build_parser() -> argparse.ArgumentParser:
     report_parser.add_argument("dir", help="sweep folder")
     report_parser.add_argument("--quiet", action="store_true")
     report_parser.set_defaults(handler=_report)
-    extract = sub.add_parser("extract", help="embeddings of a dataset from a frozen encoder (.npz)")
+    extract = sub.add_parser(
+        "extract",
+        help="features of a dataset from a frozen encoder (a streamed folder, or one .npz)",
+    )
     extract.add_argument(
         "--encoder",
         required=True,
-        help="dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | module:factory | file.py:factory",
+        help="dinov2_vit{s,b,l,g}14 | dino_vit{s,b}16 | a Hugging Face model folder | "
+        "module:factory | file.py:factory",
     )
-    extract.add_argument("--data", required=True, help="dataset spec")
-    extract.add_argument("--out", required=True, help="output .npz")
+    extract.add_argument("--data", required=True, help="dataset spec, e.g. imagefolder:PATH")
+    extract.add_argument(
+        "--out",
+        required=True,
+        help="features folder (streamed, resumable, memory-mapped), or FILE.npz (in memory)",
+    )
     extract.add_argument("--data-dir")
     extract.add_argument("--download", action="store_true")
     extract.add_argument("--batch-size", type=int, default=256)
     extract.add_argument("--device", default="auto")
     extract.add_argument(
-        "--image-size", type=int, default=224, help="input size for DINOv2 (multiple of 14)"
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side (default the encoder's own: 224 for DINO; a multiple of the patch size)",
+    )
+    extract.add_argument(
+        "--pooling", choices=("cls", "mean"), default="cls", help="class token or mean of patches"
+    )
+    extract.add_argument(
+        "--crop",
+        type=float,
+        default=0.875,
+        help="image folders: resize the shorter side to size / crop, then centre-crop "
+        "(0.875: the 256 -> 224 evaluation transform; 1: plain resize)",
+    )
+    extract.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default min(8, CPUs))"
+    )
+    extract.add_argument(
+        "--chunk-batches",
+        type=int,
+        default=16,
+        help="batches per chunk written to disk (the unit of resumption)",
+    )
+    extract.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out unreadable images with a warning instead of stopping",
     )
     extract.add_argument("--quiet", action="store_true")
     extract.set_defaults(handler=_extract)
@@ -290,9 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beyond-icon {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: finished epochs are checkpointed; rerun with --resume", file=sys.stderr
+        done = (
+            "written chunks are kept; rerun the same command to continue"
+            if getattr(args, "command", None) == "extract"
+            else "finished epochs are checkpointed; rerun with --resume"
         )
+        print(f"\ninterrupted: {done}", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()

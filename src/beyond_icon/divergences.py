@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from beyond_icon._validation import check_log_distributions
+from beyond_icon._validation import check_log_distributions, checking_values
 
 __all__ = [
     "Divergence",
@@ -62,8 +62,9 @@ class InfiniteDivergenceError(ValueError):
 
 
 def _raise_if(mask: Tensor, name: str, what: str) -> None:
-    """Raise InfiniteDivergenceError when ``mask`` (n, m) has any True entry."""
-    if bool(mask.any()):
+    """Raise InfiniteDivergenceError when ``mask`` (n, m) has any True entry (with value checks
+    off, see :func:`beyond_icon.value_checks`, the infinite value is returned instead)."""
+    if checking_values() and bool(mask.any()):
         rows = torch.nonzero(mask.any(dim=-1)).flatten()
         shown = rows[:5].tolist()
         more = "" if rows.numel() <= 5 else f" and {rows.numel() - 5} more"
@@ -107,13 +108,54 @@ class _KLRule:
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Kullback-Leibler divergence, ``sum_j p_j (log p_j - log q_j)``, in ``[0, inf)``."""
+    """Kullback-Leibler divergence, ``KL(p || q) = sum_j p_j (log p_j - log q_j)``, in
+    ``[0, inf)``: the D of the I-Con equation.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    Raises
+    ------
+    InfiniteDivergenceError
+        Where ``q = 0 < p`` (with value checks on, see :func:`beyond_icon.value_checks`).
+
+    References
+    ----------
+    Kullback, S. and Leibler, R. A. (1951). On information and sufficiency. Annals of
+    Mathematical Statistics 22(1).
+    """
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
     return _rowwise(log_p, log_q, _KLRule)
 
 
 def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Reverse KL, ``sum_j q_j (log q_j - log p_j)`` = KL(q || p), in ``[0, inf)``."""
+    """Reverse KL, ``KL(q || p) = sum_j q_j (log q_j - log p_j)``, in ``[0, inf)``.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    Raises
+    ------
+    InfiniteDivergenceError
+        Where ``p = 0 < q``: a sparse p (labels, k-NN) needs debiasing first
+        (:func:`beyond_icon.kernels.debias`).
+    """
     _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
     return _rowwise(log_q, log_p, _KLRule)
 
@@ -278,19 +320,75 @@ _Jeffreys = _JeffreysRule()
 
 
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Total variation distance, ``1/2 sum_j |p_j - q_j|``, in ``[0, 1]``."""
+    """Total variation distance, ``TV(p, q) = 1/2 sum_j |p_j - q_j|``, in ``[0, 1]``.
+
+    The f-divergence of ``f(t) = |t - 1| / 2``; bounded and symmetric, finite for any supports.
+    The paper's best divergence for clustering frozen embeddings.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    References
+    ----------
+    Shone, J., Li, Z., Alshammari, S., Hamilton, M. and Freeman, W. (2025). Beyond I-Con:
+    exploring new dimension of distance measures in representation learning. arXiv:2509.04734.
+    """
     return _rowwise(log_p, log_q, _TV)
 
 
 def hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Squared Hellinger distance, ``1/2 sum_j (sqrt p_j - sqrt q_j)^2``, in ``[0, 1]``."""
+    """Squared Hellinger distance, ``H^2(p, q) = 1/2 sum_j (sqrt p_j - sqrt q_j)^2``, in
+    ``[0, 1]``: the f-divergence of ``f(t) = (sqrt t - 1)^2 / 2``.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    References
+    ----------
+    Hellinger, E. (1909). Neue Begruendung der Theorie quadratischer Formen von unendlichvielen
+    Veraenderlichen. Journal fuer die reine und angewandte Mathematik 136.
+    """
     return _rowwise(log_p, log_q, _Hellinger)
 
 
 def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence, ``1/2 KL(p || m) + 1/2 KL(q || m)``, ``m = (p + q) / 2``.
+    """Jensen-Shannon divergence, ``JSD(p, q) = 1/2 KL(p || m) + 1/2 KL(q || m)`` with
+    ``m = (p + q) / 2``.
 
-    Natural logarithm, so the range is ``[0, log 2]``.
+    Natural logarithm, so the range is ``[0, log 2]``; symmetric and finite for any supports.
+    The paper's best divergence for supervised contrastive learning with a Euclidean kernel.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    References
+    ----------
+    Lin, J. (1991). Divergence measures based on the Shannon entropy. IEEE Transactions on
+    Information Theory 37(1).
     """
     return _rowwise(log_p, log_q, _JSDRule)
 
@@ -317,17 +415,63 @@ class _JSDRule:
 
 
 def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Pearson chi-squared divergence, ``sum_j (p_j - q_j)^2 / q_j``, in ``[0, inf)``.
+    """Pearson chi-squared divergence, ``chi2(p || q) = sum_j (p_j - q_j)^2 / q_j``, in
+    ``[0, inf)``.
 
-    Infinite where ``q = 0 < p`` (the Pearson form divides by ``q``). Computed as
-    ``(p - q) expm1(log p - log q)``: no division by a tiny q and no square of a huge ratio.
+    Computed as ``(p - q) expm1(log p - log q)``: no division by a tiny q and no square of a
+    huge ratio.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    Raises
+    ------
+    InfiniteDivergenceError
+        Where ``q = 0 < p`` (the Pearson form divides by ``q``).
+
+    References
+    ----------
+    Pearson, K. (1900). On the criterion that a given system of deviations from the probable in
+    the case of a correlated system of variables is such that it can be reasonably supposed to
+    have arisen from random sampling. Philosophical Magazine 50(302).
     """
     _raise_if((log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
     return _rowwise(log_p, log_q, _Chi2)
 
 
 def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Jeffreys divergence, ``KL(p || q) + KL(q || p) = sum_j (p_j - q_j)(log p_j - log q_j)``."""
+    """Jeffreys divergence, ``J(p, q) = KL(p || q) + KL(q || p) = sum_j (p_j - q_j)(log p_j -
+    log q_j)``, in ``[0, inf)``.
+
+    Parameters
+    ----------
+    log_p, log_q : (..., m) tensor
+        Row log-probabilities (``-inf`` where a probability is 0), validated by the caller
+        (:class:`Divergence` or :func:`beyond_icon.icon_loss`).
+
+    Returns
+    -------
+    (...) tensor
+        The divergence of each row, with a closed-form gradient.
+
+    Raises
+    ------
+    InfiniteDivergenceError
+        Where the supports of p and q differ.
+
+    References
+    ----------
+    Jeffreys, H. (1946). An invariant form for the prior probability in estimation problems.
+    Proceedings of the Royal Society A 186(1007).
+    """
     p_only = (log_p > -math.inf) & (log_q == -math.inf)
     q_only = (log_q > -math.inf) & (log_p == -math.inf)
     _raise_if(p_only | q_only, "jeffreys", "p and q have different supports")
@@ -370,13 +514,31 @@ class _Alpha(_Rule):
 
 
 def alpha(a: float) -> DivergenceFn:
-    """Amari alpha-divergence ``(1 - sum_j p_j^A q_j^(1-A)) / (A (1 - A))``.
+    """Amari alpha-divergence ``D_A(p || q) = (1 - sum_j p_j^A q_j^(1-A)) / (A (1 - A))``.
 
     Computed as ``sum_j (A p_j + (1 - A) q_j - p_j^A q_j^(1-A)) / (A (1 - A))``, a sum of
     non-negative terms (weighted AM-GM), which equals the textbook form for normalised rows and
     avoids the cancellation of ``1 - sum`` when ``p`` is close to ``q``. ``A -> 1`` is KL,
     ``A -> 0`` reverse KL (returned for A within 1e-10 of 1 or 0); within 1e-2 of them the
-    terms are taken in float64. Bounded by ``1/(A(1-A))`` for ``0 < A < 1``.
+    terms are taken in float64. Bounded by ``1/(A(1-A))`` for ``0 < A < 1``;
+    ``get("alpha:A")`` is the registered form.
+
+    Parameters
+    ----------
+    a : float
+        The order A (any finite number). A = 0.5 is four times the squared Hellinger distance.
+
+    Returns
+    -------
+    callable
+        ``(log_p, log_q) -> (...)`` per-row values; for ``A > 1`` infinite where ``q = 0 <
+        p``, for ``A < 0`` where ``p = 0 < q`` (an :class:`InfiniteDivergenceError`).
+
+    References
+    ----------
+    Amari, S. (1985). Differential-Geometrical Methods in Statistics. Springer.
+    Cichocki, A. and Amari, S. (2010). Families of alpha- beta- and gamma-divergences. Entropy
+    12(6).
     """
     a = float(a)
     if not math.isfinite(a):
@@ -429,9 +591,36 @@ def f_divergence(
     Boundary conventions: ``0 f(0/0) = 0``; where ``q = 0 < p`` the term is
     ``p_j * lim_{t->inf} f(t)/t`` (``slope_at_infinity``, infinite by default: an error);
     where ``p = 0 < q`` it is ``q_j * f(0)``, and an infinite ``f(0)`` is an error.
-    ``f`` receives a tensor of ratios ``t > 0`` and must be elementwise and differentiable.
-    With ``check=True`` the generator is tested for ``f(1) = 0`` and midpoint convexity on a
-    grid of ratios; a failure raises ``ValueError``.
+
+    Parameters
+    ----------
+    f : callable
+        The generator: maps a tensor of ratios ``t > 0`` elementwise, differentiable (its
+        gradient comes from autograd).
+    name : str
+        Name used in error messages.
+    slope_at_infinity : float
+        ``lim_{t -> inf} f(t) / t``; infinite (the default) makes ``q = 0 < p`` an error.
+    check : bool
+        Test ``f(1) = 0`` and midpoint convexity on a grid of ratios from 1e-4 to 1e4.
+
+    Returns
+    -------
+    callable
+        ``(log_p, log_q) -> (...)`` per-row values, marked ``f_family`` (the cluster loss may
+        merge the columns where ``p = 0``); pass it to :func:`register`.
+
+    Raises
+    ------
+    ValueError
+        ``f`` is not elementwise, ``f(1) != 0``, or ``f`` is not finite and convex on the grid.
+
+    References
+    ----------
+    Csiszar, I. (1967). Information-type measures of difference of probability distributions
+    and indirect observations. Studia Scientiarum Mathematicarum Hungarica 2.
+    Ali, S. M. and Silvey, S. D. (1966). A general class of coefficients of divergence of one
+    distribution from another. Journal of the Royal Statistical Society B 28(1).
     """
     if check:
         grid = torch.logspace(-4, 4, 41, dtype=torch.float64)
@@ -484,8 +673,21 @@ class Divergence:
     """A named divergence: ``D(log_p, log_q) -> (n,)``, with what is known of its range.
 
     Calling it validates the inputs (shapes, finiteness, normalised rows) unless
-    ``validate=False``; ``fn`` is the raw function. ``f_family`` marks an f-divergence
-    ``sum_j q_j f(p_j / q_j)``: merging the columns where ``p = 0`` into one leaves it unchanged.
+    ``validate=False``.
+
+    Parameters
+    ----------
+    name : str
+        The registry name.
+    fn : callable
+        The raw function ``(log_p, log_q) -> (...)``.
+    upper_bound : float
+        The largest value it can take (``inf`` if unbounded).
+    symmetric : bool
+        ``D(p || q) = D(q || p)``.
+    f_family : bool
+        An f-divergence ``sum_j q_j f(p_j / q_j)``: merging the columns where ``p = 0`` into
+        one (their q summed) leaves it unchanged, which the cluster preset uses for speed.
     """
 
     name: str
@@ -522,9 +724,27 @@ def register(
     f_family: bool = False,
     overwrite: bool = False,
 ) -> Divergence:
-    """Register ``fn(log_p, log_q) -> (n,)`` under ``name`` and return the Divergence.
+    """Register ``fn(log_p, log_q) -> (n,)`` under ``name``: every preset, task and command
+    can then use the name.
 
-    Pass ``f_family=True`` only for an f-divergence (what :func:`f_divergence` builds).
+    Parameters
+    ----------
+    name : str
+        A non-empty name without ``:``.
+    fn : callable
+        ``(log_p, log_q) -> (...)`` per-row values, or what :func:`f_divergence` returns.
+    upper_bound : float
+        Its largest value, if known.
+    symmetric : bool
+        Whether ``D(p || q) = D(q || p)``.
+    f_family : bool
+        Pass True only for an f-divergence (implied for what :func:`f_divergence` builds).
+    overwrite : bool
+        Replace an existing registration.
+
+    Returns
+    -------
+    Divergence
     """
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"a divergence name must be a non-empty string without ':', got {name!r}")
@@ -541,12 +761,33 @@ def register(
 
 
 def names() -> list[str]:
-    """Registered divergence names (plus the parametric family ``alpha:A``)."""
+    """Registered divergence names (plus the parametric family ``alpha:A``).
+
+    Returns
+    -------
+    list of str
+    """
     return sorted(_REGISTRY) + ["alpha:A"]
 
 
 def get(name: str | Divergence | DivergenceFn) -> Divergence:
-    """Look up a divergence by name (``"tv"``, ``"alpha:0.5"``, ...) or wrap a callable."""
+    """Look up a divergence by name (``"tv"``, ``"alpha:0.5"``, ...) or wrap a callable.
+
+    Parameters
+    ----------
+    name : str, Divergence or callable
+        A registered name (case-insensitive), ``alpha:A`` for any number A, a
+        :class:`Divergence` (returned as is), or a function ``(log_p, log_q) -> (...)``.
+
+    Returns
+    -------
+    Divergence
+
+    Raises
+    ------
+    ValueError
+        An unknown name (the message lists the known ones) or a malformed ``alpha:A``.
+    """
     if isinstance(name, Divergence):
         return name
     if callable(name):

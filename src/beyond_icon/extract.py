@@ -1,81 +1,273 @@
-"""``beyond-icon extract``: embeddings of a dataset from a frozen encoder, saved for clustering.
+"""``beyond-icon extract``: features of a dataset from a frozen encoder, for clustering.
 
-Encoders: ``dinov2_vits14`` / ``dinov2_vitb14`` / ``dinov2_vitl14`` / ``dinov2_vitg14`` through
-``torch.hub`` (needs the hub reachable, or its cache filled), or ``module:factory`` /
-``path/to/file.py:factory``, a callable returning an ``nn.Module`` that maps float images in
-[0, 1] (or vectors) to (n, d) features. The output .npz holds x_train, y_train, x_test, y_test
-and classes, and loads with ``--data embeddings:FILE.npz``.
+Two outputs, chosen by ``--out``:
+
+- a folder (the default; any path not ending in ``.npz``): **streamed**. Worker processes decode
+  and resize the images (:class:`ImageFiles`), the encoder runs in batches (bf16 autocast on
+  CUDA), and the features go to disk chunk by chunk as they come, then into memory-mapped
+  float16 arrays. Peak memory does not grow with the number of images; an interrupted run
+  continues from its last written chunk (:func:`stream_extract`); under torchrun every rank
+  extracts its share of the chunks and rank 0 joins them. ``--data embeddings:FOLDER`` reads it
+  back without loading it (:func:`beyond_icon.data.datasets.load_features_dir`).
+- ``FILE.npz``: the whole dataset decoded in memory first (fine for CIFAR-sized data).
+
+Encoders (:func:`load_encoder`): ``dinov2_vits14`` / ``dinov2_vitb14`` / ``dinov2_vitl14`` /
+``dinov2_vitg14`` and DINO v1 ``dino_vits16`` / ``dino_vitb16`` from ``torch.hub`` (the network
+or its cache) or the Hugging Face cache, a local Hugging Face-format folder (``config.json``
+inside), or ``module:factory`` / ``path/to/file.py:factory``: a callable returning an
+``nn.Module`` that maps float images in [0, 1] (or vectors) to (n, d) features or (n, t, d)
+tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
+import warnings
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from beyond_icon import data as data_registry
 from beyond_icon._imports import load_object
 from beyond_icon.data import as_float
+from beyond_icon.data.datasets import FEATURES_FORMAT, list_imagefolder
 from beyond_icon.train import resolve_device
 
-__all__ = ["extract", "load_encoder", "run_extract"]
+__all__ = [
+    "Encoder",
+    "ImageFiles",
+    "POOLINGS",
+    "extract",
+    "load_encoder",
+    "run_extract",
+    "stream_extract",
+]
 
-DINO = ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")
+#: torch.hub repository and Hugging Face id of each named encoder
+HUB = {
+    "dinov2_vits14": ("facebookresearch/dinov2", "facebook/dinov2-small"),
+    "dinov2_vitb14": ("facebookresearch/dinov2", "facebook/dinov2-base"),
+    "dinov2_vitl14": ("facebookresearch/dinov2", "facebook/dinov2-large"),
+    "dinov2_vitg14": ("facebookresearch/dinov2", "facebook/dinov2-giant"),
+    "dino_vits16": ("facebookresearch/dino:main", "facebook/dino-vits16"),
+    "dino_vitb16": ("facebookresearch/dino:main", "facebook/dino-vitb16"),
+}
+DINO = tuple(HUB)
+POOLINGS = ("cls", "mean")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class _DinoInput(nn.Module):
-    """Grey to RGB, resize to ``size`` (a multiple of 14), ImageNet normalisation."""
+# ------------------------------------------------------------------------------------ encoders
+class _HubTokens(nn.Module):
+    """All output tokens (n, 1 + patches, d), class token first, of a torch.hub DINO ViT."""
 
-    def __init__(self, encoder: nn.Module, size: int = 224):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.encoder, self.size = encoder, size
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.model = model
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError("DINOv2 encoders need images (n, C, H, W)")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        return self.encoder((x.clamp(0, 1) - self.mean) / self.std)
+    def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self.model, "forward_features"):  # DINOv2
+            out = self.model.forward_features(x)
+            return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], 1)
+        return self.model.get_intermediate_layers(x, 1)[0]  # DINO v1: normed tokens
 
 
-def load_encoder(name: str, image_size: int = 224) -> nn.Module:
-    """An encoder by name (see the module docstring)."""
-    if name in DINO:
+class _HFTokens(nn.Module):
+    """``last_hidden_state`` (n, tokens, d) of a Hugging Face vision model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(pixel_values=x).last_hidden_state
+
+
+@dataclass
+class Encoder:
+    """A frozen encoder with its input convention.
+
+    Attributes
+    ----------
+    module : nn.Module
+        Normalised float images (n, C, S, S) -> features (n, d) or tokens (n, t, d).
+    image_size : int or None
+        The side ``S`` it expects (None: images are passed at their own size).
+    mean, std : tuple of float or None
+        Per-channel normalisation applied before ``module`` (None: images in [0, 1]).
+    pooling : {"cls", "mean"}
+        For token outputs: the class token (the first) or the mean of the others (patches).
+    name : str
+    """
+
+    module: nn.Module
+    image_size: int | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    pooling: str = "cls"
+    name: str = ""
+
+    def to(self, device: torch.device) -> Encoder:
+        self.module = self.module.to(device).eval().requires_grad_(False)
+        return self
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """(n, d) features of a batch: uint8 or [0, 1] float images, or vectors."""
+        x = as_float_tensor(images)
+        if x.dim() == 4:
+            if self.mean is not None and x.shape[1] == 1 and len(self.mean) == 3:
+                x = x.expand(-1, 3, -1, -1)
+            size = self.image_size
+            if size is not None and tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+                x = x.clamp(0, 1)
+            if self.mean is not None:
+                mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+                std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+                x = (x - mean) / std
+        elif self.mean is not None:
+            raise ValueError(f"{self.name} needs images (n, C, H, W), got {tuple(x.shape)}")
+        out = self.module(x)
+        if out.dim() == 3:
+            out = out[:, 0] if self.pooling == "cls" else out[:, 1:].mean(1)
+        elif self.pooling == "mean":
+            raise ValueError(
+                f"--pooling mean needs an encoder that returns tokens (n, t, d); {self.name} "
+                f"returns pooled features {tuple(out.shape)}"
+            )
+        if out.dim() != 2 or len(out) != len(x):
+            raise ValueError(f"the encoder must return (n, d) features, got {tuple(out.shape)}")
+        return out
+
+
+def as_float_tensor(x) -> Tensor:
+    """uint8 -> float32 in [0, 1]; float tensors -> float32."""
+    x = torch.as_tensor(x)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def _from_hub(name: str) -> nn.Module:
+    repo = HUB[name][0]
+    try:  # from the hub cache without touching the network when the repo is there
+        return torch.hub.load(repo, name, trust_repo=True, skip_validation=True)
+    except Exception as error:
+        raise RuntimeError(f"torch.hub {repo}: {type(error).__name__}: {error}") from None
+
+
+def _from_hf(source: str, local_only: bool) -> tuple[nn.Module, dict]:
+    try:
+        from transformers import AutoImageProcessor, AutoModel
+    except ImportError:
+        raise RuntimeError("Hugging Face: the transformers package is not installed") from None
+    try:
+        model = AutoModel.from_pretrained(source, local_files_only=local_only)
         try:
-            encoder = torch.hub.load("facebookresearch/dinov2", name, trust_repo=True)
-        except Exception as error:  # network, missing cache, or hub errors all end here
-            raise RuntimeError(
-                f"could not load {name} through torch.hub ({type(error).__name__}: {error}). It needs "
-                "the network or a filled hub cache ($TORCH_HOME/hub); offline, pass your own encoder "
-                "as module:factory"
-            ) from error
-        return _DinoInput(encoder, image_size)
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+            config = processor.to_dict()
+        except Exception:  # no preprocessor_config.json: ImageNet conventions
+            config = {}
+    except Exception as error:
+        reason = str(error).split("\n")[0]
+        raise RuntimeError(f"Hugging Face {source}: {type(error).__name__}: {reason}") from None
+    return model, config
+
+
+def _hf_size(config: dict, default: int) -> int:
+    for key in ("crop_size", "size"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("height") or value.get("shortest_edge")
+        if isinstance(value, int):
+            return value
+    return default
+
+
+def load_encoder(name: str, image_size: int | None = None, pooling: str = "cls") -> Encoder:
+    """An encoder by name, with its resolution and normalisation.
+
+    Parameters
+    ----------
+    name : str
+        ``dinov2_vit{s,b,l,g}14`` or ``dino_vit{s,b}16`` (torch.hub, then the Hugging Face
+        cache), a folder holding a Hugging Face model (``config.json``), or ``module:factory`` /
+        ``file.py:factory``.
+    image_size : int, optional
+        Input side; default the encoder's own (224 for the named ones; for a factory the images'
+        own size, or 224 when streaming a folder of mixed sizes).
+    pooling : {"cls", "mean"}
+        Class token or mean of the patch tokens.
+
+    Returns
+    -------
+    Encoder
+
+    Raises
+    ------
+    RuntimeError
+        One line naming every source tried, when a named encoder loads from none.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if name in HUB:
+        tried = []
+        try:
+            module = _HubTokens(_from_hub(name))
+            return Encoder(module, image_size or 224, IMAGENET_MEAN, IMAGENET_STD, pooling, name)
+        except RuntimeError as error:
+            tried.append(str(error))
+        try:
+            model, config = _from_hf(HUB[name][1], local_only=True)
+            size = image_size or _hf_size(config, 224)
+            mean = tuple(config.get("image_mean", IMAGENET_MEAN))
+            std = tuple(config.get("image_std", IMAGENET_STD))
+            return Encoder(_HFTokens(model), size, mean, std, pooling, name)
+        except RuntimeError as error:
+            tried.append(str(error))
+        raise RuntimeError(
+            f"could not load {name}: tried {'; '.join(tried)}. Give it the network, a filled "
+            "cache ($TORCH_HOME/hub or $HF_HOME), a local Hugging Face folder, or your own "
+            "encoder as module:factory"
+        )
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is a folder without config.json: not a Hugging Face model")
+        model, config = _from_hf(str(folder), local_only=True)
+        size = image_size or _hf_size(config, 224)
+        mean = tuple(config.get("image_mean", IMAGENET_MEAN))
+        std = tuple(config.get("image_std", IMAGENET_STD))
+        return Encoder(_HFTokens(model), size, mean, std, pooling, folder.name)
     if ":" not in name:
         raise ValueError(
-            f"unknown encoder {name!r}: use one of {', '.join(DINO)} or module:factory"
+            f"unknown encoder {name!r}: use one of {', '.join(DINO)}, a Hugging Face model "
+            "folder, or module:factory"
         )
     factory = load_object(name, "encoder")
     if not callable(factory):
         raise ValueError(f"{name} is not callable")
-    encoder = factory()
-    if not isinstance(encoder, nn.Module):
-        raise ValueError(f"{name} must return a torch.nn.Module, got {type(encoder).__name__}")
-    return encoder
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{name} must return a torch.nn.Module, got {type(module).__name__}")
+    size = image_size or getattr(module, "image_size", None)
+    return Encoder(module, size, None, None, pooling, name)
 
 
+# ------------------------------------------------------------------------- in-memory extraction
 @torch.no_grad()
 def extract(
-    encoder: nn.Module,
+    encoder: Encoder | nn.Module,
     x: np.ndarray,
     *,
     batch_size: int = 256,
@@ -83,22 +275,369 @@ def extract(
     desc: str = "extract",
     verbose: bool = True,
 ) -> np.ndarray:
-    """Features (n, d) of ``x`` in batches, with a progress bar."""
-    encoder = encoder.to(device).eval()
+    """Features (n, d) of an in-memory array ``x``, in batches, with a progress bar."""
+    if not isinstance(encoder, Encoder):
+        encoder = Encoder(encoder, None, None, None)
+    encoder.to(device)
     out = []
     for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=not verbose, leave=False):
         batch = torch.as_tensor(as_float(x[start : start + batch_size])).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = encoder(batch)
-        if features.dim() != 2 or len(features) != len(batch):
-            raise ValueError(
-                f"the encoder must return (n, d) features, got {tuple(features.shape)}"
-            )
+            features = encoder.embed(batch)
         out.append(features.float().cpu().numpy())
     features = np.concatenate(out)
     if not np.isfinite(features).all():
         raise ValueError("the encoder produced NaN or Inf features")
     return features
+
+
+# ------------------------------------------------------------------------- streamed extraction
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files decoded on demand (in DataLoader workers) to uint8 (3, size, size).
+
+    Each image is converted to RGB, its shorter side resized (bicubic) to ``size / crop`` and
+    the centre ``size x size`` cut out: with ``crop = 0.875`` the 256 -> 224 evaluation
+    transform of DINO and TEMI; with ``crop = 1`` a plain resize of square images.
+
+    An item is ``(image, ok, message)``; an unreadable file gives ``ok = False``, a black image
+    and the reason, so the caller decides whether to stop or skip.
+    """
+
+    def __init__(self, files: list[Path], size: int, crop: float = 0.875):
+        if not 0 < crop <= 1:
+            raise ValueError(f"crop must be in (0, 1], got {crop}")
+        self.files, self.size, self.crop = list(files), int(size), float(crop)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, path: Path) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            size = self.size
+            if image.size != (size, size):
+                short = round(size / self.crop)
+                w, h = image.size
+                scale = short / min(w, h)
+                w, h = max(size, round(w * scale)), max(size, round(h * scale))
+                image = image.resize((w, h), Image.BICUBIC)
+                left, top = (w - size) // 2, (h - size) // 2
+                image = image.crop((left, top, left + size, top + size))
+            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+    def __getitem__(self, i: int):
+        try:
+            return torch.from_numpy(self.load(self.files[i]).copy()), True, ""
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ...
+            reason = str(error).split("\n")[0] or type(error).__name__
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False, reason
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows of an in-memory array as items of the same shape as :class:`ImageFiles`'."""
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return torch.as_tensor(np.asarray(self.x[i])), True, ""
+
+
+@dataclass
+class _Split:
+    source: torch.utils.data.Dataset
+    labels: np.ndarray
+    names: list[str]
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # decoding workers: one thread each, the encoder gets the rest
+
+
+def _read_chunk(path: Path, rows: int, dim: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """A written chunk if it is whole (the zip CRC, the shapes, finite values), else None."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            x, ok = stored["x"], stored["ok"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if len(x) != rows or len(ok) != rows or x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        return None
+    if not np.isfinite(x).all():
+        return None
+    return x, ok
+
+
+def _write_chunk(path: Path, x: np.ndarray, ok: np.ndarray) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, x=x, ok=ok)
+    os.replace(tmp, path)  # atomic: a chunk is on disk whole or not at all
+
+
+def _identity(encoder: Encoder, splits: dict[str, _Split], options: dict) -> dict:
+    digest = hashlib.sha1()
+    for name, split in splits.items():
+        digest.update(name.encode())
+        digest.update("\n".join(split.names).encode())
+        digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return {
+        "format": FEATURES_FORMAT,
+        "encoder": encoder.name,
+        "image_size": encoder.image_size,
+        "pooling": encoder.pooling,
+        "inputs": digest.hexdigest(),
+        **options,
+    }
+
+
+def stream_extract(
+    encoder: Encoder,
+    splits: dict[str, _Split],
+    out: str | Path,
+    *,
+    classes: list[str],
+    has_test_split: bool = True,
+    batch_size: int = 256,
+    chunk_batches: int = 16,
+    num_workers: int | None = None,
+    crop: float | None = None,
+    skip_corrupt: bool = False,
+    device: torch.device,
+    verbose: bool = True,
+) -> Path:
+    """Extract features split by split into the folder ``out``, resumably.
+
+    The images of a split are cut into chunks of ``batch_size * chunk_batches``; chunk ``c`` is
+    extracted by rank ``c mod world_size`` (one process: all of them) and written atomically to
+    ``out/.chunks/SPLIT-c.npz`` (float16 features and a mask of decoded images). A chunk already
+    on disk and whole is kept, so a rerun of an interrupted extraction continues where it
+    stopped and, since every chunk is cut into the same batches, gives the same features bit
+    for bit. When all chunks exist, rank 0 joins them into ``x_SPLIT.npy`` (float16,
+    memory-mapped while written: one chunk in memory at a time), ``y_SPLIT.npy`` and
+    ``files_SPLIT.txt``, then writes ``meta.json`` (last: it marks the folder finished) and
+    removes the chunks.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    from beyond_icon.distributed import world
+
+    out = Path(out).expanduser()
+    rank, world_size = world()
+    if batch_size < 1 or chunk_batches < 1:
+        raise ValueError("batch_size and chunk_batches must be positive integers")
+    chunk = batch_size * chunk_batches
+    options = {"batch_size": batch_size, "chunk": chunk, "crop": crop}
+    identity = _identity(encoder, splits, options)
+    meta_path, chunks_dir = out / "meta.json", out / ".chunks"
+    if meta_path.is_file():
+        done = json.loads(meta_path.read_text())
+        if {k: done.get(k) for k in identity} == identity:
+            if verbose and rank == 0:
+                print(f"{out} already holds these features (meta.json); nothing to do")
+            return out
+        raise ValueError(
+            f"{out} already holds other features (meta.json); choose another --out or delete it"
+        )
+    manifest = chunks_dir / "manifest.json"
+    if rank == 0:
+        chunks_dir.mkdir(parents=True, exist_ok=True)
+        if not manifest.is_file():
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps(identity, indent=1))
+            os.replace(tmp, manifest)
+    _barrier()
+    try:
+        started_with = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError):
+        started_with = {}
+    if started_with != identity:  # every rank reaches the same verdict
+        changed = sorted(k for k in identity if started_with.get(k) != identity[k])
+        raise ValueError(
+            f"{out} holds an interrupted extraction with other settings ({', '.join(changed)} "
+            "differ); rerun it with the same options, or choose another --out"
+        )
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    encoder.to(device)
+    started = time.perf_counter()
+    todo: dict[str, list[int]] = {}
+    dim = None
+    for name, split in splits.items():
+        n_chunks = -(-len(split.source) // chunk)
+        todo[name] = []
+        for c in range(rank, n_chunks, world_size):
+            rows = min(chunk, len(split.source) - c * chunk)
+            if _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", rows, None) is None:
+                todo[name].append(c)
+    remaining = sum(
+        min(chunk, len(splits[name].source) - c * chunk) for name in todo for c in todo[name]
+    )
+    bar = tqdm(
+        total=remaining,
+        unit="img",
+        desc=f"extract {encoder.name}" + (f" [rank {rank}]" if world_size > 1 else ""),
+        disable=not verbose or rank != 0,
+        smoothing=0.1,
+    )
+    for name, split in splits.items():
+        if not todo[name]:
+            continue
+        n = len(split.source)
+        batches = [
+            list(range(start, min(start + batch_size, (c + 1) * chunk, n)))
+            for c in todo[name]
+            for start in range(c * chunk, min((c + 1) * chunk, n), batch_size)
+        ]
+        loader = torch.utils.data.DataLoader(
+            split.source,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init if num_workers else None,
+            persistent_workers=False,
+        )
+        current, parts, oks = None, [], []
+        for index, (images, ok, reasons) in zip(batches, loader):
+            bad = np.flatnonzero(~ok.numpy())
+            for i in bad:
+                path = split.names[index[i]]
+                if not skip_corrupt:
+                    raise ValueError(
+                        f"{path}: cannot decode the image ({reasons[i]}); pass --skip-corrupt "
+                        "to leave such files out"
+                    )
+                warnings.warn(f"skipped {path}: {reasons[i]}", stacklevel=2)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                features = encoder.embed(images.to(device, non_blocking=True))
+            features = features.float()
+            if not bool(torch.isfinite(features[ok.to(device)]).all()):
+                raise ValueError(
+                    f"the encoder produced NaN or Inf features for {split.names[index[0]]} .. "
+                    f"{split.names[index[-1]]}"
+                )
+            features = features.clamp(-65504, 65504).half().cpu().numpy()
+            features[~ok.numpy()] = 0
+            c = index[0] // chunk
+            parts.append(features)
+            oks.append(ok.numpy())
+            current = c
+            if index[-1] + 1 == min((c + 1) * chunk, n):  # the chunk's last batch
+                x_chunk = np.concatenate(parts)
+                if dim is not None and x_chunk.shape[1] != dim:
+                    raise ValueError("the encoder's feature dimension changed between batches")
+                dim = x_chunk.shape[1]
+                _write_chunk(chunks_dir / f"{name}-{current:06d}.npz", x_chunk, np.concatenate(oks))
+                parts, oks = [], []
+            bar.update(len(index))
+    bar.close()
+    seconds = time.perf_counter() - started
+    _barrier()
+    if rank == 0:
+        meta = _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split)
+        meta["seconds_last_segment"] = seconds
+        meta["images_per_second_last_segment"] = remaining / seconds if seconds > 0 else None
+        if verbose:
+            sizes = ", ".join(f"{k} {v}" for k, v in meta["splits"].items())
+            rate = f"; {remaining / seconds:.0f} img/s" if remaining and seconds > 0 else ""
+            skipped = (
+                f"; {len(meta['skipped'])} unreadable files skipped" if meta["skipped"] else ""
+            )
+            print(f"{out}: {sizes} x {meta['dim']} float16 features{rate}{skipped}")
+    _barrier()
+    return out
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split) -> dict:
+    """Concatenate the chunks of every split into memory-mapped arrays; write meta.json last."""
+    sizes, skipped, dim = {}, [], None
+    for name, split in splits.items():
+        n = len(split.source)
+        n_chunks = -(-n // chunk)
+        masks = []
+        for c in range(n_chunks):
+            rows = min(chunk, n - c * chunk)
+            stored = _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", rows, dim)
+            if stored is None:
+                raise RuntimeError(f"chunk {c} of {name} is missing or damaged; rerun to redo it")
+            dim = stored[0].shape[1]
+            masks.append(stored[1])
+        keep = np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+        skipped += [split.names[i] for i in np.flatnonzero(~keep)]
+        n_ok = int(keep.sum())
+        target = np.lib.format.open_memmap(
+            out / f"x_{name}.npy", mode="w+", dtype=np.float16, shape=(n_ok, dim or 0)
+        )
+        row = 0
+        for c in range(n_chunks):
+            x, ok = _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", len(masks[c]), dim)
+            target[row : row + int(ok.sum())] = x[ok]
+            row += int(ok.sum())
+        target.flush()
+        del target
+        np.save(out / f"y_{name}.npy", split.labels[keep].astype(np.int64))
+        (out / f"files_{name}.txt").write_text(
+            "".join(f"{split.names[i]}\n" for i in np.flatnonzero(keep))
+        )
+        sizes[name] = n_ok
+    meta = {
+        **identity,
+        "dim": dim,
+        "dtype": "float16",
+        "splits": sizes,
+        "classes": list(classes),
+        "has_test_split": has_test_split,
+        "skipped": skipped,
+    }
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+    shutil.rmtree(chunks_dir, ignore_errors=True)
+    return meta
+
+
+# ---------------------------------------------------------------------------------- the command
+def _sources(spec: str, encoder: Encoder, crop: float, data_dir, download):
+    """The splits of ``spec`` as decodable sources: image files stream, anything else is in
+    memory already."""
+    kind, _, arg = spec.partition(":")
+    if kind.strip().lower() == "imagefolder" and arg:
+        files = list_imagefolder(arg)
+        if encoder.image_size is None:
+            encoder.image_size = 224  # a batch needs one size; the named encoders set theirs
+        splits = {
+            name: _Split(
+                ImageFiles(paths, encoder.image_size, crop),
+                labels,
+                [str(p.relative_to(files.root)) for p in paths],
+            )
+            for name, (paths, labels) in files.splits.items()
+        }
+        return splits, files.classes, files.has_test_split
+    dataset = data_registry.load(spec, data_dir=data_dir, download=download)
+    splits = {
+        name: _Split(
+            _Rows(getattr(dataset, f"x_{name}")),
+            getattr(dataset, f"y_{name}"),
+            [str(i) for i in range(len(getattr(dataset, f"y_{name}")))],
+        )
+        for name in ("train", "test")
+    }
+    return splits, dataset.classes, dataset.has_test_split
 
 
 def run_extract(
@@ -110,12 +649,38 @@ def run_extract(
     download=False,
     batch_size: int = 256,
     device: str = "auto",
-    image_size: int = 224,
+    image_size: int | None = None,
+    pooling: str = "cls",
+    crop: float = 0.875,
+    num_workers: int | None = None,
+    chunk_batches: int = 16,
+    skip_corrupt: bool = False,
     verbose: bool = True,
 ) -> Path:
-    dataset = data_registry.load(spec, data_dir=data_dir, download=download)
-    encoder = load_encoder(encoder_name, image_size)
+    """``beyond-icon extract``: a streamed features folder, or one .npz decoded in memory."""
+    from beyond_icon.distributed import init_from_env
+
     dev = resolve_device(device)
+    encoder = load_encoder(encoder_name, image_size, pooling)
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".npz":
+        init_from_env(dev)
+        splits, classes, has_test = _sources(spec, encoder, crop, data_dir, download)
+        return stream_extract(
+            encoder,
+            splits,
+            out,
+            classes=classes,
+            has_test_split=has_test,
+            batch_size=batch_size,
+            chunk_batches=chunk_batches,
+            num_workers=num_workers,
+            crop=crop if spec.lower().startswith("imagefolder:") else None,
+            skip_corrupt=skip_corrupt,
+            device=dev,
+            verbose=verbose,
+        )
+    dataset = data_registry.load(spec, data_dir=data_dir, download=download)
     started = time.perf_counter()
     train = extract(
         encoder, dataset.x_train, batch_size=batch_size, device=dev, desc="train", verbose=verbose
@@ -123,7 +688,6 @@ def run_extract(
     test = extract(
         encoder, dataset.x_test, batch_size=batch_size, device=dev, desc="test", verbose=verbose
     )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp.npz")
     np.savez(
@@ -137,6 +701,7 @@ def run_extract(
     tmp.replace(out)
     if verbose:
         print(
-            f"{dataset.describe()} -> {train.shape[1]}-d features in {time.perf_counter() - started:.1f} s: {out}"
+            f"{dataset.describe()} -> {train.shape[1]}-d features in "
+            f"{time.perf_counter() - started:.1f} s: {out}"
         )
     return out

@@ -69,6 +69,16 @@ def squared_distances(a: Tensor, b: Tensor) -> Tensor:
 
     No square root is taken, so the gradient is finite at distance 0. Callers centre both sets
     on a common point first to limit cancellation for features far from the origin.
+
+    Parameters
+    ----------
+    a : (n, d) tensor
+    b : (m, d) tensor
+
+    Returns
+    -------
+    (n, m) tensor
+        Squared Euclidean distances, >= 0.
     """
     sq = a.pow(2).sum(-1)[:, None] + b.pow(2).sum(-1)[None, :] - 2.0 * (a @ b.T)
     return sq.clamp_min(0.0)
@@ -162,6 +172,30 @@ def gaussian(
     ``c_ij`` points, as the negatives of a sampled batch do
     (:meth:`beyond_icon.affinity.PerplexityAffinity.negative_log_weights`). Distances are
     computed in float32 or wider, also under autocast.
+
+    Parameters
+    ----------
+    z : (n, d) tensor
+        Embeddings.
+    sigma : float
+        Bandwidth. SNE's convention is ``sigma = 1 / sqrt(2)`` (``exp(-|z_i - z_j|^2)``); the
+        SupCon preset's Euclidean kernel uses 1.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+    log_weights : tensor, optional
+        ``log c``, the block's shape: each column stands for ``c_ij`` points.
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    Hinton, G. and Roweis, S. (2002). Stochastic neighbor embedding. NeurIPS.
     """
     _check_pairwise(z, "z")
     sigma = check_positive(sigma, "sigma")
@@ -182,6 +216,29 @@ def student_t(
 
     ``dof = 1`` is the Cauchy kernel of t-SNE; ``log_weights`` as in :func:`gaussian`.
     Distances are computed in float32 or wider, also under autocast.
+
+    Parameters
+    ----------
+    z : (n, d) tensor
+        Embeddings.
+    dof : float
+        Degrees of freedom; smaller is heavier-tailed.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+    log_weights : tensor, optional
+        ``log c``, the block's shape: each column stands for ``c_ij`` points.
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
     """
     _check_pairwise(z, "z")
     dof = check_positive(dof, "dof")
@@ -197,6 +254,28 @@ def cosine(
 
     Computed in float32 or wider (half-precision norms of ~1e-6 underflow and give infinite
     gradients), also under autocast.
+
+    Parameters
+    ----------
+    z : (n, d) tensor
+        Embeddings (normalised inside).
+    temperature : float
+        Softmax temperature.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    Chen, T. et al. (2020). A simple framework for contrastive learning of visual
+    representations. ICML.
     """
     _check_pairwise(z, "z")
     temperature = check_positive(temperature, "temperature")
@@ -221,6 +300,27 @@ def perplexity(
     perplexity ``exp(H(p(.|i)))`` (natural log) equals ``perplexity``. No gradient flows: this
     is a supervisory distribution. Computed in float64 for float64 input, else in float32 (50
     bisection steps exhaust float32's resolution of log beta in [-50, 50]).
+
+    Parameters
+    ----------
+    x : (n, D) tensor
+        Inputs.
+    perplexity : float
+        Target perplexity, an effective number of neighbours (``1 <= perplexity < n - 1``).
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    n_iter : int
+        Bisection steps.
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
     """
     check_features(x, "x", min_rows=2)
     n = x.shape[0]
@@ -263,6 +363,25 @@ def labels(y: Tensor, *, rows: slice | None = None, dtype: torch.dtype | None = 
     """Label kernel: ``p(j|i) = 1 / |{k != i : y_k = y_i}|`` if ``y_j = y_i``, ``j != i``.
 
     A sample whose label appears once has an empty row (all ``-inf``); the loss leaves it out.
+
+    Parameters
+    ----------
+    y : (n,) integer tensor
+        Class labels.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    dtype : torch.dtype, optional
+        Of the result (default torch's default dtype).
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    Khosla, P. et al. (2020). Supervised contrastive learning. NeurIPS.
     """
     check_labels(y, "labels")
     n = y.shape[0]
@@ -279,12 +398,42 @@ def views(
     """Views kernel: ``p(j|i)`` uniform over the other entries with the same source index.
 
     Two augmented views of image k share index k (SimCLR); a mined k-NN pair shares a pair id.
+
+    Parameters
+    ----------
+    source_index : (n,) integer tensor
+        Which sample (or pair) each row comes from.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    dtype : torch.dtype, optional
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
     """
     return labels(source_index, rows=rows, dtype=dtype)
 
 
 def knn(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
-    """k-NN kernel: ``p(j|i) = 1/k`` for the ``k`` nearest ``j != i`` (Euclidean), else 0."""
+    """k-NN kernel: ``p(j|i) = 1/k`` for the ``k`` nearest ``j != i`` (Euclidean), else 0.
+
+    Parameters
+    ----------
+    x : (n, D) tensor
+        Inputs.
+    n_neighbors : int
+        ``k``, in ``[1, n - 1]``.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+    """
     check_features(x, "x", min_rows=2)
     n = x.shape[0]
     if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
@@ -313,6 +462,28 @@ def clusters(
     Rows sum to one because ``sum_j b_jc / sum_l b_lc = 1``. With ``exclude_self`` the
     anchor's own entry is removed and the row renormalised. The (n x k) @ (k x n) product is
     taken in float64 after a per-row max shift, so confident assignments do not underflow.
+
+    Parameters
+    ----------
+    log_assign : (n, k) tensor
+        Log soft assignments of the student, rows summing to 1.
+    teacher : (n, k) tensor, optional
+        Log assignments of a teacher (default the student's).
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    Alshammari, S. et al. (2025). I-Con: a unifying framework for representation learning.
+    ICLR.
     """
     check_log_distributions(log_assign, "log_assign", allow_empty_rows=False)
     if teacher is None:
@@ -346,6 +517,16 @@ def positive_columns(*keys: Tensor) -> tuple[Tensor, Tensor]:
     (n, s): column indices, and which of them are real (the rest is padding). This is the
     support of the views kernel (:func:`views`) without its dense (n, n) matrix: sorting costs
     O(n log n) and the width ``s`` is the largest group.
+
+    Parameters
+    ----------
+    *keys : (n,) integer tensors
+        The keys; at least one.
+
+    Returns
+    -------
+    columns : (n, s) int64 tensor
+    mask : (n, s) bool tensor
     """
     if not keys:
         raise ValueError("positive_columns needs at least one key")
@@ -404,6 +585,25 @@ def clusters_at(
     ``D(p_listed || this)`` equals ``D(p || clusters(...))`` for every f-divergence, at O(n s k)
     cost instead of O(n^2 k). The listed columns are exact log-sum-exps; ``r_i`` is one minus
     their sum, in float64.
+
+    Parameters
+    ----------
+    log_assign : (..., n, k) tensor
+        Log soft assignments (leading dimensions are heads).
+    columns, mask : (n, s) tensors
+        From :func:`positive_columns`.
+    teacher : (..., n, k) tensor, optional
+        Log assignments of a teacher.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+
+    Returns
+    -------
+    (..., len(rows), s + 1) tensor
+        Log q at the listed columns, then the log of the merged rest.
     """
     k = log_assign.shape[-1]
     check_log_distributions(log_assign.reshape(-1, k), "log_assign", allow_empty_rows=False)
@@ -467,6 +667,27 @@ def debias(
     Allowed entries are all ``j`` (``j != i`` with ``exclude_self``, ``rows`` giving the
     anchors' positions); ``m_i`` counts them. ``alpha = 0`` returns ``p``, ``alpha = 1`` the
     uniform distribution. Rows with no mass (not a distribution) stay empty.
+
+    Parameters
+    ----------
+    log_p : (r, m) tensor
+        Row log-probabilities (empty rows allowed).
+    alpha : float
+        Mixing weight in ``[0, 1]``.
+    rows : slice, optional
+        Build only these rows (anchors) against all n columns: the block the chunked and the
+        distributed losses ask for. Default all rows.
+    exclude_self : bool
+        Give ``j = i`` probability 0 (the I-Con convention for neighbour distributions).
+
+    Returns
+    -------
+    (len(rows), n) tensor
+        Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
+
+    References
+    ----------
+    Chuang, C.-Y. et al. (2020). Debiased contrastive learning. NeurIPS.
     """
     check_log_distributions(log_p, "log_p", allow_empty_rows=True)
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
@@ -495,6 +716,20 @@ def propagate(log_p: Tensor, steps: int = 2, *, exclude_self: bool = True) -> Te
 
     With ``exclude_self`` the walks that return to the anchor are dropped and rows renormalised.
     Needs the full square matrix (walks mix all rows), so it has no ``rows`` argument.
+
+    Parameters
+    ----------
+    log_p : (n, n) tensor
+        A k-NN (or any) neighbour distribution.
+    steps : int
+        Longest walk.
+    exclude_self : bool
+        Drop the walks that return to the anchor.
+
+    Returns
+    -------
+    (n, n) tensor
+        Row-normalised log-probabilities.
     """
     check_log_distributions(log_p, "log_p", allow_empty_rows=True)
     n, m = log_p.shape

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from beyond_icon import divergences as _divergences
-from beyond_icon._validation import check_log_distributions
+from beyond_icon._validation import check_log_distributions, checking_values
 from beyond_icon.distributed import Shard
 
 __all__ = ["LossStats", "icon_loss", "icon_loss_rows"]
@@ -31,10 +31,18 @@ RowsFn = Callable[[slice], Tensor]
 
 @dataclass(frozen=True)
 class LossStats:
-    """How many rows entered the average and how many were left out for having no mass."""
+    """How many rows entered the average and how many were left out for having no mass.
 
-    n_rows: int
-    n_empty: int
+    Parameters
+    ----------
+    n_rows : int or 0-d tensor
+        Rows of p with mass (a tensor on the loss's device when value checks are off).
+    n_empty : int or 0-d tensor
+        Rows without mass, left out of the mean.
+    """
+
+    n_rows: int | Tensor
+    n_empty: int | Tensor
 
 
 def _block(source: Tensor | RowsFn, rows: slice) -> Tensor:
@@ -64,6 +72,11 @@ def _block_terms(
     elif log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
     has_mass = torch.isfinite(log_p.detach()).any(dim=-1)
+    if not validate and not checking_values():
+        # no host sync: rows without mass get p := q (finite terms and partials), then 0
+        safe_p = torch.where(has_mass[..., None], log_p, log_q.detach())
+        values = divergence(safe_p, log_q, validate=False)
+        return torch.where(has_mass, values, torch.zeros_like(values)), has_mass
     if not bool(has_mass.all()):
         log_p, log_q = log_p[has_mass], log_q[has_mass]
     if log_p.shape[0] == 0:
@@ -77,6 +90,8 @@ def _block_terms(
 
 
 def _check_user_values(values: Tensor, name: str) -> None:
+    if not checking_values():
+        return
     bad = torch.isnan(values)
     if bool(bad.any()):
         rows = torch.nonzero(bad).flatten()[:5].tolist()
@@ -97,7 +112,24 @@ def icon_loss_rows(
     *,
     n_rows: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row divergences of the rows of ``p`` that have mass, and the boolean mask of them."""
+    """Per-row divergences of the rows of ``p`` that have mass, and the boolean mask of them.
+
+    Parameters
+    ----------
+    log_p, log_q : (n, m) tensor or callable
+        As in :func:`icon_loss`.
+    divergence : str, Divergence or callable
+        D.
+    n_rows : int, optional
+        Number of rows when both inputs are callables.
+
+    Returns
+    -------
+    values : (r,) tensor
+        ``D(p(.|i) || q(.|i))`` for the ``r`` rows of p with mass.
+    mask : (n,) bool tensor
+        Which rows those are.
+    """
     div = _divergences.get(divergence)
     n = _n_rows(log_p, log_q, n_rows)
     rows = slice(0, n)
@@ -115,7 +147,7 @@ def _sum_and_count(
     """Sum of the per-row divergences over ``rows`` (rows of p with mass only), and their count."""
     if chunk_size is None or chunk_size >= rows.stop - rows.start:
         values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
-        return values.sum(), int(mask.sum())
+        return values.sum(), _count(mask.sum())
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
@@ -129,8 +161,13 @@ def _sum_and_count(
         stop = min(start + chunk_size, rows.stop)
         part, part_count = checkpoint(block_sum, start, stop, use_reentrant=False)
         total = part if total is None else total + part
-        count += int(part_count)
+        count = count + _count(part_count)
     return total, count
+
+
+def _count(value: Tensor) -> int | Tensor:
+    """A count as a Python int, or left on the device when value checks are off."""
+    return int(value) if checking_values() else value
 
 
 def icon_loss(
@@ -145,15 +182,51 @@ def icon_loss(
     shard: Shard | None = None,
     validate: bool = True,
 ) -> Tensor | tuple[Tensor, LossStats]:
-    """``mean_i D(p(.|i) || q(.|i))`` over the rows of ``p`` with mass.
+    """The I-Con loss ``L = (1/n) sum_i D(p(.|i) || q(.|i))`` over the rows of ``p`` with mass.
 
-    ``reduction`` is ``"mean"`` (the I-Con loss) or ``"sum"``. ``return_stats`` also returns
-    :class:`LossStats`. ``chunk_size`` enables the row-chunked, checkpointed path. ``shard``
-    (from :func:`beyond_icon.distributed.all_gather_with_grad`) restricts this process to its
-    rows of the global batch: ``log_p``/``log_q`` then take global row slices, the mean is over
-    the global count of rows, and the value is scaled by the world size (see
-    :mod:`beyond_icon.distributed`). ``validate=False`` skips the check that every row is a
-    log-distribution (for p and q built by this library's kernels: the presets pass it).
+    Parameters
+    ----------
+    log_p, log_q : (n, m) tensor or callable
+        Row log-probabilities (``-inf`` where a probability is 0), or functions ``rows ->
+        (len(rows), m)`` that build a block of rows on demand (the chunked path calls them
+        block by block). A row of p with no mass (all ``-inf``, e.g. a class seen once in the
+        batch) is left out of the mean and counted in :class:`LossStats`.
+    divergence : str, Divergence or callable
+        D (see :func:`beyond_icon.divergences.get`).
+    chunk_size : int, optional
+        Evaluate ``chunk_size`` rows at a time under activation checkpointing: peak memory
+        O(chunk_size x m) with the dense path's value and gradient.
+    n_rows : int, optional
+        Number of rows when both inputs are callables.
+    reduction : {"mean", "sum"}
+        ``mean`` is the I-Con loss.
+    return_stats : bool
+        Also return :class:`LossStats`.
+    shard : Shard, optional
+        From :func:`beyond_icon.distributed.all_gather_with_grad`: this process's rows of the
+        global batch. The inputs then take global row slices, the mean is over the global
+        count of rows, and the value is scaled by the world size (see
+        :mod:`beyond_icon.distributed`).
+    validate : bool
+        Check that every row is a log-distribution. The presets pass False for the p and q
+        of the library's own kernels.
+
+    Returns
+    -------
+    loss : 0-d tensor
+    stats : LossStats
+        Only with ``return_stats``.
+
+    Raises
+    ------
+    ValueError
+        Invalid rows, no row with mass, or a loss that overflows its dtype (with value checks
+        on; off, see :func:`beyond_icon.value_checks`, these give a non-finite loss).
+
+    References
+    ----------
+    Alshammari, S. et al. (2025). I-Con: a unifying framework for representation learning.
+    ICLR.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -171,7 +244,12 @@ def icon_loss(
     if shard is not None:
         from beyond_icon.distributed import all_reduce_sum
 
-        count = int(all_reduce_sum(torch.tensor(count, device=total.device)))
+        count = _count(all_reduce_sum(torch.as_tensor(count, device=total.device)))
+    if isinstance(count, Tensor):  # value checks off: no sync; 0 rows give 0 / 0 = NaN
+        loss = (total / count if reduction == "mean" else total) * world_size
+        if return_stats:
+            return loss, LossStats(n_rows=count, n_empty=n - count)
+        return loss
     if count == 0:
         raise ValueError(
             f"every one of the {n} rows of p has no mass (no sample has a neighbour: e.g. every "

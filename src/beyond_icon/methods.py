@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from beyond_icon import divergences as _divergences
 from beyond_icon import kernels
-from beyond_icon._validation import check_features, check_labels, check_positive
+from beyond_icon._validation import (
+    check_features,
+    check_labels,
+    check_positive,
+    checking_values,
+)
 from beyond_icon.affinity import PerplexityAffinity
 from beyond_icon.distributed import Shard, all_gather_with_grad, world
 from beyond_icon.loss import LossStats, icon_loss
@@ -42,6 +47,17 @@ class IConLoss(nn.Module):
     Under ``torch.distributed`` (a process group of more than one rank) and with
     ``gather=True``, the batch-coupled presets gather every rank's inputs and evaluate this
     rank's rows of the global batch (see :mod:`beyond_icon.distributed`).
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    chunk_size : int, optional
+        Build p and q ``chunk_size`` rows at a time under activation checkpointing: memory
+        O(chunk_size x n) instead of O(n^2), the same value and gradient.
+    gather : bool
+        Under a process group, gather the other ranks' inputs (the global batch).
     """
 
     def __init__(
@@ -127,6 +143,20 @@ class SNE(IConLoss):
     - ``forward(x, z)``: p calibrated within the batch on its inputs ``x`` (the paper's and the
       official I-Con code's way).
     - ``forward(None, z, log_p=...)``: a precomputed (n, n) ``log_p``.
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    perplexity : float
+        Perplexity of p (of the fitted ``affinity`` when one is given).
+    sigma : float
+        Bandwidth of the Gaussian q (SNE's convention ``1/sqrt 2``: ``exp(-|z_i - z_j|^2)``).
+    chunk_size : int, optional
+        Row-chunked evaluation (memory O(chunk_size x n)).
+    affinity : PerplexityAffinity, optional
+        p fitted once over the training set, for ``forward(None, z, indices=...)``.
 
     References
     ----------
@@ -223,7 +253,7 @@ class SNE(IConLoss):
             )
         check_labels(indices, "indices", n=z.shape[0])
         (z, indices), shard = self._gather(z, indices.to(z.device))
-        if bool((indices.sort().values.diff() == 0).any()):
+        if checking_values() and bool((indices.sort().values.diff() == 0).any()):
             raise ValueError("indices of a batch must be distinct")
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         log_p = self.affinity.get_batch(indices, dtype=dtype, device=z.device)
@@ -243,6 +273,20 @@ class TSNE(SNE):
 
     ``q(j|i) ∝ (1 + |z_i - z_j|^2 / dof)^(-(dof + 1)/2)`` (Cauchy for ``dof = 1``), row
     normalised (conditional), as in I-Con; van der Maaten's t-SNE normalises jointly instead.
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    perplexity : float
+        Perplexity of p.
+    dof : float
+        Degrees of freedom of the Student-t q.
+    chunk_size : int, optional
+        Row-chunked evaluation.
+    affinity : PerplexityAffinity, optional
+        p fitted once over the training set.
 
     References
     ----------
@@ -269,6 +313,21 @@ class SimCLR(IConLoss):
 
     ``forward(z1, z2)`` with the two views' (n, d) embeddings. With KL, p is one-hot, so the
     loss is exactly NT-Xent ``-log q(partner | i)`` averaged over the 2n anchors.
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    temperature : float
+        Of the cosine kernel.
+    chunk_size : int, optional
+        Row-chunked evaluation.
+
+    References
+    ----------
+    Chen, T. et al. (2020). A simple framework for contrastive learning of visual
+    representations. ICML.
     """
 
     def __init__(
@@ -305,6 +364,31 @@ class SupCon(IConLoss):
     (2 sigma^2))`` on the features (optionally L2-normalised first), the kernel of Beyond I-Con.
     ``forward(z, labels)`` takes ``z`` of shape (N, d) with ``labels`` (N,), or (n, V, d) with
     ``labels`` (n,) for V views per sample (as SupContrast). ``debias`` mixes p with uniform.
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    metric : {"cosine", "euclidean"}
+        The kernel of q.
+    temperature : float
+        Of the cosine kernel.
+    sigma : float
+        Bandwidth of the Euclidean (Gaussian) kernel. It is 1, not SNE's ``1/sqrt 2``: the
+        paper's kernel ``exp(-|z_i - z_j|^2 / 2)`` on projections.
+    normalize : bool
+        L2-normalise the features before the Euclidean kernel.
+    debias : float
+        Mix p with the uniform distribution over ``j != i`` (0: off).
+    chunk_size : int, optional
+        Row-chunked evaluation.
+
+    References
+    ----------
+    Khosla, P. et al. (2020). Supervised contrastive learning. NeurIPS.
+    Shone, J. et al. (2025). Beyond I-Con: exploring new dimension of distance measures in
+    representation learning. arXiv:2509.04734.
     """
 
     def __init__(
@@ -355,6 +439,16 @@ class CrossEntropy(IConLoss):
 
     With KL this is exactly ``F.cross_entropy(logits, labels)``. ``debias`` is label smoothing
     (``(1 - alpha) onehot + alpha / C``).
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    debias : float
+        Label smoothing.
+    chunk_size : int, optional
+        Row-chunked evaluation.
     """
 
     def __init__(
@@ -367,7 +461,7 @@ class CrossEntropy(IConLoss):
         check_features(logits, "logits")
         check_labels(labels, "labels", n=logits.shape[0])
         n_classes = logits.shape[1]
-        if bool(((labels < 0) | (labels >= n_classes)).any()):
+        if checking_values() and bool(((labels < 0) | (labels >= n_classes)).any()):
             raise ValueError(f"labels must be in [0, {n_classes}) for {n_classes} logits")
 
         def log_p(rows: slice) -> Tensor:
@@ -402,6 +496,26 @@ class ClusterLoss(IConLoss):
 
     ``forward(logits, pair_index, teacher_logits=None, log_p=None, sample_index=None,
     features=None)``.
+
+    Parameters
+    ----------
+    divergence : str, Divergence or callable
+        D: any name of :func:`beyond_icon.divergences.get` (``kl``, ``tv``, ``jsd``,
+        ``alpha:0.5``, a registered name) or a function ``(log_p, log_q) -> (n,)``.
+    debias : float
+        Mix with uniform over ``j != i`` (0: off).
+    debias_side : {"p", "q", "both"}
+        Which distribution ``debias`` mixes.
+    exclude_self : bool
+        Drop ``j = i`` from q.
+    chunk_size : int, optional
+        Row-chunked evaluation (dense path).
+    propagate_steps : int
+        Walk p along the batch's k-NN graph of ``features`` (1: no walk).
+    n_neighbors : int
+        k of that graph.
+    compress : bool
+        Take the merged-columns path when it is exact.
 
     References
     ----------
@@ -651,6 +765,22 @@ class PMI(nn.Module):
     ``t``, ``t'``: ``pmi(s, t') = log sum_c (s_c t'_c)^beta / pi_c`` with ``pi`` the EMA of the
     teacher's mean assignment, weighted by ``w = sum_c t_c t'_c`` (no gradient):
     ``L = -1/2 mean_pairs w (pmi(s, t') + pmi(s', t))``. Without a teacher, ``t = s`` detached.
+
+    Parameters
+    ----------
+    n_clusters : int
+        K.
+    beta : float
+        TEMI's exponent on the joint probability.
+    momentum : float
+        EMA momentum of the cluster prior ``pi``.
+    weighted : bool
+        Weight each pair by the teachers' agreement ``w``.
+
+    References
+    ----------
+    Adaloglou, N. et al. (2023). Exploring the limits of deep image clustering using pretrained
+    models. BMVC.
     """
 
     def __init__(
@@ -659,14 +789,8 @@ class PMI(nn.Module):
         beta: float = 0.6,
         momentum: float = 0.9,
         weighted: bool = True,
-        divergence: str = "kl",
     ):
         super().__init__()
-        if _divergences.get(divergence).name not in ("kl", "alpha:1"):
-            raise ValueError(
-                "PMI is TEMI's beta-PMI objective, which is defined for KL only; to use "
-                f"'{divergence}' take ClusterLoss(divergence={divergence!r})"
-            )
         if not isinstance(n_clusters, int) or n_clusters < 2:
             raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
         self.beta = check_positive(beta, "beta")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +42,25 @@ class Standardize(nn.Module):
             x = x.reshape(len(x), -1)
             mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
         return cls(mean, std)
+
+    @classmethod
+    def fit_rows(cls, x: np.ndarray | Tensor, block: int = 65536) -> Standardize:
+        """Per-feature statistics of (N, D) rows, accumulated in float64 over blocks of rows,
+        so that a memory-mapped float16 table is never copied whole."""
+        n = len(x)
+        if n < 2:
+            raise ValueError(f"standardisation needs at least 2 rows, got {n}")
+        total = sq = None
+        for start in range(0, n, block):
+            rows = torch.from_numpy(np.asarray(x[start : start + block], dtype=np.float64))
+            rows = rows.reshape(len(rows), -1)
+            total = rows.sum(0) if total is None else total + rows.sum(0)
+        mean = total / n
+        for start in range(0, n, block):
+            rows = torch.from_numpy(np.asarray(x[start : start + block], dtype=np.float64))
+            part = (rows.reshape(len(rows), -1) - mean).pow(2).sum(0)
+            sq = part if sq is None else sq + part
+        return cls(mean[None].float(), (sq / (n - 1)).sqrt()[None].float())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mean.dim() == 2:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 __all__ = ["METHODS", "METRICS", "cached_neighbor_table", "cached_neighbors", "mine_neighbors"]
@@ -30,6 +29,18 @@ METHODS = ("auto", "exact", "nndescent")
 # "auto" searches exactly up to this many points on the CPU (about a minute on 2 cores at 200k
 # x 50 dimensions), approximately beyond it when pynndescent is installed.
 EXACT_LIMIT = 200_000
+
+
+def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor view of ``x`` (a read-only memory map is viewed, not copied)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    x = np.asarray(x)
+    if x.dtype not in (np.float16, np.float32):
+        x = x.astype(np.float32)
+    with warnings.catch_warnings():  # read-only memory maps: never written through
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.as_tensor(x)
 
 
 def _check_k(k: object, n: int) -> int:
@@ -85,32 +96,53 @@ def mine_neighbors(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    features = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    features = _as_tensor(x)
     if features.dim() != 2:
         raise ValueError(f"embeddings must be (n, d), got {tuple(features.shape)}")
     n = features.shape[0]
     k = _check_k(k, n)
-    if not bool(torch.isfinite(features).all()):
-        raise ValueError("embeddings contain NaN or Inf")
     device = torch.device(device)
-    keys = features.float().to(device)
-    if metric == "cosine":
-        keys = F.normalize(keys, dim=1)
-    else:  # centre: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b loses less to cancellation
-        keys = keys - keys.mean(dim=0, keepdim=True)
-    key_sq = keys.pow(2).sum(1)
+    # the points stay in their dtype (a float16 table is never copied whole to float32); each
+    # block is made float32 and normalised (cosine) or centred (euclidean) when it is used
+    raw = features.to(device)
+    shift = torch.zeros(1, raw.shape[1], device=device)
+    total = torch.zeros(raw.shape[1], dtype=torch.float64, device=device)
+    scale = torch.empty(n, device=device)  # row norms (cosine) or squared norms (euclidean)
+    for start in range(0, n, key_block):
+        block = raw[start : start + key_block].float()
+        if not bool(torch.isfinite(block).all()):
+            raise ValueError("embeddings contain NaN or Inf")
+        total += block.sum(0, dtype=torch.float64)
+    if (
+        metric == "euclidean"
+    ):  # centre: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b loses less to cancellation
+        shift = (total / max(n, 1)).float()[None]
+
+    def rows_of(start: int, stop: int) -> torch.Tensor:
+        block = raw[start:stop].float()
+        if metric == "cosine":
+            return block / scale[start:stop, None]
+        return block - shift
+
+    for start in range(0, n, key_block):
+        block = raw[start : start + key_block].float()
+        if metric == "cosine":
+            scale[start : start + len(block)] = block.norm(dim=1).clamp_min(1e-12)
+        else:
+            scale[start : start + len(block)] = (block - shift).pow(2).sum(1)
+    key_sq = scale
     first, last = (0, n) if queries is None else queries.indices(n)[:2]
     out = torch.empty(last - first, k, dtype=torch.long)
     out_values = torch.empty(last - first, k, dtype=torch.float32)
     for start in tqdm(
         range(first, last, query_block), desc="mining neighbours", disable=not verbose, leave=False
     ):
-        query = keys[start : min(start + query_block, last)]
+        query = rows_of(start, min(start + query_block, last))
         rows = torch.arange(start, start + len(query), device=device)
         best_sim = torch.full((len(query), k), -float("inf"), device=device)
         best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
         for key_start in range(0, n, key_block):
-            block = keys[key_start : key_start + key_block]
+            block = rows_of(key_start, min(key_start + key_block, n))
             sims = query @ block.T
             if metric == "euclidean":  # larger is nearer: -|b|^2 + 2 a.b (|a|^2 is per row)
                 sims = 2.0 * sims - key_sq[key_start : key_start + len(block)][None, :]
@@ -239,7 +271,9 @@ def cached_neighbor_table(
         Squared Euclidean distances or cosine similarities (see :func:`mine_neighbors`).
     from_cache : bool
     """
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x)
+    if x.dtype != np.float16:  # a float16 table (an extract folder) stays float16, memory-mapped
+        x = x.astype(np.float32, copy=False)
     n = len(x)
     k = _check_k(k, n)
     if metric not in METRICS:

@@ -1,4 +1,4 @@
-"""Peak memory of a computation, for benchmarks and memory tests (CPU or CUDA)."""
+"""Peak memory of a computation and the host syncs it makes, for benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -46,3 +47,53 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts the tensor operations that make the host wait for the device.
+
+    On a GPU, reading a value (``bool(t)``, ``t.item()``, ``int(t)``, ``t.tolist()``) or an op
+    whose output size depends on values (``nonzero``, boolean-mask indexing,
+    ``masked_select``, ``unique``) blocks the host until the stream has run up to it. These are
+    the same calls on every device, so counting them on the CPU finds the syncs a CUDA run would
+    make (the CPU twin of ``torch.cuda.set_sync_debug_mode``). Used as a context manager::
+
+        with HostSyncCounter() as syncs:
+            loss(z, labels).backward()
+        assert syncs.count == 0, syncs.calls
+
+    ``calls`` lists the name of each counted operation. Backward passes run in C++ and are not
+    seen, except for autograd Functions written in Python.
+    """
+
+    _READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
+    _DATA_DEPENDENT = frozenset({"nonzero", "masked_select", "unique", "argwhere"})
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in self._READS or name in self._DATA_DEPENDENT:
+            self.calls.append(f"{name} at {_caller()}")
+        elif name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
+                self.calls.append(f"{name}[bool mask] at {_caller()}")
+        return func(*args, **kwargs)
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this module."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and frame.filename != __file__:
+            return f"{Path(frame.filename).name}:{frame.lineno}"
+    return "?"

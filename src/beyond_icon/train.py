@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from beyond_icon._validation import value_checks
+
 __all__ = [
     "TrainConfig",
     "TrainingDiverged",
@@ -218,6 +220,24 @@ def load_checkpoint(
     return state
 
 
+def _explain_divergence(loss_fn, batch, step, epoch, value, use_amp, device) -> None:
+    """A non-finite loss or gradient: run the step's loss again with the value checks on, so a
+    bad input or an infinite divergence is named in one line; else report the divergence.
+    Raised before the optimiser step, so the weights stay usable."""
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss_fn(batch)
+    except ValueError as error:
+        raise TrainingDiverged(
+            f"training diverged at step {step} (epoch {epoch + 1}): {error}"
+        ) from error
+    raise TrainingDiverged(
+        f"training diverged at step {step} (epoch {epoch + 1}): the loss is {value:.4g} and its "
+        "gradient is not finite. Lower the learning rate (--lr), compute in float32 or float64 "
+        "rather than float16, or use a bounded divergence ('tv', 'jsd', 'hellinger')"
+    )
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[torch.Generator], Iterable[Any]],
@@ -317,29 +337,29 @@ def fit(
             factor = _lr_factor(config, epoch + i / max(len(epoch_batches), 1))
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            # the step runs without the losses' value checks (no host syncs inside the loss);
+            # the loss and gradient norm are read back once, together, before the update
+            with (
+                value_checks(False),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp),
+            ):
                 loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world_size > 1:
                 _average_gradients(params, world_size)
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
-            if not math.isfinite(float(norm)):  # before the step: the weights stay usable
-                raise TrainingDiverged(
-                    f"training diverged at step {step} (epoch {epoch + 1}): the loss is "
-                    f"{float(loss.detach()):.4g} but its gradient is not finite. Lower the "
-                    "learning rate (--lr), compute in float32 or float64 rather than float16, or "
-                    "use a bounded divergence ('tv', 'jsd', 'hellinger')"
-                )
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            value = loss.detach()
+            value = loss.detach().float()
             if world_size > 1:  # each rank returns W x its rows' share: the mean is the loss
                 from beyond_icon.distributed import all_reduce_sum
 
                 value = all_reduce_sum(value) / world_size
-            value = float(value)
+            value, norm = torch.stack([value, norm.detach().float().to(value.device)]).tolist()
+            if not (math.isfinite(norm) and math.isfinite(value)):
+                _explain_divergence(loss_fn, batch, step, epoch, value, use_amp, device)
+            optimizer.step()
+            if after_step is not None:
+                after_step()
             running = value if running is None else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.4f}")
             history.append(
@@ -347,7 +367,7 @@ def fit(
                     "epoch": epoch,
                     "step": step,
                     "loss": value,
-                    "grad_norm": float(norm),
+                    "grad_norm": norm,
                     "lr": config.lr * factor,
                     "time": time.perf_counter() - started,
                     "segment": segment,

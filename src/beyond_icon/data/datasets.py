@@ -45,8 +45,8 @@ class Dataset:
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) != len(y):
                 raise ValueError(f"{self.name}: {len(x)} {split} samples but {len(y)} labels")
-            if x.dtype != np.uint8 and not np.all(np.isfinite(x)):
-                bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(1))
+            bad = _nonfinite_rows(x)
+            if len(bad):
                 raise ValueError(
                     f"{self.name}: {split} samples {bad[:5].tolist()} contain NaN or Inf"
                 )
@@ -117,15 +117,33 @@ def _stratify(y, n):
     return y if counts.min() >= 2 and n >= len(counts) else None
 
 
-def _split(name, x, y, classes=None, test_fraction=0.25):
+def _nonfinite_rows(x: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Indices of rows holding NaN or Inf, checked in blocks of rows (a memory-mapped array is
+    read once and never copied whole)."""
+    if x.dtype.kind not in "fc":
+        return np.zeros(0, dtype=np.int64)
+    flat = x.reshape(len(x), -1)
+    bad = [
+        start + np.flatnonzero(~np.isfinite(flat[start : start + block]).all(1))
+        for start in range(0, len(flat), block)
+    ]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def split_indices(y: np.ndarray, test_fraction: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified train / test split of a dataset without one: (train, test) indices."""
     from sklearn.model_selection import train_test_split
 
-    idx_train, idx_test = train_test_split(
-        np.arange(len(x)),
+    return train_test_split(
+        np.arange(len(y)),
         test_size=test_fraction,
         stratify=_stratify(y, len(y)),
         random_state=SPLIT_SEED,
     )
+
+
+def _split(name, x, y, classes=None, test_fraction=0.25):
+    idx_train, idx_test = split_indices(y, test_fraction)
     return Dataset(
         name,
         x[idx_train],
@@ -349,9 +367,8 @@ def load_cifar10(data_dir: str | Path | None = None, download: bool = False) -> 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, int] | None):
-    from PIL import Image
-
+def _list_class_folders(root: Path, classes: list[str] | None = None):
+    """(files, labels, classes) of a class-per-subfolder image folder, in a fixed order."""
     if classes is None:
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
@@ -370,6 +387,49 @@ def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, 
         raise ValueError(
             f"image folder {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+@dataclass
+class ImageFolderFiles:
+    """The files of an image folder per split, listed without decoding any image.
+
+    ``splits`` maps ``train`` / ``test`` to (files, labels); a folder without train/ and test/
+    sub-folders gets the fixed stratified 75/25 split of :func:`load_imagefolder`.
+    """
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, tuple[list[Path], np.ndarray]]
+    has_test_split: bool
+
+
+def list_imagefolder(path: str | Path) -> ImageFolderFiles:
+    """The files and labels of ``imagefolder:PATH``, split as :func:`load_imagefolder` splits
+    them (see there)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if (root / "train").is_dir():
+        files, labels, classes = _list_class_folders(root / "train")
+        if (root / "test").is_dir():
+            test_files, test_labels, _ = _list_class_folders(root / "test", classes)
+            splits = {"train": (files, labels), "test": (test_files, test_labels)}
+            return ImageFolderFiles(root, classes, splits, True)
+    else:
+        files, labels, classes = _list_class_folders(root)
+    train, test = split_indices(labels)
+    splits = {
+        "train": ([files[i] for i in train], labels[train]),
+        "test": ([files[i] for i in test], labels[test]),
+    }
+    return ImageFolderFiles(root, classes, splits, False)
+
+
+def _read_class_folders(root: Path, classes: list[str] | None, size: tuple[int, int] | None):
+    from PIL import Image
+
+    files, labels, classes = _list_class_folders(root, classes)
     images = []
     mode = None
     quiet = True if len(files) < 2000 else None  # None: a bar only on a terminal
@@ -489,14 +549,72 @@ def _labels(values, path: Path, name: str) -> np.ndarray:
     )
 
 
+FEATURES_FORMAT = "beyond-icon-features/1"
+
+
+def load_features_dir(path: str | Path) -> Dataset:
+    """The features folder ``beyond-icon extract`` writes, memory-mapped: nothing is read
+    until used, so a 1.28M x 768 float16 ImageNet table costs no memory to open.
+
+    The folder holds ``meta.json`` (written last: its presence means the extraction finished),
+    ``x_train.npy`` / ``x_test.npy`` (float16, n x d), ``y_*.npy`` (int64) and ``files_*.txt``.
+    """
+    import json
+
+    root = Path(path).expanduser()
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        partial = (root / ".chunks").is_dir()
+        raise ValueError(
+            f"{root} is not a finished features folder (no meta.json)"
+            + (
+                "; an extraction into it was interrupted: run the same extract command again"
+                if partial
+                else ""
+            )
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_path} is not valid JSON: {error}") from None
+    if meta.get("format") != FEATURES_FORMAT:
+        raise ValueError(
+            f"{meta_path}: unknown format {meta.get('format')!r}, expected {FEATURES_FORMAT}"
+        )
+    arrays = {}
+    for split in ("train", "test"):
+        try:
+            x = np.load(root / f"x_{split}.npy", mmap_mode="r", allow_pickle=False)
+            y = np.load(root / f"y_{split}.npy", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{root}: cannot read the {split} split ({error})") from None
+        if x.ndim != 2 or len(x) != meta["splits"][split]:
+            raise ValueError(
+                f"{root}: x_{split}.npy has shape {x.shape}, meta.json says "
+                f"{meta['splits'][split]} rows"
+            )
+        arrays[split] = (x, _labels(y, root, f"y_{split}"))
+    return Dataset(
+        root.name,
+        *arrays["train"],
+        *arrays["test"],
+        [str(c) for c in meta.get("classes", [])],
+        has_test_split=bool(meta.get("has_test_split", True)),
+    )
+
+
 def load_embeddings(path: str | Path) -> Dataset:
     """Precomputed features and labels: .npz (x/features/embeddings and y/labels, optional
     x_test/y_test), .pt (a dict of the same keys), .safetensors, or .npy (features) with
-    labels in PATH-without-suffix + '.labels.npy'. Without a test split, a fixed 75/25 split.
+    labels in PATH-without-suffix + '.labels.npy', or a folder written by ``beyond-icon
+    extract`` (memory-mapped, see :func:`load_features_dir`). Without a test split, a fixed
+    75/25 split.
 
     A file that cannot be read as plain arrays (truncated, not an archive, holding Python
     objects) is a one-line ``ValueError``; nothing in it is ever unpickled."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        return load_features_dir(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
     suffix = path.suffix.lower()

@@ -103,8 +103,13 @@ class ClusterResult:
 
 
 def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
-    train = as_float(dataset.x_train).reshape(len(dataset.x_train), -1)
-    test = as_float(dataset.x_test).reshape(len(dataset.x_test), -1)
+    """(train, test) as (n, d) arrays. A float16 table (an extract folder, memory-mapped) stays
+    as it is: rows are made float32 only when a batch uses them."""
+
+    def flat(x):
+        return x if x.dtype == np.float16 and x.ndim == 2 else as_float(x).reshape(len(x), -1)
+
+    train, test = flat(dataset.x_train), flat(dataset.x_test)
     if config.pca_components and train.shape[1] > config.pca_components:
         from sklearn.decomposition import PCA
 
@@ -152,8 +157,7 @@ def run(
     k = config.n_clusters or dataset.n_classes
     _check(config, len(train_x), k)
     seed_everything(config.seed)
-    standardize = Standardize.fit(torch.as_tensor(train_x))
-    train_std = standardize(torch.as_tensor(train_x))
+    standardize = Standardize.fit_rows(train_x)
     cache_dir = None
     if config.data.startswith("embeddings:"):
         cache_dir = Path(config.data.split(":", 1)[1]).expanduser().parent
@@ -181,7 +185,8 @@ def run(
         n_neighbors=config.n_neighbors,
     )
     pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
-    x_all = torch.as_tensor(train_x).to(device)
+    # a memory-mapped table is read a batch at a time; anything else is held on the device
+    x_all = train_x if isinstance(train_x, np.memmap) else torch.as_tensor(train_x).to(device)
     knn = torch.as_tensor(neighbors)
     n = len(train_x)
     batch = min(config.batch_size, n)
@@ -206,8 +211,12 @@ def run(
 
     def loss_fn(item):
         anchors, partners = item  # (b,), (b, n_positives)
-        index = torch.cat([anchors, partners.T.flatten()]).to(device)
-        x = x_all[index]
+        index = torch.cat([anchors, partners.T.flatten()])
+        if isinstance(x_all, np.memmap):
+            x = torch.from_numpy(np.asarray(x_all[index.numpy()], dtype=np.float32)).to(device)
+        else:
+            x = x_all[index.to(device)].float()
+        index = index.to(device)
         logits = model(x).float()  # (heads, 2 * batch, k)
         teacher_logits = teacher(x).float() if teacher is not None else None
         if config.loss == "pmi":
@@ -284,7 +293,9 @@ def run(
         model.eval()
         eval_logits = torch.cat(
             [
-                model(torch.as_tensor(eval_x[i : i + 8192]).to(device))[best_head].cpu()
+                model(torch.from_numpy(np.asarray(eval_x[i : i + 8192], np.float32)).to(device))[
+                    best_head
+                ].cpu()
                 for i in range(0, len(eval_x), 8192)
             ]
         )
@@ -295,8 +306,10 @@ def run(
         from sklearn.cluster import KMeans
 
         kmeans = KMeans(k, n_init=config.kmeans_init, random_state=config.seed)
-        kmeans.fit(train_std.numpy())
-        kmeans_assign = kmeans.predict(standardize(torch.as_tensor(eval_x)).numpy())
+        kmeans.fit(standardize(torch.from_numpy(np.asarray(train_x, np.float32))).numpy())
+        kmeans_assign = kmeans.predict(
+            standardize(torch.from_numpy(np.asarray(eval_x, np.float32))).numpy()
+        )
         baseline = {
             "kmeans_acc": metrics.hungarian_accuracy(eval_y, kmeans_assign),
             "kmeans_nmi": metrics.nmi(eval_y, kmeans_assign),

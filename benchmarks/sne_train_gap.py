@@ -1,0 +1,112 @@
+"""Where parametric SNE loses to openTSNE: the train embedding, or the map to new points?
+
+Fits ParametricSNE on Fashion-MNIST 10k (the bench_sne split) and prints the leave-one-out
+5-NN accuracy of the train embedding beside the test 5-NN accuracy (test points mapped by the
+network, train embedding as reference). ``--openTSNE`` adds openTSNE's figures, ``--inputs``
+those of the PCA-50 inputs. Two patches not exposed as estimator parameters can be tried:
+``--hidden 512,512,512`` (the MLP's widths) and ``--output-scale 10`` (a fixed factor on the
+network's output, i.e. a larger step in the embedding). Each ``--set NAME=VALUE`` is a
+ParametricSNE parameter (JSON value).
+
+    python benchmarks/sne_train_gap.py --openTSNE --inputs
+    python benchmarks/sne_train_gap.py --set n_steps=12000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.neighbors import KNeighborsClassifier
+
+import beyond_icon.parametric_sne as parametric_sne
+from beyond_icon import data, metrics
+from beyond_icon.data import as_float
+
+
+def leave_one_out_knn(embedding: np.ndarray, labels: np.ndarray, k: int = 5) -> float:
+    """Accuracy of the majority label among each point's k nearest other points."""
+    index = KNeighborsClassifier(k + 1).fit(embedding, labels)
+    neighbours = index.kneighbors(embedding, return_distance=False)[:, 1:]
+    votes = np.array(
+        [np.bincount(row, minlength=labels.max() + 1).argmax() for row in labels[neighbours]]
+    )
+    return float((votes == labels).mean())
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10000, help="train and test points")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--hidden", default=None, help="MLP widths, e.g. 512,512,512")
+    parser.add_argument("--output-scale", type=float, default=None)
+    parser.add_argument("--openTSNE", action="store_true")
+    parser.add_argument("--inputs", action="store_true")
+    args = parser.parse_args()
+    dataset = data.load("fashion-mnist").subset(args.n, args.n)
+    x_train = np.asarray(as_float(dataset.x_train)).reshape(len(dataset.x_train), -1)
+    x_test = np.asarray(as_float(dataset.x_test)).reshape(len(dataset.x_test), -1)
+    y_train, y_test = dataset.y_train, dataset.y_test
+
+    def report(name, fit_s, train, test):
+        print(
+            f"{name}: train 5-NN (LOO) {leave_one_out_knn(train, y_train):.3f}, test 5-NN "
+            f"{metrics.knn_accuracy(train, y_train, test, y_test, 5):.3f}, fit {fit_s:.1f} s",
+            flush=True,
+        )
+
+    if args.inputs or args.openTSNE:
+        pca = PCA(50, random_state=0).fit(x_train)
+        p_train, p_test = pca.transform(x_train), pca.transform(x_test)
+        if args.inputs:
+            report("PCA-50 inputs", 0.0, p_train, p_test)
+        if args.openTSNE:
+            import openTSNE
+
+            started = time.perf_counter()
+            embedding = openTSNE.TSNE(n_jobs=torch.get_num_threads(), random_state=0).fit(p_train)
+            seconds = time.perf_counter() - started
+            report("openTSNE", seconds, np.asarray(embedding), embedding.transform(p_test))
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        overrides[name] = json.loads(value)
+    if args.hidden:
+        widths = tuple(int(v) for v in args.hidden.split(","))
+        original_mlp = parametric_sne.MLP
+        parametric_sne.MLP = lambda width, hidden=None, batch_norm=False: original_mlp(
+            width, hidden=widths, batch_norm=batch_norm
+        )
+    if args.output_scale:
+        original_network = parametric_sne.ParametricSNE._network
+        parametric_sne.ParametricSNE._network = lambda self, *a: torch.nn.Sequential(
+            original_network(self, *a), _Scale(args.output_scale)
+        )
+    started = time.perf_counter()
+    model = parametric_sne.ParametricSNE(**overrides).fit(x_train)
+    seconds = time.perf_counter() - started
+    label = ", ".join(
+        [f"{k}={v}" for k, v in overrides.items()]
+        + ([f"hidden={args.hidden}"] if args.hidden else [])
+        + ([f"output x {args.output_scale:g}"] if args.output_scale else [])
+    )
+    report(
+        f"ParametricSNE ({label or 'defaults'})", seconds, model.embedding_, model.transform(x_test)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Peak memory and host-sync counting; the presets' hot path makes no host sync."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from beyond_icon import divergences, methods, value_checks
+from beyond_icon.profiling import HostSyncCounter
+
+# reverse KL and Jeffreys are infinite on a SupCon p (zeros where q > 0): checked, they raise
+SUPPORT_SAFE = [
+    name.replace("alpha:A", "alpha:0.5")
+    for name in divergences.names()
+    if name not in ("reverse_kl", "jeffreys")
+]
+
+
+def test_counter_sees_value_reads_and_data_dependent_shapes():
+    x = torch.randn(5)
+    with HostSyncCounter() as syncs:
+        bool(x.sum() > 0)
+        x.max().item()
+        x[x > 0]
+        torch.nonzero(x)
+        x * 2 + 1  # no sync
+    assert syncs.count == 4, syncs.calls
+    assert "test_profiling.py" in syncs.calls[0]
+
+
+@pytest.mark.parametrize("divergence", SUPPORT_SAFE)
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_supcon_step_makes_no_host_sync_without_value_checks(divergence, metric):
+    torch.manual_seed(0)
+    z = torch.randn(64, 8, requires_grad=True)
+    labels = torch.randint(0, 5, (64,))
+    loss = methods.SupCon(divergence=divergence, metric=metric)
+    with HostSyncCounter() as checked:
+        expected = loss(z, labels)
+    with value_checks(False), HostSyncCounter() as syncs:
+        value = loss(z, labels)
+        value.backward()
+    assert checked.count > 0  # the default checks read values back
+    assert syncs.count == 0, syncs.calls
+    torch.testing.assert_close(value, expected)
+
+
+def test_fitted_tsne_step_makes_no_host_sync_without_value_checks(tmp_path):
+    from beyond_icon.affinity import PerplexityAffinity
+
+    x = torch.randn(120, 5, generator=torch.Generator().manual_seed(1)).numpy()
+    affinity = PerplexityAffinity(perplexity=10, cache_dir=str(tmp_path)).fit(x)
+    tsne = methods.TSNE(perplexity=10, affinity=affinity, divergence="jsd")
+    z = torch.randn(40, 2, requires_grad=True)
+    indices = torch.arange(0, 120, 3)
+    expected = tsne(None, z, indices=indices)
+    with value_checks(False), HostSyncCounter() as syncs:
+        value = tsne(None, z, indices=indices)
+        value.backward()
+    assert syncs.count == 0, syncs.calls
+    torch.testing.assert_close(value, expected)
+
+
+def test_value_checks_off_turns_errors_into_non_finite_losses():
+    z = torch.randn(6, 3)
+    z[2, 1] = float("inf")
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        methods.SupCon()(z, labels)
+    with value_checks(False):
+        assert not torch.isfinite(methods.SupCon()(z, labels))
+    # every class once: no row of p has mass; checked it is an error, unchecked a NaN (never 0)
+    single = torch.arange(6)
+    with pytest.raises(ValueError, match="no mass"):
+        methods.SupCon()(torch.randn(6, 3), single)
+    with value_checks(False):
+        assert torch.isnan(methods.SupCon()(torch.randn(6, 3), single))
