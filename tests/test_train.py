@@ -69,8 +69,8 @@ def test_schedules():
     cosine = TrainConfig(epochs=10, schedule="cosine", warmup_epochs=2)
     assert _lr_factor(cosine, 0.0) < 0.01 and _lr_factor(cosine, 2.0) == pytest.approx(1.0)
     assert _lr_factor(cosine, 10.0) == pytest.approx(0.0, abs=1e-12)
-    step = TrainConfig(epochs=30, schedule="step", step_epochs=10, step_gamma=0.5)
-    assert [_lr_factor(step, e) for e in (0, 9.9, 10, 25)] == [1.0, 1.0, 0.5, 0.25]
+    step = TrainConfig(epochs=30, schedule="step")  # halved at 1/3 and 2/3 of the budget
+    assert [_lr_factor(step, e) for e in (0, 9.9, 10, 25, 29.9)] == [1.0, 1.0, 0.5, 0.25, 0.25]
 
 
 @pytest.mark.parametrize(

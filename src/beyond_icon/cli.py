@@ -67,7 +67,7 @@ def _add_config_options(parser: argparse.ArgumentParser, config_cls: type) -> No
             field.default if field.default is not dataclasses.MISSING else field.default_factory()
         )
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        text = f"{config_cls.help.get(field.name, '')} (default: {shown})".strip()
+        text = f"{field.metadata.get('help', '')} (default: {shown})".strip()
         flag = "--" + field.name.replace("_", "-")
         if str(field.type) == "bool":
             parser.add_argument(

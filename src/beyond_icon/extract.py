@@ -434,15 +434,69 @@ def stream_extract(
     if batch_size < 1 or chunk_batches < 1:
         raise ValueError("batch_size and chunk_batches must be positive integers")
     chunk = batch_size * chunk_batches
-    options = {"batch_size": batch_size, "chunk": chunk, "crop": crop}
-    identity = _identity(encoder, splits, options)
+    identity = _identity(encoder, splits, {"batch_size": batch_size, "chunk": chunk, "crop": crop})
+    if _open_folder(out, identity, rank):
+        if verbose and rank == 0:
+            print(f"{out} already holds these features (meta.json); nothing to do")
+        return out
+    chunks_dir = out / ".chunks"
+    todo = _pending_chunks(splits, chunks_dir, chunk, rank, world_size)
+    remaining = sum(
+        min(chunk, len(splits[name].source) - c * chunk) for name in todo for c in todo[name]
+    )
+    encoder.to(device)
+    started = time.perf_counter()
+    bar = tqdm(
+        total=remaining,
+        unit="img",
+        desc=f"extract {encoder.name}" + (f" [rank {rank}]" if world_size > 1 else ""),
+        disable=not verbose or rank != 0,
+        smoothing=0.1,
+    )
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    for name, split in splits.items():
+        batches = [
+            list(range(start, min(start + batch_size, (c + 1) * chunk, len(split.source))))
+            for c in todo[name]
+            for start in range(c * chunk, min((c + 1) * chunk, len(split.source)), batch_size)
+        ]
+        loader = torch.utils.data.DataLoader(
+            split.source,
+            batch_sampler=batches,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+        )
+        chunks = _Chunks(chunks_dir, name, chunk, len(split.source))
+        for index, (images, ok, reasons) in zip(batches, loader):
+            _check_decoded(split, index, ok, reasons, skip_corrupt)
+            chunks.add(index, _embed_batch(encoder, images, ok, split, index, device), ok.numpy())
+            bar.update(len(index))
+    bar.close()
+    seconds = time.perf_counter() - started
+    _barrier()
+    if rank == 0:
+        rate = remaining / seconds if remaining and seconds > 0 else None
+        meta = _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split, rate)
+        if verbose:
+            sizes = ", ".join(f"{k} {v}" for k, v in meta["splits"].items())
+            shown = f"; {rate:.0f} img/s" if rate else ""
+            skipped = (
+                f"; {len(meta['skipped'])} unreadable files skipped" if meta["skipped"] else ""
+            )
+            print(f"{out}: {sizes} x {meta['dim']} float16 features{shown}{skipped}")
+    _barrier()
+    return out
+
+
+def _open_folder(out: Path, identity: dict, rank: int) -> bool:
+    """True if ``out`` already holds these finished features. Otherwise make sure its chunks
+    were started with the same settings (rank 0 records them on the first run), or refuse."""
     meta_path, chunks_dir = out / "meta.json", out / ".chunks"
     if meta_path.is_file():
         done = json.loads(meta_path.read_text())
         if {k: done.get(k) for k in identity} == identity:
-            if verbose and rank == 0:
-                print(f"{out} already holds these features (meta.json); nothing to do")
-            return out
+            return True
         raise ValueError(
             f"{out} already holds other features (meta.json); choose another --out or delete it"
         )
@@ -464,95 +518,69 @@ def stream_extract(
             f"{out} holds an interrupted extraction with other settings ({', '.join(changed)} "
             "differ); rerun it with the same options, or choose another --out"
         )
-    if num_workers is None:
-        num_workers = min(8, os.cpu_count() or 1)
-    encoder.to(device)
-    started = time.perf_counter()
+    return False
+
+
+def _pending_chunks(splits, chunks_dir: Path, chunk: int, rank: int, world_size: int) -> dict:
+    """This rank's chunks (every ``world_size``-th) that are not on disk whole, per split."""
     todo: dict[str, list[int]] = {}
-    dim = None
     for name, split in splits.items():
-        n_chunks = -(-len(split.source) // chunk)
-        todo[name] = []
-        for c in range(rank, n_chunks, world_size):
-            rows = min(chunk, len(split.source) - c * chunk)
-            if _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", rows, None) is None:
-                todo[name].append(c)
-    remaining = sum(
-        min(chunk, len(splits[name].source) - c * chunk) for name in todo for c in todo[name]
-    )
-    bar = tqdm(
-        total=remaining,
-        unit="img",
-        desc=f"extract {encoder.name}" + (f" [rank {rank}]" if world_size > 1 else ""),
-        disable=not verbose or rank != 0,
-        smoothing=0.1,
-    )
-    for name, split in splits.items():
-        if not todo[name]:
-            continue
         n = len(split.source)
-        batches = [
-            list(range(start, min(start + batch_size, (c + 1) * chunk, n)))
-            for c in todo[name]
-            for start in range(c * chunk, min((c + 1) * chunk, n), batch_size)
+        todo[name] = [
+            c
+            for c in range(rank, -(-n // chunk), world_size)
+            if _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", min(chunk, n - c * chunk), None)
+            is None
         ]
-        loader = torch.utils.data.DataLoader(
-            split.source,
-            batch_sampler=batches,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            worker_init_fn=_worker_init if num_workers else None,
-            persistent_workers=False,
-        )
-        current, parts, oks = None, [], []
-        for index, (images, ok, reasons) in zip(batches, loader):
-            bad = np.flatnonzero(~ok.numpy())
-            for i in bad:
-                path = split.names[index[i]]
-                if not skip_corrupt:
-                    raise ValueError(
-                        f"{path}: cannot decode the image ({reasons[i]}); pass --skip-corrupt "
-                        "to leave such files out"
-                    )
-                warnings.warn(f"skipped {path}: {reasons[i]}", stacklevel=2)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                features = encoder.embed(images.to(device, non_blocking=True))
-            features = features.float()
-            if not bool(torch.isfinite(features[ok.to(device)]).all()):
-                raise ValueError(
-                    f"the encoder produced NaN or Inf features for {split.names[index[0]]} .. "
-                    f"{split.names[index[-1]]}"
-                )
-            features = features.clamp(-65504, 65504).half().cpu().numpy()
-            features[~ok.numpy()] = 0
-            c = index[0] // chunk
-            parts.append(features)
-            oks.append(ok.numpy())
-            current = c
-            if index[-1] + 1 == min((c + 1) * chunk, n):  # the chunk's last batch
-                x_chunk = np.concatenate(parts)
-                if dim is not None and x_chunk.shape[1] != dim:
-                    raise ValueError("the encoder's feature dimension changed between batches")
-                dim = x_chunk.shape[1]
-                _write_chunk(chunks_dir / f"{name}-{current:06d}.npz", x_chunk, np.concatenate(oks))
-                parts, oks = [], []
-            bar.update(len(index))
-    bar.close()
-    seconds = time.perf_counter() - started
-    _barrier()
-    if rank == 0:
-        meta = _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split)
-        meta["seconds_last_segment"] = seconds
-        meta["images_per_second_last_segment"] = remaining / seconds if seconds > 0 else None
-        if verbose:
-            sizes = ", ".join(f"{k} {v}" for k, v in meta["splits"].items())
-            rate = f"; {remaining / seconds:.0f} img/s" if remaining and seconds > 0 else ""
-            skipped = (
-                f"; {len(meta['skipped'])} unreadable files skipped" if meta["skipped"] else ""
+    return todo
+
+
+def _check_decoded(split, index: list[int], ok: Tensor, reasons, skip_corrupt: bool) -> None:
+    """An unreadable image stops the run naming the file, or is skipped with a warning."""
+    for i in np.flatnonzero(~ok.numpy()):
+        path = split.names[index[i]]
+        if not skip_corrupt:
+            raise ValueError(
+                f"{path}: cannot decode the image ({reasons[i]}); pass --skip-corrupt to leave "
+                "such files out"
             )
-            print(f"{out}: {sizes} x {meta['dim']} float16 features{rate}{skipped}")
-    _barrier()
-    return out
+        warnings.warn(f"skipped {path}: {reasons[i]}", stacklevel=3)
+
+
+def _embed_batch(encoder, images, ok, split, index, device) -> np.ndarray:
+    """float16 features of a decoded batch (zeros for the images that did not decode)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        features = encoder.embed(images.to(device, non_blocking=True)).float()
+    if not bool(torch.isfinite(features[ok.to(device)]).all()):
+        raise ValueError(
+            f"the encoder produced NaN or Inf features for {split.names[index[0]]} .. "
+            f"{split.names[index[-1]]}"
+        )
+    features = features.clamp(-65504, 65504).half().cpu().numpy()
+    features[~ok.numpy()] = 0
+    return features
+
+
+class _Chunks:
+    """Collects a split's batches and writes each chunk when its last batch arrives."""
+
+    def __init__(self, folder: Path, name: str, chunk: int, n: int):
+        self.folder, self.name, self.chunk, self.n = folder, name, chunk, n
+        self.parts: list[np.ndarray] = []
+        self.oks: list[np.ndarray] = []
+        self.dim: int | None = None
+
+    def add(self, index: list[int], features: np.ndarray, ok: np.ndarray) -> None:
+        self.parts.append(features)
+        self.oks.append(ok)
+        c = index[0] // self.chunk
+        if index[-1] + 1 == min((c + 1) * self.chunk, self.n):  # the chunk's last batch
+            x = np.concatenate(self.parts)
+            if self.dim is not None and x.shape[1] != self.dim:
+                raise ValueError("the encoder's feature dimension changed between batches")
+            self.dim = x.shape[1]
+            _write_chunk(self.folder / f"{self.name}-{c:06d}.npz", x, np.concatenate(self.oks))
+            self.parts, self.oks = [], []
 
 
 def _barrier() -> None:
@@ -562,7 +590,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split) -> dict:
+def _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split, rate) -> dict:
     """Concatenate the chunks of every split into memory-mapped arrays; write meta.json last."""
     sizes, skipped, dim = {}, [], None
     for name, split in splits.items():
@@ -602,6 +630,7 @@ def _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split) -> 
         "classes": list(classes),
         "has_test_split": has_test_split,
         "skipped": skipped,
+        "images_per_second": rate,  # of the last (or only) segment of the extraction
     }
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))

@@ -25,7 +25,7 @@ from beyond_icon.data import as_float
 from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import MLP, Standardize, build_backbone
 from beyond_icon.sampling import NeighborBatchSampler
-from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything
+from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, split_batches
 
 __all__ = ["AFFINITIES", "KERNELS", "ParametricSNE"]
 
@@ -371,7 +371,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
             def batches(generator: torch.Generator, epoch: int) -> list:
                 order = torch.randperm(n, generator=generator)
-                return [(index, 1.0) for index in torch.tensor_split(order, steps_per_epoch)]
+                return [(index, 1.0) for (index,) in split_batches(batch, order)]
 
         kernel_args = (self.divergence, self.perplexity)
         if self.kernel == "gaussian":

@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from beyond_icon._validation import value_checks
 
 __all__ = [
+    "SCHEDULES",
+    "split_batches",
+    "SCHEDULE_HELP",
     "TrainConfig",
     "TrainingDiverged",
     "atomic_save",
@@ -91,6 +94,16 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+#: The learning-rate schedules, one vocabulary for every task (after an optional linear
+#: warm-up): their names and what they do.
+SCHEDULES = {
+    "none": "constant",
+    "cosine": "cosine decay to 0 over the budget",
+    "step": "halved at 1/3 and again at 2/3 of the budget (the paper's 30 epochs halved every 10)",
+}
+SCHEDULE_HELP = "learning rate: " + "; ".join(f"{k} ({v})" for k, v in SCHEDULES.items())
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by the tasks."""
@@ -99,10 +112,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"  # adam | adamw (decoupled weight decay)
-    schedule: str = "none"  # none | cosine | step
+    schedule: str = "none"  # one of SCHEDULES
     warmup_epochs: int = 0
-    step_epochs: int = 10  # for "step": multiply lr by step_gamma every step_epochs
-    step_gamma: float = 0.5
     grad_clip: float | None = None
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     seed: int = 0
@@ -115,8 +126,10 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("none", "cosine", "step"):
-            raise ValueError(f"schedule must be none, cosine or step, got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
 
 
 def _lr_factor(config: TrainConfig, progress: float) -> float:
@@ -126,9 +139,27 @@ def _lr_factor(config: TrainConfig, progress: float) -> float:
     if config.schedule == "cosine":
         span = max(config.epochs - config.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - config.warmup_epochs) / span)))
-    if config.schedule == "step":
-        return config.step_gamma ** int(progress // config.step_epochs)
+    if config.schedule == "step":  # halved at 1/3 and at 2/3 of the budget
+        return 0.5 ** min(2, int(3 * progress / config.epochs))
     return 1.0
+
+
+def split_batches(batch_size: int, *columns: Tensor) -> list[tuple[Tensor, ...]]:
+    """One epoch's batches: the rows of ``columns`` (already in epoch order, e.g. a
+    permutation and what goes with it) cut into ``n // batch_size`` consecutive batches of
+    equal size (the remainder spread over them), as tuples of the columns' pieces.
+
+    Parameters
+    ----------
+    batch_size : int
+    *columns : (n, ...) tensors
+
+    Returns
+    -------
+    list of tuple of tensors
+    """
+    count = max(1, len(columns[0]) // batch_size)
+    return list(zip(*(torch.tensor_split(column, count) for column in columns)))
 
 
 def shard_batch(item: Any, rank: int, world_size: int) -> Any:
@@ -274,129 +305,168 @@ def fit(
     under the new budget's schedule, which is not the same as a fresh run of that length.
     """
     config.check()
-    from beyond_icon.distributed import world
-
-    rank, world_size = world()
-    verbose = verbose and rank == 0
-    if world_size > 1:  # every rank starts from rank 0's weights
-        import torch.distributed as dist
-
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(tensor.data, 0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
-    state_modules = state_modules or {}
-    history: list[dict] = []
-    start_epoch = 0
+    loop = _Loop(model, batches, loss_fn, config, device, state_modules or {}, after_step, desc)
+    loop.verbose = verbose and loop.rank == 0
     out = Path(out_dir) if out_dir is not None else None
-    checkpoint_path = out / CHECKPOINT if out is not None else None
     identity = _plain(identity) if identity is not None else None
-    if resume and checkpoint_path is not None and checkpoint_path.is_file():
-        state = load_checkpoint(checkpoint_path, device, identity, verbose)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name, module in state_modules.items():
-            module.load_state_dict(state["modules"][name])
-        torch.set_rng_state(state["torch_rng"])
-        history, start_epoch = state["history"], state["epoch"]
-        if verbose:
-            tqdm.write(f"resuming {desc} from epoch {start_epoch} of {config.epochs}")
-    use_amp = config.amp and device.type == "cuda"
-    required = [
-        p
-        for p in inspect.signature(batches).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    takes_epoch = len(required) >= 2
-    step = len(history)
-    started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
-    segment = history[-1].get("segment", 0) + 1 if history else 0  # +1 after each --resume
+    if resume and out is not None and (out / CHECKPOINT).is_file():
+        loop.restore(out / CHECKPOINT, identity)
     last_epoch = (
         config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     )
     last_save = time.perf_counter()
-    for epoch in range(start_epoch, last_epoch):
-        model.train()
-        for module in state_modules.values():
-            module.train()
-        generator = epoch_generator(config.seed, epoch)
-        epoch_batches = [
-            shard_batch(b, rank, world_size)
-            for b in (batches(generator, epoch) if takes_epoch else batches(generator))
-        ]
-        bar = tqdm(
-            epoch_batches,
-            desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-            disable=not verbose,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        running = None
-        for i, batch in enumerate(bar):
-            factor = _lr_factor(config, epoch + i / max(len(epoch_batches), 1))
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * factor
-            # the step runs without the losses' value checks (no host syncs inside the loss);
-            # the loss and gradient norm are read back once, together, before the update
-            with (
-                value_checks(False),
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp),
-            ):
-                loss = loss_fn(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world_size > 1:
-                _average_gradients(params, world_size)
-            norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)
-            value = loss.detach().float()
-            if world_size > 1:  # each rank returns W x its rows' share: the mean is the loss
-                from beyond_icon.distributed import all_reduce_sum
-
-                value = all_reduce_sum(value) / world_size
-            value, norm = torch.stack([value, norm.detach().float().to(value.device)]).tolist()
-            if not (math.isfinite(norm) and math.isfinite(value)):
-                _explain_divergence(loss_fn, batch, step, epoch, value, use_amp, device)
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            running = value if running is None else 0.9 * running + 0.1 * value
-            bar.set_postfix(loss=f"{running:.4f}")
-            history.append(
-                {
-                    "epoch": epoch,
-                    "step": step,
-                    "loss": value,
-                    "grad_norm": norm,
-                    "lr": config.lr * factor,
-                    "time": time.perf_counter() - started,
-                    "segment": segment,
-                }
-            )
-            step += 1
-        bar.close()
-        if verbose:
+    for epoch in range(loop.start_epoch, last_epoch):
+        running = loop.epoch(epoch)
+        if loop.verbose:
             tqdm.write(f"{desc} epoch {epoch + 1}/{config.epochs}: loss {running:.4f}")
         # A checkpoint costs a pickle of the model, the optimiser and the whole history: with
         # epochs of a few steps (parametric SNE on small data) saving after each would cost more
         # than training. Save at most every checkpoint_every_s seconds, and at the end. Epochs are
         # reproducible from (seed, epoch), so resuming from any checkpoint ends the same way.
         due = time.perf_counter() - last_save >= checkpoint_every_s or epoch + 1 == last_epoch
-        if out is not None and rank == 0 and due:
+        if out is not None and loop.rank == 0 and due:
             last_save = time.perf_counter()
-            atomic_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "modules": {k: m.state_dict() for k, m in state_modules.items()},
-                    "torch_rng": torch.get_rng_state(),
-                    "history": history,
-                    "epoch": epoch + 1,
-                    "format": CHECKPOINT_FORMAT,
-                    "identity": identity,
-                },
-                checkpoint_path,
-            )
-            write_csv(history, out / "history.csv")
+            loop.save(out, epoch + 1, identity)
     model.eval()
-    return history
+    return loop.history
+
+
+class _Loop:
+    """The parts of :func:`fit`, each a method: the optimiser and the distributed start
+    (``__init__``), resumption (``restore``), one epoch of batches (``epoch``), one step
+    (``step``) and the checkpoint (``save``)."""
+
+    def __init__(self, model, batches, loss_fn, config, device, state_modules, after_step, desc):
+        from beyond_icon.distributed import world
+
+        self.model, self.batches, self.loss_fn, self.config = model, batches, loss_fn, config
+        self.device, self.state_modules, self.after_step, self.desc = (
+            device,
+            state_modules,
+            after_step,
+            desc,
+        )
+        self.rank, self.world_size = world()
+        if self.world_size > 1:  # every rank starts from rank 0's weights
+            import torch.distributed as dist
+
+            for tensor in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(tensor.data, 0)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        optimizer_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_cls(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.use_amp = config.amp and device.type == "cuda"
+        required = [
+            p
+            for p in inspect.signature(batches).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        self.takes_epoch = len(required) >= 2  # batches(generator, epoch)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.verbose = True
+        self._clock()
+
+    def _clock(self) -> None:
+        """The step counter, the clock and the segment carried over from the history."""
+        history = self.history
+        self.next_step = len(history)
+        self.started = time.perf_counter() - (history[-1]["time"] if history else 0.0)
+        self.segment = history[-1].get("segment", 0) + 1 if history else 0  # +1 per --resume
+
+    def restore(self, path: Path, identity: dict | None) -> None:
+        state = load_checkpoint(path, self.device, identity, self.verbose)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, module in self.state_modules.items():
+            module.load_state_dict(state["modules"][name])
+        torch.set_rng_state(state["torch_rng"])
+        self.history, self.start_epoch = state["history"], state["epoch"]
+        self._clock()
+        if self.verbose:
+            tqdm.write(
+                f"resuming {self.desc} from epoch {self.start_epoch} of {self.config.epochs}"
+            )
+
+    def epoch(self, epoch: int) -> float:
+        """Train one epoch; returns the running (exponentially averaged) loss."""
+        self.model.train()
+        for module in self.state_modules.values():
+            module.train()
+        generator = epoch_generator(self.config.seed, epoch)
+        made = self.batches(generator, epoch) if self.takes_epoch else self.batches(generator)
+        batches = [shard_batch(b, self.rank, self.world_size) for b in made]
+        bar = tqdm(
+            batches,
+            desc=f"{self.desc} epoch {epoch + 1}/{self.config.epochs}",
+            disable=not self.verbose,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        running = None
+        for i, batch in enumerate(bar):
+            factor = _lr_factor(self.config, epoch + i / max(len(batches), 1))
+            value, norm = self.step(batch, epoch, factor)
+            running = value if running is None else 0.9 * running + 0.1 * value
+            bar.set_postfix(loss=f"{running:.4f}")
+            self.history.append(
+                {
+                    "epoch": epoch,
+                    "step": self.next_step,
+                    "loss": value,
+                    "grad_norm": norm,
+                    "lr": self.config.lr * factor,
+                    "time": time.perf_counter() - self.started,
+                    "segment": self.segment,
+                }
+            )
+            self.next_step += 1
+        bar.close()
+        return running
+
+    def step(self, batch: Any, epoch: int, factor: float) -> tuple[float, float]:
+        """One optimiser step; returns (loss, gradient norm), read back together (the step's
+        one host synchronisation)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
+        # the step runs without the losses' value checks (no host syncs inside the loss)
+        with (
+            value_checks(False),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp),
+        ):
+            loss = self.loss_fn(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.world_size > 1:
+            _average_gradients(self.params, self.world_size)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        value = loss.detach().float()
+        if self.world_size > 1:  # each rank returns W x its rows' share: the mean is the loss
+            from beyond_icon.distributed import all_reduce_sum
+
+            value = all_reduce_sum(value) / self.world_size
+        value, norm = torch.stack([value, norm.detach().float().to(value.device)]).tolist()
+        if not (math.isfinite(norm) and math.isfinite(value)):  # before the step: weights stay
+            _explain_divergence(
+                self.loss_fn, batch, self.next_step, epoch, value, self.use_amp, self.device
+            )
+        self.optimizer.step()
+        if self.after_step is not None:
+            self.after_step()
+        return value, norm
+
+    def save(self, out: Path, epochs_done: int, identity: dict | None) -> None:
+        atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "modules": {k: m.state_dict() for k, m in self.state_modules.items()},
+                "torch_rng": torch.get_rng_state(),
+                "history": self.history,
+                "epoch": epochs_done,
+                "format": CHECKPOINT_FORMAT,
+                "identity": identity,
+            },
+            out / CHECKPOINT,
+        )
+        write_csv(self.history, out / "history.csv")

@@ -177,7 +177,7 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
     [
         ({"n_positives": 0}, "n_positives must be in [1, n_neighbors=20]"),
         ({"n_positives": 3, "loss": "pmi"}, "loss=pmi trains on pairs"),
-        ({"schedule": "linear"}, "schedule must be step, cosine or none"),
+        ({"schedule": "linear"}, "schedule must be one of none, cosine, step"),
         ({"head_input": "pca"}, "head_input must be standardize, l2 or none"),
         ({"n_steps": 0}, "n_steps must be a positive integer"),
     ],

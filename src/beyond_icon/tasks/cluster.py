@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from beyond_icon import metrics, report
 from beyond_icon.data import as_float
@@ -27,8 +27,23 @@ from beyond_icon.distributed import is_main
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, L2Normalize, Standardize
 from beyond_icon.neighbors import cached_neighbors
-from beyond_icon.tasks.common import TaskConfig, begin, identity
-from beyond_icon.train import TrainConfig, fit, seed_everything, write_csv
+from beyond_icon.tasks.common import (
+    TaskConfig,
+    begin,
+    finish,
+    identity,
+    option,
+    peak_gpu_memory,
+)
+from beyond_icon.train import (
+    SCHEDULE_HELP,
+    SCHEDULES,
+    TrainConfig,
+    fit,
+    seed_everything,
+    split_batches,
+    write_csv,
+)
 
 __all__ = ["ClusterConfig", "ClusterResult", "run"]
 
@@ -45,54 +60,44 @@ class ClusterConfig(TaskConfig):
         "lr_step_epochs": "use schedule (--schedule step halves the learning rate at 1/3 and 2/3 "
         "of the steps, as the paper's 30 epochs halved every 10 do)",
     }
-    help: ClassVar[dict[str, str]] = TaskConfig.help | {
-        "pca_components": "PCA of the (flattened) inputs before clustering (none: as given)",
-        "n_clusters": "K (default: the number of classes)",
-        "divergence": "kl, tv, jsd, hellinger, ... (loss=icon)",
-        "loss": "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)",
-        "head": "linear, mlp or temi (MLP, L2-normalised bottleneck, weight-normalised prototypes)",
-        "head_input": "what the head sees: standardize (per feature), l2 (unit rows) or none",
-        "n_heads": "heads trained at once; the lowest-loss head is evaluated",
-        "n_neighbors": "k of the mined k-NN from which each anchor's partner is drawn",
-        "n_positives": "mined neighbours drawn per anchor into the batch (p uniform over them; pmi: 1)",
-        "propagate_steps": "k-NN walk length for p (1 = pairs only)",
-        "debias": "mix with uniform, alpha in [0, 1]",
-        "debias_side": "p, q or both",
-        "exclude_self": "drop j = i from q, as p does (consistent self-pairs)",
-        "same_sample_positive": "a sample drawn twice into a batch is its own positive in p",
-        "ema_teacher": "EMA momentum of a teacher head for q's second factor (none: no teacher)",
-        "beta": "beta of TEMI's beta-PMI (loss=pmi)",
-        "n_steps": "optimiser steps (default max(2000, 30 n / batch_size), whole passes)",
-        "batch_size": "anchors per batch (each with one neighbour)",
-        "lr": "Adam learning rate",
-        "schedule": "learning rate: step (halved at 1/3 and 2/3 of the steps), cosine or none",
-        "optimizer": "adam or adamw (decoupled weight decay, TEMI's)",
-        "weight_decay": "weight decay of the optimiser",
-        "kmeans_init": "k-means restarts of the baseline (0: no k-means baseline)",
-    }
-    pca_components: int | None = None
-    n_clusters: int | None = None
-    divergence: str = "tv"
-    loss: str = "icon"
-    head: str = "linear"
-    head_input: str = "standardize"
-    n_heads: int = 10
-    n_neighbors: int = 20
-    n_positives: int = 1
-    propagate_steps: int = 1
-    debias: float = 0.0
-    debias_side: str = "p"
-    exclude_self: bool = False
-    same_sample_positive: bool = False
-    ema_teacher: float | None = None
-    beta: float = 0.6
-    n_steps: int | None = None
-    batch_size: int = 256
-    lr: float = 1e-2
-    schedule: str = "step"
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    kmeans_init: int = 10
+    pca_components: int | None = option(
+        None, "PCA of the (flattened) inputs before clustering (none: as given)"
+    )
+    n_clusters: int | None = option(None, "K (default: the number of classes)")
+    divergence: str = option("tv", "kl, tv, jsd, hellinger, ... (loss=icon)")
+    loss: str = option("icon", "icon (the I-Con cluster loss) or pmi (TEMI's beta-PMI)")
+    head: str = option(
+        "linear",
+        "linear, mlp or temi (MLP, L2-normalised bottleneck, weight-normalised prototypes)",
+    )
+    head_input: str = option(
+        "standardize", "what the head sees: standardize (per feature), l2 (unit rows) or none"
+    )
+    n_heads: int = option(10, "heads trained at once; the lowest-loss head is evaluated")
+    n_neighbors: int = option(20, "k of the mined k-NN from which each anchor's partner is drawn")
+    n_positives: int = option(
+        1, "mined neighbours drawn per anchor into the batch (p uniform over them; pmi: 1)"
+    )
+    propagate_steps: int = option(1, "k-NN walk length for p (1 = pairs only)")
+    debias: float = option(0.0, "mix with uniform, alpha in [0, 1]")
+    debias_side: str = option("p", "p, q or both")
+    exclude_self: bool = option(False, "drop j = i from q, as p does (consistent self-pairs)")
+    same_sample_positive: bool = option(
+        False, "a sample drawn twice into a batch is its own positive in p"
+    )
+    ema_teacher: float | None = option(
+        None, "EMA momentum of a teacher head for q's second factor (none: no teacher)"
+    )
+    beta: float = option(0.6, "beta of TEMI's beta-PMI (loss=pmi)")
+    n_steps: int | None = option(
+        None, "optimiser steps (default max(2000, 30 n / batch_size), whole passes)"
+    )
+    batch_size: int = option(256, "anchors per batch (each with one neighbour)")
+    lr: float = option(1e-2, "Adam learning rate")
+    schedule: str = option("step", SCHEDULE_HELP)
+    optimizer: str = option("adam", "adam or adamw (decoupled weight decay, TEMI's)")
+    weight_decay: float = option(0.0, "weight decay of the optimiser")
+    kmeans_init: int = option(10, "k-means restarts of the baseline (0: no k-means baseline)")
 
 
 @dataclass
@@ -134,8 +139,8 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError(f"head_input must be standardize, l2 or none, got {config.head_input!r}")
     if config.n_steps is not None and config.n_steps < 1:
         raise ValueError(f"n_steps must be a positive integer, got {config.n_steps}")
-    if config.schedule not in ("step", "cosine", "none"):
-        raise ValueError(f"schedule must be step, cosine or none, got {config.schedule!r}")
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
     if not 1 <= config.n_positives <= config.n_neighbors:
         raise ValueError(
             f"n_positives must be in [1, n_neighbors={config.n_neighbors}], got {config.n_positives}"
@@ -148,16 +153,150 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError(f"ema_teacher momentum must be in [0, 1), got {config.ema_teacher}")
 
 
-def run(
-    config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
-) -> ClusterResult:
-    """Train the head(s) on the train split, then cluster the evaluation split."""
-    device, dataset, out, verbose = begin(config, out, verbose)
-    train_x, test_x = _features(dataset, config)
-    k = config.n_clusters or dataset.n_classes
-    _check(config, len(train_x), k)
-    seed_everything(config.seed)
-    standardize = Standardize.fit_rows(train_x)
+class _HeadTrainer:
+    """The heads, the losses and the batches of one cluster run: what ``train.fit`` needs.
+
+    Each batch holds ``batch_size`` anchors and ``n_positives`` mined neighbours of each; the
+    loss of every head is summed over the current epoch, so that the head with the lowest
+    loss over the last epoch can be evaluated.
+    """
+
+    def __init__(self, config, train_x, neighbors, standardize, k: int, device: torch.device):
+        self.config, self.device, self.standardize = config, device, standardize
+        prepare = {"standardize": standardize, "l2": L2Normalize(), "none": nn.Identity()}
+        head = ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
+        self.model = nn.Sequential(prepare[config.head_input], head).to(device)
+        self.teacher = (
+            copy.deepcopy(self.model).requires_grad_(False)
+            if config.ema_teacher is not None
+            else None
+        )
+        self.icon = ClusterLoss(
+            config.divergence,
+            debias=config.debias,
+            debias_side=config.debias_side,
+            exclude_self=config.exclude_self,
+            propagate_steps=config.propagate_steps,
+            n_neighbors=config.n_neighbors,
+        )
+        self.pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
+        # a memory-mapped table is read a batch at a time; anything else is held on the device
+        self.x = train_x if isinstance(train_x, np.memmap) else torch.as_tensor(train_x).to(device)
+        self.knn = torch.as_tensor(neighbors)
+        self.n = len(train_x)
+        self.batch = min(config.batch_size, self.n)
+        self.steps_per_epoch = max(1, self.n // self.batch)
+        self.head_losses = torch.zeros(config.n_heads)
+        self.head_steps = 0
+
+    def batches(self, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+        """One epoch: (anchors, their partners), the anchors a permutation of the data."""
+        config = self.config
+        self.head_losses.zero_()  # the per-head losses of the current epoch only
+        self.head_steps = 0
+        order = torch.randperm(self.n, generator=generator)
+        # n_positives distinct neighbours per anchor, drawn uniformly from its n_neighbors
+        if config.n_positives == 1:
+            choice = torch.randint(0, config.n_neighbors, (self.n, 1), generator=generator)
+        else:
+            choice = torch.rand(self.n, config.n_neighbors, generator=generator).argsort(dim=1)
+        partners = self.knn[order[:, None], choice[:, : config.n_positives]]
+        return split_batches(self.batch, order, partners)
+
+    def rows(self, index: Tensor) -> Tensor:
+        """float32 features of ``index`` on the device."""
+        if isinstance(self.x, np.memmap):
+            rows = np.asarray(self.x[index.numpy()], dtype=np.float32)
+            return torch.from_numpy(rows).to(self.device)
+        return self.x[index.to(self.device)].float()
+
+    def loss(self, item: tuple[Tensor, Tensor]) -> Tensor:
+        """The mean over heads of each head's loss on the batch."""
+        config = self.config
+        anchors, partners = item  # (b,), (b, n_positives)
+        index = torch.cat([anchors, partners.T.flatten()])
+        x = self.rows(index)
+        index = index.to(self.device)
+        logits = self.model(x).float()  # (heads, (1 + n_positives) b, k)
+        teacher = self.teacher(x).float() if self.teacher is not None else None
+        if config.loss == "pmi":
+            half = len(anchors)
+            t = teacher if teacher is not None else logits.detach()
+            losses = torch.stack(
+                [
+                    pmi(logits[h, :half], logits[h, half:], t[h, :half], t[h, half:])
+                    for h, pmi in enumerate(self.pmi)
+                ]
+            )
+        else:
+            losses = self.icon(
+                logits,
+                torch.arange(len(anchors), device=self.device).repeat(config.n_positives + 1),
+                teacher,
+                sample_index=index if config.same_sample_positive else None,
+                features=self.standardize(x) if config.propagate_steps > 1 else None,
+            )
+        self.head_losses.add_(losses.detach().cpu())
+        self.head_steps += 1
+        return losses.mean()
+
+    def ema_update(self) -> None:
+        if self.teacher is None:
+            return
+        momentum = self.config.ema_teacher
+        with torch.no_grad():
+            for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+    def fit(self, out: Path | None, resume: bool, verbose: bool) -> list[dict]:
+        config = self.config
+        n_steps = config.n_steps or max(2000, math.ceil(30 * self.n / self.batch))
+        train_config = TrainConfig(
+            epochs=math.ceil(n_steps / self.steps_per_epoch),  # whole passes over the anchors
+            lr=config.lr,
+            seed=config.seed,
+            schedule=config.schedule,
+            optimizer=config.optimizer,
+            weight_decay=config.weight_decay,
+        )
+        state = {"pmi": self.pmi} | ({"teacher": self.teacher} if self.teacher is not None else {})
+        return fit(
+            self.model,
+            self.batches,
+            self.loss,
+            train_config,
+            device=self.device,
+            out_dir=out,
+            resume=resume,
+            state_modules=state,
+            after_step=self.ema_update,
+            desc=f"cluster[{config.divergence if config.loss == 'icon' else 'pmi'}]",
+            verbose=verbose,
+            identity=identity(config),
+        )
+
+    def best_head(self) -> int:
+        """The head with the lowest loss over the last epoch."""
+        if not self.head_steps:
+            return 0
+        return int(torch.argmin(self.head_losses / self.head_steps))
+
+    @torch.no_grad()
+    def assign(self, x: np.ndarray, head: int) -> np.ndarray:
+        """Hard cluster assignments of ``x`` by one head, in blocks of rows."""
+        self.model.eval()
+        logits = [
+            self.model(torch.from_numpy(np.asarray(x[i : i + 8192], np.float32)).to(self.device))[
+                head
+            ].cpu()
+            for i in range(0, len(x), 8192)
+        ]
+        return torch.cat(logits).argmax(1).numpy()
+
+
+def _mine(config: ClusterConfig, train_x: np.ndarray, device, verbose: bool):
+    """The k-NN table of the training features (cached beside an embeddings file), whether it
+    came from the cache, and the seconds it took."""
     cache_dir = None
     if config.data.startswith("embeddings:"):
         cache_dir = Path(config.data.split(":", 1)[1]).expanduser().parent
@@ -168,192 +307,77 @@ def run(
     neighbors, from_cache = cached_neighbors(
         train_x, config.n_neighbors, cache_dir, device=device, verbose=verbose
     )
-    mining_time = time.perf_counter() - started
-    prepare = {"standardize": standardize, "l2": L2Normalize(), "none": nn.Identity()}[
-        config.head_input
-    ]
-    model = nn.Sequential(
-        prepare, ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
-    ).to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False) if config.ema_teacher is not None else None
-    icon = ClusterLoss(
-        config.divergence,
-        debias=config.debias,
-        debias_side=config.debias_side,
-        exclude_self=config.exclude_self,
-        propagate_steps=config.propagate_steps,
-        n_neighbors=config.n_neighbors,
-    )
-    pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
-    # a memory-mapped table is read a batch at a time; anything else is held on the device
-    x_all = train_x if isinstance(train_x, np.memmap) else torch.as_tensor(train_x).to(device)
-    knn = torch.as_tensor(neighbors)
-    n = len(train_x)
-    batch = min(config.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
-    head_losses = torch.zeros(config.n_heads)
-    head_counts = [0]
+    return neighbors, from_cache, time.perf_counter() - started
 
-    def batches(generator):
-        order = torch.randperm(n, generator=generator)
-        # n_positives distinct neighbours per anchor, drawn uniformly from its n_neighbors
-        if config.n_positives == 1:
-            choice = torch.randint(0, config.n_neighbors, (n, 1), generator=generator)
-        else:
-            choice = torch.rand(n, config.n_neighbors, generator=generator).argsort(dim=1)
-        partners = knn[order[:, None], choice[:, : config.n_positives]]
-        return list(
-            zip(
-                torch.tensor_split(order, steps_per_epoch),
-                torch.tensor_split(partners, steps_per_epoch),
-            )
-        )
 
-    def loss_fn(item):
-        anchors, partners = item  # (b,), (b, n_positives)
-        index = torch.cat([anchors, partners.T.flatten()])
-        if isinstance(x_all, np.memmap):
-            x = torch.from_numpy(np.asarray(x_all[index.numpy()], dtype=np.float32)).to(device)
-        else:
-            x = x_all[index.to(device)].float()
-        index = index.to(device)
-        logits = model(x).float()  # (heads, 2 * batch, k)
-        teacher_logits = teacher(x).float() if teacher is not None else None
-        if config.loss == "pmi":
-            half = len(anchors)
-            t = teacher_logits if teacher_logits is not None else logits.detach()
-            losses = torch.stack(
-                [
-                    pmi[h](logits[h, :half], logits[h, half:], t[h, :half], t[h, half:])
-                    for h in range(config.n_heads)
-                ]
-            )
-        else:
-            losses = icon(
-                logits,
-                torch.arange(len(anchors), device=device).repeat(config.n_positives + 1),
-                teacher_logits,
-                sample_index=index if config.same_sample_positive else None,
-                features=standardize(x) if config.propagate_steps > 1 else None,
-            )
-        head_losses.add_(losses.detach().cpu())
-        head_counts[0] += 1
-        return losses.mean()
+def _scores(prefix: str, labels: np.ndarray, assignments: np.ndarray) -> dict:
+    return {
+        f"{prefix}acc": metrics.hungarian_accuracy(labels, assignments),
+        f"{prefix}nmi": metrics.nmi(labels, assignments),
+        f"{prefix}ari": metrics.adjusted_rand(labels, assignments),
+    }
 
-    def ema_update():
-        if teacher is None:
-            return
-        with torch.no_grad():
-            for t, s in zip(teacher.parameters(), model.parameters()):
-                t.mul_(config.ema_teacher).add_(s.detach(), alpha=1 - config.ema_teacher)
 
-    n_steps = config.n_steps or max(2000, math.ceil(30 * n / batch))
-    epochs = math.ceil(n_steps / steps_per_epoch)  # whole passes over the anchors
-    train_config = TrainConfig(
-        epochs=epochs,
-        lr=config.lr,
-        seed=config.seed,
-        schedule=config.schedule,
-        optimizer=config.optimizer,
-        weight_decay=config.weight_decay,
-        step_epochs=epochs / 3,
-        step_gamma=0.5,
-    )
-    state = {"pmi": pmi} | ({"teacher": teacher} if teacher is not None else {})
-    started = time.perf_counter()
+def _kmeans(config, standardize, train_x, eval_x, eval_y, k: int) -> tuple[dict, np.ndarray]:
+    """k-means with ``kmeans_init`` restarts on the standardised features, the baseline row."""
+    if config.kmeans_init <= 0:  # skips it (hours for 1000 clusters of 1.28M points)
+        return {}, np.zeros(0, dtype=np.int64)
+    from sklearn.cluster import KMeans
 
-    def batches_with_reset(generator):  # per-head losses are summed over the current epoch only
-        head_losses.zero_()
-        head_counts[0] = 0
-        return batches(generator)
+    def standardized(x):
+        return standardize(torch.from_numpy(np.asarray(x, np.float32))).numpy()
 
-    history = fit(
-        model,
-        batches_with_reset,
-        loss_fn,
-        train_config,
-        device=device,
-        out_dir=out,
-        resume=resume,
-        state_modules=state,
-        after_step=ema_update,
-        desc=f"cluster[{config.divergence if config.loss == 'icon' else 'pmi'}]",
-        verbose=verbose,
-        identity=identity(config),
-    )
-    # the loop's clock, carried across --resume segments (not only this segment's)
-    train_time = history[-1]["time"] if history else time.perf_counter() - started
+    kmeans = KMeans(k, n_init=config.kmeans_init, random_state=config.seed)
+    kmeans.fit(standardized(train_x))
+    assignments = kmeans.predict(standardized(eval_x))
+    scores = _scores("kmeans_", eval_y, assignments)
+    scores["kmeans_cluster_size_entropy"] = metrics.cluster_size_entropy(assignments, k)
+    return scores, assignments
+
+
+def run(
+    config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
+) -> ClusterResult:
+    """Train the head(s) on the train split, then cluster the evaluation split."""
+    device, dataset, out, verbose = begin(config, out, verbose)
+    train_x, test_x = _features(dataset, config)
+    k = config.n_clusters or dataset.n_classes
+    _check(config, len(train_x), k)
+    seed_everything(config.seed)
+    standardize = Standardize.fit_rows(train_x)
+    neighbors, from_cache, mining_time = _mine(config, train_x, device, verbose)
+    trainer = _HeadTrainer(config, train_x, neighbors, standardize, k, device)
+    history = trainer.fit(out, resume, verbose)
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return ClusterResult({}, np.zeros(0, dtype=np.int64), history)
-    best_head = int(torch.argmin(head_losses / max(head_counts[0], 1))) if head_counts[0] else 0
-    evaluate_on_test = dataset.has_test_split
-    eval_x = test_x if evaluate_on_test else train_x
-    eval_y = dataset.y_test if evaluate_on_test else dataset.y_train
-    with torch.no_grad():
-        model.eval()
-        eval_logits = torch.cat(
-            [
-                model(torch.from_numpy(np.asarray(eval_x[i : i + 8192], np.float32)).to(device))[
-                    best_head
-                ].cpu()
-                for i in range(0, len(eval_x), 8192)
-            ]
-        )
-    assignments = eval_logits.argmax(1).numpy()
-    baseline = {}
-    kmeans_assign = np.zeros(0, dtype=np.int64)
-    if config.kmeans_init > 0:  # 0 skips the baseline (hours for 1000 clusters of 1.28M points)
-        from sklearn.cluster import KMeans
-
-        kmeans = KMeans(k, n_init=config.kmeans_init, random_state=config.seed)
-        kmeans.fit(standardize(torch.from_numpy(np.asarray(train_x, np.float32))).numpy())
-        kmeans_assign = kmeans.predict(
-            standardize(torch.from_numpy(np.asarray(eval_x, np.float32))).numpy()
-        )
-        baseline = {
-            "kmeans_acc": metrics.hungarian_accuracy(eval_y, kmeans_assign),
-            "kmeans_nmi": metrics.nmi(eval_y, kmeans_assign),
-            "kmeans_ari": metrics.adjusted_rand(eval_y, kmeans_assign),
-            "kmeans_cluster_size_entropy": metrics.cluster_size_entropy(kmeans_assign, k),
-        }
+    on_test = dataset.has_test_split
+    eval_x, eval_y = (test_x, dataset.y_test) if on_test else (train_x, dataset.y_train)
+    best_head = trainer.best_head()
+    assignments = trainer.assign(eval_x, best_head)
+    baseline, kmeans_assign = _kmeans(config, standardize, train_x, eval_x, eval_y, k)
     epochs_run = max(h["epoch"] for h in history) + 1
+    seconds = history[-1]["time"]  # the loop's clock, carried across --resume segments
     result = {
-        "acc": metrics.hungarian_accuracy(eval_y, assignments),
-        "nmi": metrics.nmi(eval_y, assignments),
-        "ari": metrics.adjusted_rand(eval_y, assignments),
+        **_scores("", eval_y, assignments),
         **baseline,
         "clusters_used": int(len(np.unique(assignments))),
         "cluster_size_entropy": metrics.cluster_size_entropy(assignments, k),
         "best_head": best_head,
-        "train_time_s": train_time,
-        "epoch_time_s": history[-1]["time"] / epochs_run,
-        "step_time_s": history[-1]["time"] / (epochs_run * steps_per_epoch),
-        "n_steps": epochs_run * steps_per_epoch,
+        "train_time_s": seconds,
+        "epoch_time_s": seconds / epochs_run,
+        "step_time_s": seconds / (epochs_run * trainer.steps_per_epoch),
+        "n_steps": epochs_run * trainer.steps_per_epoch,
         "mining_time_s": mining_time,
-        **(
-            {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-            if device.type == "cuda"
-            else {}
-        ),
+        **peak_gpu_memory(device),
         "neighbors_from_cache": from_cache,
-        "evaluated_on": "test" if evaluate_on_test else "train",
+        "evaluated_on": "test" if on_test else "train",
     }
-    if out is not None:
+
+    def write(out: Path) -> None:
         write_csv(history, out / "history.csv")
         np.savez(out / "assignments.npz", clusters=assignments, labels=eval_y, kmeans=kmeans_assign)
-        report.plot_confusion(
-            eval_y,
-            assignments,
-            dataset.classes,
-            out / "confusion.png",
-            f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}",
-        )
-        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
-    if verbose:
-        print(
-            " ".join(
-                f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
-                for key, value in result.items()
-            )
-        )
+        title = f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}"
+        report.plot_confusion(eval_y, assignments, dataset.classes, out / "confusion.png", title)
+
+    finish(result, out, verbose, write)
     return ClusterResult(result, assignments, history)

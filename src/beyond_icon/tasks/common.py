@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,41 +18,75 @@ __all__ = [
     "begin",
     "coerce",
     "config_from_dict",
+    "finish",
+    "format_metrics",
+    "help_text",
     "identity",
     "load_task_data",
+    "option",
+    "peak_gpu_memory",
     "prepare_run_dir",
     "register_divergence_module",
     "write_config",
 ]
 
 
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config field and its help text, in one place: ``lr: float = option(1e-2, "Adam
+    learning rate")``. The text is the field's ``metadata["help"]``, which ``--help`` shows.
+
+    Parameters
+    ----------
+    default : object, optional
+        The default value.
+    help : str
+        One line for ``--help``.
+    default_factory : callable, optional
+        For mutable defaults (lists).
+
+    Returns
+    -------
+    dataclasses.Field
+    """
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+def help_text(config_cls: type, name: str) -> str:
+    """The help text of a config field (empty when it has none)."""
+    for f in dataclasses.fields(config_cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(name)
+
+
 @dataclass
 class TaskConfig:
-    """Fields every task has; a task's config adds its own (and its help texts)."""
+    """Fields every task has; a task's config adds its own, each declared with :func:`option`
+    (default and help text together)."""
 
     task: ClassVar[str] = ""
-    help: ClassVar[dict[str, str]] = {
-        "data": "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
-        "data_dir": "where to look for dataset files",
-        "download": "download the dataset when it is not found locally",
-        "n_train": "stratified subset of the train split",
-        "n_test": "stratified subset of the test split",
-        "divergence_module": "register a user-defined divergence from path.py:NAME (then --divergence NAME)",
-        "seed": "random seed",
-        "device": "auto, cpu, cuda or cuda:N",
-    }
     # options a task no longer has, with what replaces them: a one-line error, not a guess
     renamed: ClassVar[dict[str, str]] = {}
     # fields that may differ when a run is resumed (where the data sit, which device runs it)
     not_identity: ClassVar[tuple[str, ...]] = ("data_dir", "download", "device")
-    data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    n_train: int | None = None
-    n_test: int | None = None
-    divergence_module: str | None = None
-    seed: int = 0
-    device: str = "auto"
+    data: str = option(
+        "digits",
+        "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
+    )
+    data_dir: str | None = option(None, "where to look for dataset files")
+    download: bool = option(False, "download the dataset when it is not found locally")
+    n_train: int | None = option(None, "stratified subset of the train split")
+    n_test: int | None = option(None, "stratified subset of the test split")
+    divergence_module: str | None = option(
+        None, "register a user-defined divergence from path.py:NAME (then --divergence NAME)"
+    )
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
 def identity(config: TaskConfig) -> dict:
@@ -76,6 +111,38 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
     if verbose:
         print(dataset.describe())
     return device, dataset, out, verbose
+
+
+def finish(
+    result: dict, out: Path | None, verbose: bool, write: Callable[[Path], None] | None = None
+) -> None:
+    """The end of every task's run, on rank 0: the task's own files (``write(out)``), then
+    ``metrics.json`` last (a sweep counts a run finished by it), and the metrics on one line."""
+    from beyond_icon import report
+
+    if out is not None:
+        if write is not None:
+            write(out)
+        report.save_json(result, out / "metrics.json")
+    if verbose:
+        print(format_metrics(result))
+
+
+def format_metrics(result: dict) -> str:
+    """``name=value`` pairs on one line, floats to four decimals."""
+    return " ".join(
+        f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in result.items()
+    )
+
+
+def peak_gpu_memory(device: Any) -> dict:
+    """``{"peak_gpu_memory_mib": ...}`` on CUDA (peak allocated by torch), else ``{}``."""
+    import torch
+
+    if getattr(device, "type", None) != "cuda":
+        return {}
+    return {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
 def load_task_data(config: Any) -> Dataset:

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,7 +20,7 @@ import numpy as np
 from beyond_icon import metrics, report
 from beyond_icon.distributed import is_main
 from beyond_icon.parametric_sne import KERNELS, ParametricSNE
-from beyond_icon.tasks.common import TaskConfig, begin
+from beyond_icon.tasks.common import TaskConfig, begin, finish, option
 from beyond_icon.train import write_csv
 
 __all__ = ["KERNELS", "ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
@@ -39,48 +39,50 @@ class SNEConfig(TaskConfig):
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
         "clip(40 n / batch_size, 4000, 20000))"
     }
-    help: ClassVar[dict[str, str]] = TaskConfig.help | {
-        "divergence": "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name",
-        "kernel": "q on the embedding: student_t (t-SNE) or gaussian (SNE)",
-        "affinity": "p: global (fitted once over the train split) or batch (calibrated per batch, the paper's)",
-        "n_components": "embedding dimension",
-        "perplexity": "perplexity of p",
-        "pca_components": "PCA dimension of the inputs for p and the MLP (none: raw inputs)",
-        "backbone": "auto (MLP on the PCA features; the CNN for images on a GPU), mlp, cnn, resnet18",
-        "n_steps": "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))",
-        "batch_size": "anchors per batch (global; each brings one sampled neighbour) or points per batch (batch)",
-        "lr": "Adam learning rate, cosine decay",
-        "exaggeration": "early exaggeration: the negatives' weight in q is divided by it (global only)",
-        "exaggeration_fraction": "fraction of the steps under early exaggeration",
-        "input_noise": "std of the Gaussian noise on the network's standardised inputs while training",
-        "sigma": "bandwidth of the gaussian q",
-        "dof": "degrees of freedom of the student_t q (1: t-SNE's Cauchy)",
-        "n_neighbors": "neighbours per point for p (none: 3 x perplexity)",
-        "neighbor_method": "neighbour search: auto, exact or nndescent (approximate, pynndescent)",
-        "cache_dir": "where the neighbour table is cached (none: ~/.cache/beyond-icon)",
-        "amp": "bf16 autocast on CUDA (kernels stay float32)",
-        "knn_k": "k values for the k-NN accuracy, comma separated",
-    }
-    divergence: str = "kl"
-    kernel: str = "student_t"
-    affinity: str = "global"
-    n_components: int = 2
-    perplexity: float = 30.0
-    pca_components: int | None = 50
-    input_noise: float = 0.3
-    backbone: str = "auto"
-    n_steps: int | None = None
-    batch_size: int = 256
-    lr: float = 4e-3
-    exaggeration: float = 12.0
-    exaggeration_fraction: float = 0.25
-    sigma: float = 1.0 / math.sqrt(2.0)
-    dof: float = 1.0
-    n_neighbors: int | None = None
-    neighbor_method: str = "auto"
-    cache_dir: str | None = None
-    amp: bool = True
-    knn_k: list[int] = field(default_factory=lambda: [5, 10])
+    divergence: str = option(
+        "kl", "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name"
+    )
+    kernel: str = option("student_t", "q on the embedding: student_t (t-SNE) or gaussian (SNE)")
+    affinity: str = option(
+        "global",
+        "p: global (fitted once over the train split) or batch (calibrated per batch, the paper's)",
+    )
+    n_components: int = option(2, "embedding dimension")
+    perplexity: float = option(30.0, "perplexity of p")
+    pca_components: int | None = option(
+        50, "PCA dimension of the inputs for p and the MLP (none: raw inputs)"
+    )
+    input_noise: float = option(
+        0.3, "std of the Gaussian noise on the network's standardised inputs while training"
+    )
+    backbone: str = option(
+        "auto", "auto (MLP on the PCA features; the CNN for images on a GPU), mlp, cnn, resnet18"
+    )
+    n_steps: int | None = option(
+        None, "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))"
+    )
+    batch_size: int = option(
+        256,
+        "anchors per batch (global; each brings one sampled neighbour) or points per batch (batch)",
+    )
+    lr: float = option(4e-3, "Adam learning rate, cosine decay")
+    exaggeration: float = option(
+        12.0, "early exaggeration: the negatives' weight in q is divided by it (global only)"
+    )
+    exaggeration_fraction: float = option(0.25, "fraction of the steps under early exaggeration")
+    sigma: float = option(1.0 / math.sqrt(2.0), "bandwidth of the gaussian q")
+    dof: float = option(1.0, "degrees of freedom of the student_t q (1: t-SNE's Cauchy)")
+    n_neighbors: int | None = option(None, "neighbours per point for p (none: 3 x perplexity)")
+    neighbor_method: str = option(
+        "auto", "neighbour search: auto, exact or nndescent (approximate, pynndescent)"
+    )
+    cache_dir: str | None = option(
+        None, "where the neighbour table is cached (none: ~/.cache/beyond-icon)"
+    )
+    amp: bool = option(True, "bf16 autocast on CUDA (kernels stay float32)")
+    knn_k: list[int] = option(
+        default_factory=lambda: [5, 10], help="k values for the k-NN accuracy, comma separated"
+    )
 
     def estimator(self, verbose: bool = False) -> ParametricSNE:
         """The estimator these settings describe (every shared name is passed on)."""
@@ -143,7 +145,8 @@ def run(
     estimator.transform(dataset.x_test)
     result["transform_time_s"] = time.perf_counter() - started
     result.update(grad_norm_summary(estimator.history_))
-    if out is not None:
+
+    def write(out: Path) -> None:
         write_csv(estimator.history_, out / "history.csv")
         np.savez(
             out / "embedding.npz",
@@ -165,7 +168,6 @@ def run(
             out / "grad_norm.png",
             f"{dataset.name}: gradient norm per step",
         )
-        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
-    if verbose:
-        print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+
+    finish(result, out, verbose, write)
     return SNEResult(result, emb_train, emb_test, estimator.history_, estimator)

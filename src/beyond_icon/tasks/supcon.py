@@ -8,7 +8,6 @@ temperature (``metric="cosine"``, Khosla et al.). Evaluation uses the backbone's
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -23,8 +22,8 @@ from beyond_icon.data.augment import Augment
 from beyond_icon.distributed import is_main
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
-from beyond_icon.tasks.common import TaskConfig, begin, identity
-from beyond_icon.train import TrainConfig, fit, seed_everything
+from beyond_icon.tasks.common import TaskConfig, begin, finish, identity, option
+from beyond_icon.train import SCHEDULE_HELP, TrainConfig, fit, seed_everything, split_batches
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
 
@@ -36,46 +35,32 @@ class SupConConfig(TaskConfig):
     task: ClassVar[str] = "supcon"
     # evaluation only: changing them on --resume re-evaluates the same training
     not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + ("knn_k", "probe_epochs")
-    help: ClassVar[dict[str, str]] = TaskConfig.help | {
-        "divergence": "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name",
-        "metric": "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
-        "temperature": "cosine kernel temperature",
-        "sigma": "Gaussian kernel width for the euclidean metric",
-        "normalize": "L2-normalise projections before the euclidean kernel",
-        "debias": "mix p with uniform (0 = off)",
-        "backbone": "auto (cnn for images, mlp for vectors), cnn, mlp, resnet18, resnet50",
-        "projection_dim": "output size of the projection head fed to the loss",
-        "epochs": "passes over the train split",
-        "batch_size": "images per batch (two views each)",
-        "lr": "Adam learning rate",
-        "weight_decay": "Adam weight decay",
-        "schedule": "none or cosine (with warm-up)",
-        "warmup_epochs": "linear warm-up epochs",
-        "flip": "horizontal flips for grey images (colour images always flip)",
-        "knn_k": "k of the k-NN evaluation (cosine on backbone features)",
-        "probe_epochs": "epochs of the linear probe",
-        "amp": "bf16 autocast on CUDA",
-        "chunk_size": "row-chunked loss (memory O(chunk x batch))",
-    }
-    divergence: str = "jsd"
-    metric: str = "euclidean"
-    temperature: float = 0.1
-    sigma: float = 1.0
-    normalize: bool = False
-    debias: float = 0.0
-    backbone: str = "auto"
-    projection_dim: int = 128
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "none"
-    warmup_epochs: int = 0
-    flip: bool = False
-    knn_k: int = 7
-    probe_epochs: int = 100
-    amp: bool = True
-    chunk_size: int | None = None
+    divergence: str = option(
+        "jsd", "kl, tv, jsd, hellinger, chi2, alpha:A, ... or a registered name"
+    )
+    metric: str = option(
+        "euclidean",
+        "q kernel: euclidean (Gaussian on distances, the paper's) or cosine (temperature)",
+    )
+    temperature: float = option(0.1, "cosine kernel temperature")
+    sigma: float = option(1.0, "Gaussian kernel width for the euclidean metric")
+    normalize: bool = option(False, "L2-normalise projections before the euclidean kernel")
+    debias: float = option(0.0, "mix p with uniform (0 = off)")
+    backbone: str = option(
+        "auto", "auto (cnn for images, mlp for vectors), cnn, mlp, resnet18, resnet50"
+    )
+    projection_dim: int = option(128, "output size of the projection head fed to the loss")
+    epochs: int = option(20, "passes over the train split")
+    batch_size: int = option(256, "images per batch (two views each)")
+    lr: float = option(1e-3, "Adam learning rate")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    schedule: str = option("none", SCHEDULE_HELP + "; after warmup_epochs")
+    warmup_epochs: int = option(0, "linear warm-up epochs")
+    flip: bool = option(False, "horizontal flips for grey images (colour images always flip)")
+    knn_k: int = option(7, "k of the k-NN evaluation (cosine on backbone features)")
+    probe_epochs: int = option(100, "epochs of the linear probe")
+    amp: bool = option(True, "bf16 autocast on CUDA")
+    chunk_size: int | None = option(None, "row-chunked loss (memory O(chunk x batch))")
 
 
 @dataclass
@@ -121,19 +106,8 @@ def _augmentation(dataset: Dataset, config: SupConConfig, device: torch.device) 
     return augment
 
 
-def run(
-    config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
-) -> SupConResult:
-    """Train with two views per sample, then evaluate frozen backbone features on the test split."""
-    for name in ("knn_k", "probe_epochs", "epochs", "batch_size", "projection_dim"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    device, dataset, out, verbose = begin(config, out, verbose)  # checked before any training
-    if config.knn_k >= len(dataset.x_train):
-        raise ValueError(
-            f"knn_k must be below the {len(dataset.x_train)} training points, got {config.knn_k}"
-        )
+def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bool):
+    """The encoder trained with two augmented views per sample; (model, history)."""
     seed_everything(config.seed)
     x_train = torch.as_tensor(as_float(dataset.x_train))
     model = Encoder(
@@ -157,10 +131,12 @@ def run(
     if batch < 2:
         raise ValueError("supervised contrastive learning needs at least 2 training samples")
 
-    def batches(generator):
+    def batches(generator):  # each batch with the seed of its augmentations
         order = torch.randperm(n, generator=generator)
         seeds = torch.randint(0, 2**62, (max(1, n // batch),), generator=generator)
-        return list(zip(torch.tensor_split(order, len(seeds)), seeds.tolist()))
+        return [
+            (index, seed) for (index,), seed in zip(split_batches(batch, order), seeds.tolist())
+        ]
 
     def loss_fn(item):
         index, seed = item
@@ -179,7 +155,6 @@ def run(
         amp=config.amp,
         seed=config.seed,
     )
-    started = time.perf_counter()
     history = fit(
         model,
         batches,
@@ -192,42 +167,41 @@ def run(
         verbose=verbose,
         identity=identity(config),
     )
-    # the loop's clock, carried across --resume segments (not only this segment's)
-    train_time = history[-1]["time"] if history else time.perf_counter() - started
+    return model, history
+
+
+def run(
+    config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
+) -> SupConResult:
+    """Train with two views per sample, then evaluate frozen backbone features on the test split."""
+    for name in ("knn_k", "probe_epochs", "epochs", "batch_size", "projection_dim"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    device, dataset, out, verbose = begin(config, out, verbose)  # checked before any training
+    if config.knn_k >= len(dataset.x_train):
+        raise ValueError(
+            f"knn_k must be below the {len(dataset.x_train)} training points, got {config.knn_k}"
+        )
+    model, history = _train(config, dataset, device, out, resume, verbose)
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return SupConResult({}, history, model)
+    # the loop's clock, carried across --resume segments; the last epoch's images per second
     last_epoch = history[-1]["epoch"]
     before = [h["time"] for h in history if h["epoch"] < last_epoch]
     epoch_seconds = history[-1]["time"] - (before[-1] if before else 0.0)
     train_features = embed(model, dataset.x_train, device)
     test_features = embed(model, dataset.x_test, device)
     result = {
-        "linear_probe_acc": metrics.linear_probe_accuracy(
-            train_features,
-            dataset.y_train,
-            test_features,
-            dataset.y_test,
-            epochs=config.probe_epochs,
-            device=device,
-            seed=config.seed,
-        ),
-        "knn_acc": metrics.knn_accuracy(
-            train_features,
-            dataset.y_train,
-            test_features,
-            dataset.y_test,
-            k=config.knn_k,
-            metric="cosine",
-        ),
-        "train_time_s": train_time,
-        "images_per_s": n / max(epoch_seconds, 1e-9),  # source images (2 views each), last epoch
+        **_evaluate(config, dataset, train_features, test_features, device),
+        "train_time_s": history[-1]["time"],
+        # source images (2 views each) per second in the last epoch
+        "images_per_s": len(dataset.x_train) / max(epoch_seconds, 1e-9),
     }
-    if out is not None:
-        report.plot_training(
-            history,
-            out / "training.png",
-            f"supcon on {dataset.name}, {config.divergence}, {config.metric}",
-        )
+
+    def write(out: Path) -> None:
+        title = f"supcon on {dataset.name}, {config.divergence}, {config.metric}"
+        report.plot_training(history, out / "training.png", title)
         np.savez(
             out / "features.npz",
             train=train_features,
@@ -235,7 +209,17 @@ def run(
             y_train=dataset.y_train,
             y_test=dataset.y_test,
         )
-        report.save_json(result, out / "metrics.json")  # last: a sweep counts the run finished
-    if verbose:
-        print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+
+    finish(result, out, verbose, write)
     return SupConResult(result, history, model)
+
+
+def _evaluate(config: SupConConfig, dataset, train_features, test_features, device) -> dict:
+    """Linear probe and k-NN (cosine) accuracy of frozen features on the test split."""
+    splits = (train_features, dataset.y_train, test_features, dataset.y_test)
+    return {
+        "linear_probe_acc": metrics.linear_probe_accuracy(
+            *splits, epochs=config.probe_epochs, device=device, seed=config.seed
+        ),
+        "knn_acc": metrics.knn_accuracy(*splits, k=config.knn_k, metric="cosine"),
+    }
