@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--hidden", default=None, help="MLP widths, e.g. 512,512,512")
     parser.add_argument("--output-scale", type=float, default=None)
+    parser.add_argument("--batch-norm", action="store_true", help="BatchNorm in the MLP")
     parser.add_argument("--openTSNE", action="store_true")
     parser.add_argument("--inputs", action="store_true")
     args = parser.parse_args()
@@ -84,11 +85,11 @@ def main() -> None:
     for item in args.set:
         name, _, value = item.partition("=")
         overrides[name] = json.loads(value)
-    if args.hidden:
-        widths = tuple(int(v) for v in args.hidden.split(","))
+    if args.hidden or args.batch_norm:
+        widths = tuple(int(v) for v in (args.hidden or "256,256").split(","))
         original_mlp = parametric_sne.MLP
         parametric_sne.MLP = lambda width, hidden=None, batch_norm=False: original_mlp(
-            width, hidden=widths, batch_norm=batch_norm
+            width, hidden=widths, batch_norm=args.batch_norm
         )
     if args.output_scale:
         original_network = parametric_sne.ParametricSNE._network
@@ -101,6 +102,7 @@ def main() -> None:
     label = ", ".join(
         [f"{k}={v}" for k, v in overrides.items()]
         + ([f"hidden={args.hidden}"] if args.hidden else [])
+        + (["BatchNorm"] if args.batch_norm else [])
         + ([f"output x {args.output_scale:g}"] if args.output_scale else [])
     )
     report(

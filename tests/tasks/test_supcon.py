@@ -143,3 +143,11 @@ def test_knn_k_is_checked_before_training(tmp_path, capsys):
     code = main(["supcon", "--data", "digits", "--knn-k", "0", "--out", str(tmp_path / "r")])
     assert code == 2 and "knn_k must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoint.pt").exists()  # nothing was trained
+
+
+def test_defaults_reach_a_stated_quality_on_digits():
+    """Every default (JSD, Euclidean kernel, the small CNN, 20 epochs) on the bundled digits:
+    the frozen features separate the classes (measured: linear probe 0.989, 7-NN 0.993)."""
+    result = supcon.run(supcon.SupConConfig(data="digits", device="cpu"), verbose=False)
+    assert result.metrics["linear_probe_acc"] >= 0.95
+    assert result.metrics["knn_acc"] >= 0.95

@@ -1,0 +1,37 @@
+"""Figures and JSON of a run folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from beyond_icon import report
+
+
+def test_save_json_is_atomic_and_sorted(tmp_path):
+    report.save_json({"b": 1.5, "a": "x"}, tmp_path / "m.json")
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text) == {"a": "x", "b": 1.5} and text.index('"a"') < text.index('"b"')
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("n_classes", [3, 12])
+def test_figures_are_written(tmp_path, n_classes):
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % n_classes
+    classes = [f"c{i}" for i in range(n_classes)]
+    embedding = rng.normal(size=(60, 2))
+    history = [
+        {"epoch": s // 5, "step": s, "loss": 1.0 / (s + 1), "grad_norm": 1.0, "lr": 1e-3}
+        for s in range(20)
+    ]
+    report.plot_embedding(embedding, labels, classes, tmp_path / "e.png", "title")
+    panels = [("kl", embedding, labels), ("tv", embedding, labels)]
+    report.plot_embedding_grid(panels, classes, tmp_path / "g.png")
+    report.plot_grad_norm({"kl": history, "tv": history}, tmp_path / "n.png", "norms")
+    report.plot_training(history, tmp_path / "t.png", "training")
+    report.plot_confusion(labels, (labels + 1) % n_classes, classes, tmp_path / "c.png", "conf")
+    for name in ("e", "g", "n", "t", "c"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
