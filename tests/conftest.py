@@ -64,3 +64,19 @@ def torchrun(args: list[str], nproc: int = 2):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "checkpoint.pt")
+
+
+def run_task(args: list[str], out, files: tuple[str, ...] = ()) -> dict:
+    """``beyond-icon ARGS --out OUT --quiet`` must succeed and write the files every run folder
+    holds plus ``files``; returns its metrics.json."""
+    import json
+
+    from beyond_icon.cli import main
+
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    for name in RUN_FILES + tuple(files):
+        assert (out / name).is_file(), name
+    return json.loads((out / "metrics.json").read_text())

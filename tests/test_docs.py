@@ -28,13 +28,28 @@ def test_site_builds_strict(tmp_path):
     assert "f_divergence" in reference
 
 
-# The modules whose public API is documented in numpydoc form (Parameters, Returns); the
-# remaining modules are listed in the closing note of the session that added this test.
+# Every module with public API: numpydoc sections (Parameters, Returns) on what it exports
 NUMPYDOC_MODULES = [
     "beyond_icon.divergences",
     "beyond_icon.kernels",
     "beyond_icon.loss",
     "beyond_icon.methods",
+    "beyond_icon.affinity",
+    "beyond_icon.sampling",
+    "beyond_icon.parametric_sne",
+    "beyond_icon.neighbors",
+    "beyond_icon.extract",
+    "beyond_icon.models",
+    "beyond_icon.train",
+    "beyond_icon.metrics",
+    "beyond_icon.distributed",
+    "beyond_icon.profiling",
+    "beyond_icon.data.datasets",
+    "beyond_icon.data.augment",
+    "beyond_icon.tasks.common",
+    "beyond_icon.tasks.sne",
+    "beyond_icon.tasks.supcon",
+    "beyond_icon.tasks.cluster",
 ]
 
 
@@ -55,11 +70,18 @@ def _public(module_name):
 
 @pytest.mark.parametrize("module_name", NUMPYDOC_MODULES)
 def test_public_api_has_numpydoc_sections(module_name):
+    import dataclasses
     import inspect
 
     missing = []
     for name, obj in _public(module_name):
         doc = inspect.getdoc(obj) or ""
+        if dataclasses.is_dataclass(obj):
+            # a task config documents each field with option(default, help); a record, with
+            # an Attributes section
+            fields = dataclasses.fields(obj)
+            if all(f.metadata.get("help") for f in fields) or "Attributes\n----------" in doc:
+                continue
         target = obj.__init__ if inspect.isclass(obj) else obj
         params = [p for p in inspect.signature(target).parameters if p not in ("self", "cls")]
         if params and "Parameters\n----------" not in doc:

@@ -32,7 +32,16 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's rows of the global batch: ``rows`` (a slice) of ``n_global`` rows."""
+    """This process's rows of the global batch: ``rows`` (a slice) of ``n_global`` rows.
+
+    Parameters
+    ----------
+    rows : slice
+        This rank's rows.
+    n_global : int
+        Rows of the global batch.
+    world_size : int
+    """
 
     rows: slice
     n_global: int
@@ -40,13 +49,25 @@ class Shard:
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
+    """(rank, world size); (0, 1) without an initialised process group.
+
+    Returns
+    -------
+    rank : int
+    world_size : int
+    """
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def is_main() -> bool:
+    """Whether this is rank 0 (or the only process).
+
+    Returns
+    -------
+    bool
+    """
     return world()[0] == 0
 
 
@@ -54,6 +75,15 @@ def init_from_env(device: torch.device | None = None) -> bool:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
     gloo on the CPU, NCCL on CUDA. Returns whether this is a multi-process run.
+
+    Parameters
+    ----------
+    device : torch.device, optional
+        This process's device (its type picks the backend).
+
+    Returns
+    -------
+    bool
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
@@ -66,7 +96,19 @@ def init_from_env(device: torch.device | None = None) -> bool:
 
 
 def gather_rows(x: Tensor, sizes: list[int]) -> Tensor:
-    """all_gather of tensors whose first dimension differs by rank (padded to the largest)."""
+    """all_gather of tensors whose first dimension differs by rank (padded to the largest).
+
+    Parameters
+    ----------
+    x : (n_rank, ...) tensor
+    sizes : list of int
+        Every rank's ``n_rank``.
+
+    Returns
+    -------
+    (sum(sizes), ...) tensor
+        The rows of all ranks, in rank order.
+    """
     largest = max(sizes)
     padded = x.new_zeros((largest, *x.shape[1:]))
     padded[: x.shape[0]] = x
@@ -104,6 +146,17 @@ def all_gather_with_grad(x: Tensor) -> tuple[Tensor, Shard]:
     """Concatenate ``x`` over ranks (rank order); returns it and this rank's Shard.
 
     Without a process group: ``x`` itself and the whole range. Local sizes may differ.
+
+    Parameters
+    ----------
+    x : (n_rank, ...) tensor
+        This rank's rows (local batches may differ in size).
+
+    Returns
+    -------
+    gathered : (n_global, ...) tensor
+        Gradients flow back to each rank's own rows.
+    shard : Shard
     """
     rank, world_size = world()
     if world_size == 1:
@@ -115,7 +168,16 @@ def all_gather_with_grad(x: Tensor) -> tuple[Tensor, Shard]:
 
 
 def all_reduce_sum(value: Tensor) -> Tensor:
-    """Sum over ranks (no gradient); the value itself without a process group."""
+    """Sum over ranks (no gradient); the value itself without a process group.
+
+    Parameters
+    ----------
+    value : tensor
+
+    Returns
+    -------
+    tensor
+    """
     if world()[1] == 1:
         return value
     value = value.detach().clone()

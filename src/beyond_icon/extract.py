@@ -275,7 +275,27 @@ def extract(
     desc: str = "extract",
     verbose: bool = True,
 ) -> np.ndarray:
-    """Features (n, d) of an in-memory array ``x``, in batches, with a progress bar."""
+    """Features (n, d) of an in-memory array ``x``, in batches, with a progress bar.
+
+    Parameters
+    ----------
+    encoder : Encoder or nn.Module
+    x : (n, ...) array
+        uint8 images, float images in [0, 1], or vectors.
+    batch_size : int
+    device : torch.device
+    desc : str
+    verbose : bool
+
+    Returns
+    -------
+    (n, d) float32 array
+
+    Raises
+    ------
+    ValueError
+        NaN or Inf features.
+    """
     if not isinstance(encoder, Encoder):
         encoder = Encoder(encoder, None, None, None)
     encoder.to(device)
@@ -301,6 +321,14 @@ class ImageFiles(torch.utils.data.Dataset):
 
     An item is ``(image, ok, message)``; an unreadable file gives ``ok = False``, a black image
     and the reason, so the caller decides whether to stop or skip.
+
+    Parameters
+    ----------
+    files : list of Path
+    size : int
+        Output side.
+    crop : float
+        In (0, 1].
     """
 
     def __init__(self, files: list[Path], size: int, crop: float = 0.875):
@@ -426,6 +454,28 @@ def stream_extract(
     -------
     Path
         ``out``.
+
+    Parameters
+    ----------
+    encoder : Encoder
+    splits : dict
+        ``train`` / ``test`` to their sources (what ``run_extract`` builds from a spec).
+    out : str or Path
+        The features folder.
+    classes : list of str
+    has_test_split : bool
+        False when the split was made by the library (recorded for the cluster task).
+    batch_size : int
+    chunk_batches : int
+        Batches per chunk, the unit of resumption.
+    num_workers : int, optional
+        Decoding processes (default ``min(8, CPUs)``).
+    crop : float, optional
+        Recorded with the settings (image folders).
+    skip_corrupt : bool
+        Leave out unreadable images with a warning instead of stopping.
+    device : torch.device
+    verbose : bool
     """
     from beyond_icon.distributed import world
 
@@ -686,7 +736,32 @@ def run_extract(
     skip_corrupt: bool = False,
     verbose: bool = True,
 ) -> Path:
-    """``beyond-icon extract``: a streamed features folder, or one .npz decoded in memory."""
+    """``beyond-icon extract``: a streamed features folder, or one .npz decoded in memory.
+
+    Parameters
+    ----------
+    encoder_name : str
+        See :func:`load_encoder`.
+    spec : str
+        A dataset spec; ``imagefolder:PATH`` streams from the files.
+    out : str or Path
+        A features folder, or ``FILE.npz`` for the in-memory path.
+    data_dir, download
+        As in :func:`beyond_icon.data.load`.
+    batch_size, num_workers, chunk_batches, skip_corrupt
+        As in :func:`stream_extract`.
+    device : str
+    image_size : int, optional
+    pooling : {"cls", "mean"}
+    crop : float
+        Shorter side resized to ``image_size / crop``, then the centre cut out.
+    verbose : bool
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
     from beyond_icon.distributed import init_from_env
 
     dev = resolve_device(device)

@@ -27,7 +27,24 @@ def _np(x) -> np.ndarray:
 
 
 def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 5, metric: str = "euclidean") -> float:
-    """Accuracy of a k-NN majority vote (``metric`` euclidean or cosine) fitted on train."""
+    """Accuracy of a k-NN majority vote (``metric`` euclidean or cosine) fitted on train.
+
+    Parameters
+    ----------
+    train_x : (n, d) array
+        Reference points (e.g. the train embedding).
+    train_y : (n,) integer array
+    test_x : (m, d) array
+        Query points.
+    test_y : (m,) integer array
+    k : int
+        Neighbours voting.
+    metric : {"euclidean", "cosine"}
+
+    Returns
+    -------
+    float
+    """
     train_x, test_x = _np(train_x).reshape(len(train_x), -1), _np(test_x).reshape(len(test_x), -1)
     k = min(k, len(train_x))
     model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute", n_jobs=-1)
@@ -40,6 +57,28 @@ def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int 
 
     Computed on at most ``max_points`` points (a fixed random subset: the exact computation
     sorts an n x n distance matrix).
+
+    Parameters
+    ----------
+    high : (n, D) array
+        The input space.
+    low : (n, d) array
+        The embedding.
+    k : int
+        Neighbourhood size.
+    max_points : int
+        A random subset of this many points is scored.
+    seed : int
+
+    Returns
+    -------
+    float
+        1 when every embedding neighbour is an input-space neighbour.
+
+    References
+    ----------
+    Venna, J. and Kaski, S. (2001). Neighborhood preservation in nonlinear projection methods:
+    an experimental study. ICANN.
     """
     high, low = _np(high).reshape(len(high), -1), _np(low)
     if len(high) > max_points:
@@ -52,7 +91,25 @@ def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int 
 
 
 def silhouette(x, labels, max_points: int = 10_000, seed: int = 0) -> float:
-    """Mean silhouette coefficient of the classes in ``x`` (in [-1, 1])."""
+    """Mean silhouette coefficient of the classes in ``x`` (in [-1, 1]).
+
+    Parameters
+    ----------
+    x : (n, d) array
+    labels : (n,) integer array
+    max_points : int
+        A random subset of this many points is scored (the cost is quadratic).
+    seed : int
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Rousseeuw, P. J. (1987). Silhouettes: a graphical aid to the interpretation and validation of
+    cluster analysis. Journal of Computational and Applied Mathematics 20.
+    """
     x, labels = _np(x).reshape(len(x), -1), _np(labels)
     if len(np.unique(labels)) < 2:
         raise ValueError("silhouette needs at least two classes")
@@ -65,7 +122,25 @@ def silhouette(x, labels, max_points: int = 10_000, seed: int = 0) -> float:
 
 
 def hungarian_accuracy(labels, clusters) -> float:
-    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian method)."""
+    """Accuracy under the best one-to-one matching of clusters to classes (Hungarian method).
+
+    Parameters
+    ----------
+    labels : (n,) integer array
+        True classes.
+    clusters : (n,) integer array
+        Cluster assignments (any integer ids).
+
+    Returns
+    -------
+    float
+        In [0, 1]; with more clusters than classes the extra clusters count as errors.
+
+    References
+    ----------
+    Kuhn, H. W. (1955). The Hungarian method for the assignment problem. Naval Research
+    Logistics Quarterly 2.
+    """
     labels, clusters = _np(labels).astype(np.int64), _np(clusters).astype(np.int64)
     if labels.shape != clusters.shape:
         raise ValueError(f"{len(labels)} labels but {len(clusters)} cluster assignments")
@@ -107,10 +182,45 @@ def cluster_size_entropy(clusters, n_clusters: int) -> float:
 
 
 def nmi(labels, clusters) -> float:
+    """Normalised mutual information of clusters and classes (arithmetic normalisation), in
+    [0, 1].
+
+    Parameters
+    ----------
+    labels : (n,) integer array
+        True classes.
+    clusters : (n,) integer array
+        Cluster assignments (any integer ids).
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Strehl, A. and Ghosh, J. (2002). Cluster ensembles. JMLR 3.
+    """
     return float(sk_metrics.normalized_mutual_info_score(_np(labels), _np(clusters)))
 
 
 def adjusted_rand(labels, clusters) -> float:
+    """Adjusted Rand index of clusters and classes: 0 for chance, 1 for identical partitions.
+
+    Parameters
+    ----------
+    labels : (n,) integer array
+        True classes.
+    clusters : (n,) integer array
+        Cluster assignments (any integer ids).
+
+    Returns
+    -------
+    float
+
+    References
+    ----------
+    Hubert, L. and Arabie, P. (1985). Comparing partitions. Journal of Classification 2.
+    """
     return float(sk_metrics.adjusted_rand_score(_np(labels), _np(clusters)))
 
 
@@ -128,7 +238,20 @@ def linear_probe_accuracy(
     seed: int = 0,
 ) -> float:
     """Test accuracy of a linear classifier trained (Adam, cross-entropy) on frozen,
-    standardised train features."""
+    standardised train features.
+
+    Parameters
+    ----------
+    train_x, train_y, test_x, test_y : arrays
+        Frozen features and their labels.
+    epochs, lr, weight_decay, batch_size : training of the probe
+    device : str
+    seed : int
+
+    Returns
+    -------
+    float
+    """
     device = torch.device(device)
     xtr = torch.as_tensor(_np(train_x), dtype=torch.float32, device=device).flatten(1)
     xte = torch.as_tensor(_np(test_x), dtype=torch.float32, device=device).flatten(1)

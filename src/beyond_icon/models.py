@@ -25,7 +25,13 @@ __all__ = [
 
 
 class Standardize(nn.Module):
-    """``(x - mean) / std`` with per-feature (vectors) or per-channel (images) statistics."""
+    """``(x - mean) / std`` with per-feature (vectors) or per-channel (images) statistics.
+
+    Parameters
+    ----------
+    mean, std : tensors
+        Broadcastable to the inputs; ``std`` is clamped at 1e-6.
+    """
 
     def __init__(self, mean: Tensor, std: Tensor):
         super().__init__()
@@ -77,7 +83,15 @@ class L2Normalize(nn.Module):
 
 class MLP(nn.Module):
     """Linear -> BatchNorm -> ReLU blocks (``batch_norm=False``: Linear -> ReLU);
-    ``feature_dim`` is the last hidden width."""
+    ``feature_dim`` is the last hidden width.
+
+    Parameters
+    ----------
+    in_dim : int
+    hidden : tuple of int
+        Widths of the hidden layers.
+    batch_norm : bool
+    """
 
     def __init__(self, in_dim: int, hidden: tuple[int, ...] = (512, 512), batch_norm: bool = True):
         super().__init__()
@@ -106,6 +120,13 @@ class SmallCNN(nn.Module):
     """Conv-BN-ReLU stages, halving the resolution until it is 4x4 or less, then global pooling.
 
     8x8 inputs get two stride-2 stages, 28x28 and 32x32 three; widths 32, 64, 128, 256.
+
+    Parameters
+    ----------
+    in_channels : int
+    image_size : int
+    width : int
+        Channels of the first stage (doubled at each halving).
     """
 
     def __init__(self, in_channels: int, image_size: int, width: int = 32):
@@ -170,7 +191,20 @@ def _shortcut(c_in: int, c_out: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """ResNet with the CIFAR stem: a 3x3 first convolution, stride 1, no max-pool."""
+    """ResNet with the CIFAR stem: a 3x3 first convolution, stride 1, no max-pool.
+
+    Parameters
+    ----------
+    block : type
+        The residual block (basic or bottleneck).
+    layers : tuple of int
+        Blocks per stage.
+    in_channels : int
+
+    References
+    ----------
+    He, K. et al. (2016). Deep residual learning for image recognition. CVPR.
+    """
 
     def __init__(self, block: type[nn.Module], layers: tuple[int, ...], in_channels: int = 3):
         super().__init__()
@@ -194,15 +228,51 @@ class ResNet(nn.Module):
 
 
 def resnet18(in_channels: int = 3) -> ResNet:
+    """ResNet-18 with the CIFAR stem (512-d features).
+
+    Parameters
+    ----------
+    in_channels : int
+
+    Returns
+    -------
+    ResNet
+
+    References
+    ----------
+    He, K. et al. (2016). Deep residual learning for image recognition. CVPR.
+    """
     return ResNet(_Basic, (2, 2, 2, 2), in_channels)
 
 
 def resnet50(in_channels: int = 3) -> ResNet:
+    """ResNet-50 with the CIFAR stem (2048-d features).
+
+    Parameters
+    ----------
+    in_channels : int
+
+    Returns
+    -------
+    ResNet
+
+    References
+    ----------
+    He, K. et al. (2016). Deep residual learning for image recognition. CVPR.
+    """
     return ResNet(_Bottleneck, (3, 4, 6, 3), in_channels)
 
 
 class ProjectionHead(nn.Module):
-    """MLP projection ``feature_dim -> hidden -> out_dim`` whose output feeds the loss."""
+    """MLP projection ``feature_dim -> hidden -> out_dim`` whose output feeds the loss.
+
+    Parameters
+    ----------
+    in_dim : int
+    out_dim : int
+    hidden : int, optional
+        Default ``in_dim``.
+    """
 
     def __init__(self, in_dim: int, out_dim: int = 128, hidden: int | None = None):
         super().__init__()
@@ -253,6 +323,19 @@ class ClusterHead(nn.Module):
     - ``"temi"``: TEMI's (and DINO's) head: a 3-layer MLP (``hidden`` units, GELU) to a
       256-d bottleneck, L2-normalised, then a weight-normalised linear layer without bias
       (unit-norm cluster prototypes), divided by ``temperature``: logits are cosines / 0.1.
+
+    Parameters
+    ----------
+    in_dim : int
+    n_clusters : int
+    n_heads : int
+    kind : {"linear", "mlp", "temi"}
+    hidden : int
+        Width of the hidden layers (mlp, temi).
+    bottleneck : int
+        The temi head's bottleneck.
+    temperature : float
+        The temi head's logit temperature.
 
     References
     ----------
@@ -309,6 +392,15 @@ def build_backbone(name: str, input_shape: tuple[int, ...]) -> nn.Module:
     """A backbone for inputs of ``input_shape`` ((D,) vectors or (C, H, W) images).
 
     ``auto``: the small CNN for images, the MLP for vectors. The module has ``feature_dim``.
+
+    Parameters
+    ----------
+    name : {"auto", "mlp", "cnn", "resnet18", "resnet50"}
+    input_shape : tuple of int
+
+    Returns
+    -------
+    nn.Module
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")

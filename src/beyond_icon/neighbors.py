@@ -367,7 +367,18 @@ def cached_neighbors(
     device: str | torch.device = "cpu",
     verbose: bool = False,
 ) -> tuple[np.ndarray, bool]:
-    """:func:`cached_neighbor_table` without the distances: (indices, whether cached)."""
+    """:func:`cached_neighbor_table` without the distances: (indices, whether cached).
+
+    Parameters
+    ----------
+    x, k, cache_dir, metric, method, device, verbose
+        As in :func:`cached_neighbor_table`.
+
+    Returns
+    -------
+    indices : (n, k) int64 array
+    from_cache : bool
+    """
     indices, _, from_cache = cached_neighbor_table(
         x, k, cache_dir, metric=metric, method=method, device=device, verbose=verbose
     )

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+__all__ = ["HostSyncCounter", "peak_memory"]
+
 
 @contextlib.contextmanager
 def _quiet_stderr():
@@ -31,6 +33,17 @@ def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") ->
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: torch's profiler, summing every event's
     self allocation in time order (op granularity: an op's internal workspace is not seen).
+
+    Parameters
+    ----------
+    fn : callable
+        Runs the computation (e.g. a forward and backward pass).
+    device : str or torch.device
+
+    Returns
+    -------
+    int
+        Bytes.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -46,6 +46,12 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices).
+
+    Parameters
+    ----------
+    seed : int
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -53,7 +59,17 @@ def seed_everything(seed: int) -> None:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when available (``cuda:LOCAL_RANK`` under torchrun); an
-    unavailable CUDA request is a clear error."""
+    unavailable CUDA request is a clear error.
+
+    Parameters
+    ----------
+    device : str or torch.device
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Returns
+    -------
+    torch.device
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,12 +84,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def epoch_generator(seed: int, epoch: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """The generator for everything random in one epoch, a function of (seed, epoch) only."""
+    """The generator for everything random in one epoch, a function of (seed, epoch) only.
+
+    Parameters
+    ----------
+    seed : int
+    epoch : int
+    device : str or torch.device
+
+    Returns
+    -------
+    torch.Generator
+    """
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file."""
+    """``torch.save`` to a temporary file, then rename: a crash never leaves half a file.
+
+    Parameters
+    ----------
+    obj : object
+    path : str or Path
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -81,7 +114,13 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    """Write dict rows as CSV atomically (columns: union of keys, in first-seen order)."""
+    """Write dict rows as CSV atomically (columns: union of keys, in first-seen order).
+
+    Parameters
+    ----------
+    rows : list of dict
+    path : str or Path
+    """
     path = Path(path)
     columns: list[str] = []
     for row in rows:
@@ -106,7 +145,30 @@ SCHEDULE_HELP = "learning rate: " + "; ".join(f"{k} ({v})" for k, v in SCHEDULES
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings shared by the tasks."""
+    """Optimisation settings shared by the tasks.
+
+    Parameters
+    ----------
+    epochs : int
+        Passes over the batches of :func:`fit` (the budget).
+    lr : float
+        Peak learning rate.
+    weight_decay : float
+    optimizer : {"adam", "adamw"}
+        AdamW decouples the weight decay.
+    schedule : str
+        One of :data:`SCHEDULES`.
+    warmup_epochs : int
+        Linear warm-up before the schedule.
+    grad_clip : float, optional
+        Clip the gradient norm.
+    amp : bool
+        bf16 autocast on CUDA (ignored on the CPU).
+    seed : int
+        Epoch ``e`` draws its batches from ``epoch_generator(seed, e)``.
+    extra : dict
+        Free-form settings a task records with the run.
+    """
 
     epochs: int = 10
     lr: float = 1e-3
@@ -213,7 +275,21 @@ def load_checkpoint(
     path: Path, device: torch.device, identity: dict | None = None, verbose: bool = False
 ) -> dict:
     """A checkpoint written by :func:`fit`, loaded without unpickling code, checked against
-    the run's ``identity``; a one-line ``ValueError`` for anything else."""
+    the run's ``identity``; a one-line ``ValueError`` for anything else.
+
+    Parameters
+    ----------
+    path : Path
+    device : torch.device
+        Where tensors are mapped.
+    identity : dict, optional
+        The run's settings; other settings are refused, naming the fields.
+    verbose : bool
+
+    Returns
+    -------
+    dict
+    """
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets one line
@@ -303,6 +379,44 @@ def fit(
     plain values) is stored with them; resuming with different settings is refused, naming the
     fields, except the budget (``epochs`` / ``n_steps``), which may extend a run: it continues
     under the new budget's schedule, which is not the same as a fresh run of that length.
+
+    Parameters
+    ----------
+    model : nn.Module
+    batches : callable
+        ``batches(generator)`` or ``batches(generator, epoch)``: one epoch of batches.
+    loss_fn : callable
+        ``loss_fn(batch) -> 0-d tensor``.
+    config : TrainConfig
+    device : torch.device
+    out_dir : path, optional
+        Where checkpoints and ``history.csv`` go.
+    resume : bool
+        Continue from ``out_dir``'s checkpoint.
+    state_modules : dict of nn.Module, optional
+        Checkpointed with the model (a loss with buffers, an EMA teacher).
+    after_step : callable, optional
+        Runs after each optimiser step.
+    desc : str
+        Progress-bar label.
+    verbose : bool
+    stop_after_epochs : int, optional
+        End early (tests of resumption).
+    checkpoint_every_s : float
+        Least seconds between checkpoints (the last epoch is always saved).
+    identity : dict, optional
+        The settings that define the run, checked on resume.
+
+    Returns
+    -------
+    list of dict
+        One row per step: epoch, step, loss, grad_norm, lr, time, segment.
+
+    Raises
+    ------
+    TrainingDiverged
+        A non-finite loss or gradient, before the step is applied, with the cause when a
+        value check names one.
     """
     config.check()
     loop = _Loop(model, batches, loss_fn, config, device, state_modules or {}, after_step, desc)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
+from conftest import run_task
 
 from beyond_icon import data
 from beyond_icon.cli import main
@@ -19,7 +19,7 @@ def digits():
 
 def test_cli_writes_every_file(tmp_path):
     out = tmp_path / "run"
-    code = main(
+    metrics = run_task(
         [
             "sne",
             "--data",
@@ -38,23 +38,10 @@ def test_cli_writes_every_file(tmp_path):
             "hellinger",
             "--kernel",
             "student_t",
-            "--out",
-            str(out),
-            "--quiet",
-        ]
+        ],
+        out,
+        ("embedding.png", "grad_norm.png", "embedding.npz"),
     )
-    assert code == 0
-    for name in (
-        "config.yaml",
-        "metrics.json",
-        "history.csv",
-        "embedding.png",
-        "grad_norm.png",
-        "embedding.npz",
-        "checkpoint.pt",
-    ):
-        assert (out / name).is_file(), name
-    metrics = json.loads((out / "metrics.json").read_text())
     assert {
         "knn_acc",
         "trustworthiness",

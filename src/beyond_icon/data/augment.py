@@ -40,7 +40,27 @@ def random_resized_crop(
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> Tensor:
-    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize back."""
+    """Crop a random area fraction in ``scale`` with aspect ratio in ``ratio``, resize back.
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    scale : (float, float)
+        Range of the area fraction.
+    ratio : (float, float)
+        Range of the aspect ratio.
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+
+    References
+    ----------
+    Szegedy, C. et al. (2015). Going deeper with convolutions. CVPR.
+    """
     n = x.shape[0]
     area = _uniform(n, *scale, generator)
     log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), generator).exp()
@@ -55,7 +75,20 @@ def random_resized_crop(
 
 
 def random_translate(x: Tensor, generator: torch.Generator, max_shift: float = 0.125) -> Tensor:
-    """Shift by up to ``max_shift`` of the image size in each direction (reflected borders)."""
+    """Shift by up to ``max_shift`` of the image size in each direction (reflected borders).
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    max_shift : float
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+    """
     n = x.shape[0]
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
@@ -64,6 +97,20 @@ def random_translate(x: Tensor, generator: torch.Generator, max_shift: float = 0
 
 
 def horizontal_flip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """Flip each image left-right with probability ``p``.
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    p : float
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+    """
     flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
@@ -83,7 +130,23 @@ def color_jitter(
     p: float = 0.8,
 ) -> Tensor:
     """Random brightness, contrast, saturation and hue (a rotation of the YIQ chroma plane,
-    ``hue`` in turns), applied with probability ``p`` per image. RGB input."""
+    ``hue`` in turns), applied with probability ``p`` per image. RGB input.
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    brightness, contrast, saturation, hue : float
+        Ranges of the random factors (hue as a fraction of a turn).
+    p : float
+        Probability of jittering an image.
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+    """
     n = x.shape[0]
     apply = (torch.rand(n, generator=generator) < p)[:, None, None, None].to(x.device)
 
@@ -113,11 +176,39 @@ def color_jitter(
 
 
 def random_grayscale(x: Tensor, generator: torch.Generator, p: float = 0.2) -> Tensor:
+    """Replace each colour image by its luma (on every channel) with probability ``p``.
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    p : float
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+    """
     grey = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)[:, None, None, None]
     return torch.where(grey, _grey(x).expand_as(x), x)
 
 
 def gaussian_noise(x: Tensor, generator: torch.Generator, std: float = 0.05) -> Tensor:
+    """Add Gaussian noise of standard deviation ``std`` and clamp to [0, 1].
+
+    Parameters
+    ----------
+    x : (n, C, H, W) tensor
+        Float images in [0, 1].
+    generator : torch.Generator
+        The source of randomness (one per batch, for repeatable epochs).
+    std : float
+
+    Returns
+    -------
+    (n, C, H, W) tensor
+    """
     noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
     return (x + std * noise).clamp(0, 1) if x.dim() == 4 else x + std * noise
 
@@ -129,6 +220,15 @@ class Augment:
     colour jitter (p 0.8), grayscale (p 0.2). ``grey`` (digits, Fashion-MNIST): random
     resized crop (scale 0.6-1), translation by up to 1/8, Gaussian noise; a horizontal flip
     too when ``flip``. ``vector``: Gaussian noise of ``noise`` times each feature's scale.
+
+    Parameters
+    ----------
+    kind : str
+        ``color``, ``grey``, ``vector`` or ``none`` (see above).
+    flip : bool
+        Flip grey images too.
+    noise : float
+        Noise level for vectors.
     """
 
     def __init__(self, kind: str, flip: bool = False, noise: float = 0.05):

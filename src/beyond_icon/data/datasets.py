@@ -30,7 +30,18 @@ SPLIT_SEED = 0  # fixed: every run of every task sees the same split
 
 @dataclass
 class Dataset:
-    """Train and test arrays of one dataset. ``x`` is uint8 (N, C, H, W) or float32 (N, D)."""
+    """Train and test arrays of one dataset. ``x`` is uint8 (N, C, H, W) or float32 (N, D).
+
+    Parameters
+    ----------
+    name : str
+    x_train, x_test : arrays
+        uint8 (N, C, H, W) images or float (N, D) vectors (a memory map for a features folder).
+    y_train, y_test : (N,) integer arrays
+    classes : list of str
+    has_test_split : bool
+        False when the split was made here (75/25, stratified, fixed).
+    """
 
     name: str
     x_train: np.ndarray
@@ -677,6 +688,12 @@ def load_simplex(k: int, n_per_cluster: int = 300, noise: float = 0.1, seed: int
 
 
 def spec_names() -> list[str]:
+    """The dataset specs :func:`load` understands.
+
+    Returns
+    -------
+    list of str
+    """
     return [
         "digits",
         "fashion-mnist",
@@ -688,7 +705,27 @@ def spec_names() -> list[str]:
 
 
 def load(spec: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Load a dataset by spec (see :func:`spec_names`)."""
+    """Load a dataset by spec (see :func:`spec_names`).
+
+    Parameters
+    ----------
+    spec : str
+        ``digits``, ``fashion-mnist``, ``cifar10``, ``imagefolder:PATH``, ``embeddings:PATH``
+        or ``simplex:K``.
+    data_dir : path, optional
+        Where to look for dataset files (also ``$BEYOND_ICON_DATA``).
+    download : bool
+        Fetch a missing dataset (checksummed); nothing is downloaded otherwise.
+
+    Returns
+    -------
+    Dataset
+
+    Raises
+    ------
+    ValueError, FileNotFoundError
+        An unknown spec, or a missing dataset (the message says how to get it).
+    """
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "digits":

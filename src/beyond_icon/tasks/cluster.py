@@ -102,6 +102,18 @@ class ClusterConfig(TaskConfig):
 
 @dataclass
 class ClusterResult:
+    """What :func:`run` returns.
+
+    Attributes
+    ----------
+    metrics : dict
+        What ``metrics.json`` holds.
+    assignments : array
+        The evaluated head's clusters of the evaluation split.
+    history : list of dict
+        One row per optimiser step.
+    """
+
     metrics: dict
     assignments: np.ndarray
     history: list[dict]
@@ -338,7 +350,24 @@ def _kmeans(config, standardize, train_x, eval_x, eval_y, k: int) -> tuple[dict,
 def run(
     config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> ClusterResult:
-    """Train the head(s) on the train split, then cluster the evaluation split."""
+    """Train the head(s) on the train split, then cluster the evaluation split.
+
+    Parameters
+    ----------
+    config : ClusterConfig
+        The run's settings (``beyond-icon cluster --help`` lists them).
+    out : path, optional
+        The run folder: config.yaml, checkpoints, history.csv, figures, metrics.json (last).
+    resume : bool
+        Continue from ``out``'s checkpoint (the same settings; a larger budget extends the run).
+    verbose : bool
+        Progress bars and the metrics line.
+
+    Returns
+    -------
+    ClusterResult
+        Empty metrics on ranks other than 0 under torchrun.
+    """
     device, dataset, out, verbose = begin(config, out, verbose)
     train_x, test_x = _features(dataset, config)
     k = config.n_clusters or dataset.n_classes

@@ -57,7 +57,17 @@ def option(
 
 
 def help_text(config_cls: type, name: str) -> str:
-    """The help text of a config field (empty when it has none)."""
+    """The help text of a config field (empty when it has none).
+
+    Parameters
+    ----------
+    config_cls : type
+    name : str
+
+    Returns
+    -------
+    str
+    """
     for f in dataclasses.fields(config_cls):
         if f.name == name:
             return f.metadata.get("help", "")
@@ -90,7 +100,16 @@ class TaskConfig:
 
 
 def identity(config: TaskConfig) -> dict:
-    """The settings that define a run (stored in its checkpoint, checked on resume)."""
+    """The settings that define a run (stored in its checkpoint, checked on resume).
+
+    Parameters
+    ----------
+    config : TaskConfig
+
+    Returns
+    -------
+    dict
+    """
     values = dataclasses.asdict(config)
     return {k: v for k, v in values.items() if k not in config.not_identity} | {"task": config.task}
 
@@ -99,6 +118,17 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
     """The start of every task's run: process group, device, data, run folder, config.yaml.
 
     Returns (device, dataset, out folder or None, verbose on this rank).
+
+    Parameters
+    ----------
+    config : TaskConfig
+    out : path, optional
+    verbose : bool
+
+    Returns
+    -------
+    tuple
+        (device, dataset, out folder or None, verbose on this rank).
     """
     from beyond_icon.distributed import is_main
 
@@ -117,7 +147,17 @@ def finish(
     result: dict, out: Path | None, verbose: bool, write: Callable[[Path], None] | None = None
 ) -> None:
     """The end of every task's run, on rank 0: the task's own files (``write(out)``), then
-    ``metrics.json`` last (a sweep counts a run finished by it), and the metrics on one line."""
+    ``metrics.json`` last (a sweep counts a run finished by it), and the metrics on one line.
+
+    Parameters
+    ----------
+    result : dict
+        The metrics.
+    out : Path or None
+    verbose : bool
+    write : callable, optional
+        ``write(out)`` writes the task's own files.
+    """
     from beyond_icon import report
 
     if out is not None:
@@ -129,7 +169,16 @@ def finish(
 
 
 def format_metrics(result: dict) -> str:
-    """``name=value`` pairs on one line, floats to four decimals."""
+    """``name=value`` pairs on one line, floats to four decimals.
+
+    Parameters
+    ----------
+    result : dict
+
+    Returns
+    -------
+    str
+    """
     return " ".join(
         f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
         for key, value in result.items()
@@ -137,7 +186,16 @@ def format_metrics(result: dict) -> str:
 
 
 def peak_gpu_memory(device: Any) -> dict:
-    """``{"peak_gpu_memory_mib": ...}`` on CUDA (peak allocated by torch), else ``{}``."""
+    """``{"peak_gpu_memory_mib": ...}`` on CUDA (peak allocated by torch), else ``{}``.
+
+    Parameters
+    ----------
+    device : torch.device
+
+    Returns
+    -------
+    dict
+    """
     import torch
 
     if getattr(device, "type", None) != "cuda":
@@ -146,7 +204,16 @@ def peak_gpu_memory(device: Any) -> dict:
 
 
 def load_task_data(config: Any) -> Dataset:
-    """The dataset named by ``config.data``, cut to ``n_train`` / ``n_test`` if set."""
+    """The dataset named by ``config.data``, cut to ``n_train`` / ``n_test`` if set.
+
+    Parameters
+    ----------
+    config : TaskConfig
+
+    Returns
+    -------
+    Dataset
+    """
     if not 0 <= config.seed < 2**63:
         raise ValueError(f"seed must be in [0, 2**63), got {config.seed}")
     for name in ("n_train", "n_test"):
@@ -160,6 +227,21 @@ def load_task_data(config: Any) -> Dataset:
 
 
 def prepare_run_dir(out: str | Path | None) -> Path | None:
+    """The run folder, created if needed.
+
+    Parameters
+    ----------
+    out : path, optional
+
+    Returns
+    -------
+    Path or None
+
+    Raises
+    ------
+    ValueError
+        ``out`` is a file.
+    """
     if out is None:
         return None
     out = Path(out)
@@ -183,7 +265,13 @@ def start(config: Any) -> Any:
 
 def write_config(config: Any, out: Path) -> None:
     """``config.yaml``: every field of the task's config dataclass, plus the task name
-    (written by the main process only)."""
+    (written by the main process only).
+
+    Parameters
+    ----------
+    config : TaskConfig
+    out : Path
+    """
     from beyond_icon.distributed import is_main
 
     if not is_main():
@@ -195,7 +283,18 @@ def write_config(config: Any, out: Path) -> None:
 
 
 def config_from_dict(cls: type, values: dict) -> Any:
-    """Build a task config from a dict, rejecting unknown keys with a clear message."""
+    """Build a task config from a dict, rejecting unknown keys with a clear message.
+
+    Parameters
+    ----------
+    cls : type
+        A :class:`TaskConfig` subclass.
+    values : dict
+
+    Returns
+    -------
+    TaskConfig
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     for old in sorted(set(values) & set(cls.renamed)):
         raise ValueError(f"{cls.task} has no option {old!r} any more: {cls.renamed[old]}")
@@ -220,7 +319,20 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 def coerce(annotation: str, value: Any, where: str) -> Any:
     """``value`` checked against a field annotation (``int``, ``float | None``, ``list[str]``,
     ...), converting the strings a YAML file or a command line gives (``"1e-3"``, ``"no"``);
-    anything else is a one-line ``ValueError`` naming ``where``, the value and the type."""
+    anything else is a one-line ``ValueError`` naming ``where``, the value and the type.
+
+    Parameters
+    ----------
+    annotation : str
+        The field's annotation as a string.
+    value : object
+    where : str
+        Named in the error message.
+
+    Returns
+    -------
+    object
+    """
     optional = "None" in annotation
     base = annotation.replace("| None", "").replace("None |", "").strip()
 
@@ -290,7 +402,12 @@ def coerce(annotation: str, value: Any, where: str) -> Any:
 
 
 def register_divergence_module(spec: str | None) -> None:
-    """Register a user's divergence (``path.py:NAME``) for this run, if one is configured."""
+    """Register a user's divergence (``path.py:NAME``) for this run, if one is configured.
+
+    Parameters
+    ----------
+    spec : str, optional
+    """
     if spec:
         from beyond_icon.divergences import register_module
 

@@ -94,6 +94,20 @@ class SNEConfig(TaskConfig):
 
 @dataclass
 class SNEResult:
+    """What :func:`run` returns.
+
+    Attributes
+    ----------
+    metrics : dict
+        What ``metrics.json`` holds.
+    embedding_train, embedding_test : arrays
+        The 2-D (``n_components``) embeddings of the splits.
+    history : list of dict
+        One row per optimiser step.
+    estimator : ParametricSNE
+        The fitted estimator (``transform`` embeds new points).
+    """
+
     metrics: dict
     embedding_train: np.ndarray
     embedding_test: np.ndarray
@@ -102,7 +116,19 @@ class SNEResult:
 
 
 def grad_norm_summary(history: list[dict]) -> dict:
-    """Early-training gradient spikes: max over the first epoch against the median of all steps."""
+    """Early-training gradient spikes: max over the first epoch against the median of all steps.
+
+    Parameters
+    ----------
+    history : list of dict
+        The per-step rows of :func:`beyond_icon.train.fit`.
+
+    Returns
+    -------
+    dict
+        ``grad_norm_first_epoch_max``, ``grad_norm_median`` and their ratio
+        ``grad_norm_peak_ratio``.
+    """
     norms = np.array([h["grad_norm"] for h in history])
     first = np.array([h["grad_norm"] for h in history if h["epoch"] == 0])
     median = float(np.median(norms))
@@ -116,7 +142,24 @@ def grad_norm_summary(history: list[dict]) -> dict:
 def run(
     config: SNEConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SNEResult:
-    """Train on the train split, embed the test split, measure, and write the run folder."""
+    """Train on the train split, embed the test split, measure, and write the run folder.
+
+    Parameters
+    ----------
+    config : SNEConfig
+        The run's settings (``beyond-icon sne --help`` lists them).
+    out : path, optional
+        The run folder: config.yaml, checkpoints, history.csv, figures, metrics.json (last).
+    resume : bool
+        Continue from ``out``'s checkpoint (the same settings; a larger budget extends the run).
+    verbose : bool
+        Progress bars and the metrics line.
+
+    Returns
+    -------
+    SNEResult
+        Empty metrics on ranks other than 0 under torchrun.
+    """
     _, dataset, out, verbose = begin(config, out, verbose)
     estimator = config.estimator(verbose)
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)

@@ -65,6 +65,18 @@ class SupConConfig(TaskConfig):
 
 @dataclass
 class SupConResult:
+    """What :func:`run` returns.
+
+    Attributes
+    ----------
+    metrics : dict
+        What ``metrics.json`` holds.
+    history : list of dict
+        One row per optimiser step.
+    model : nn.Module
+        The trained encoder (backbone and projection head).
+    """
+
     metrics: dict
     history: list[dict]
     model: nn.Module
@@ -89,7 +101,19 @@ class Encoder(nn.Module):
 def embed(
     model: Encoder, x: np.ndarray, device: torch.device, batch_size: int = 1024
 ) -> np.ndarray:
-    """Backbone features of ``x`` (eval mode), in batches."""
+    """Backbone features of ``x`` (eval mode), in batches.
+
+    Parameters
+    ----------
+    model : Encoder
+    x : array
+    device : torch.device
+    batch_size : int
+
+    Returns
+    -------
+    (n, d) float32 array
+    """
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
@@ -173,7 +197,24 @@ def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bo
 def run(
     config: SupConConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> SupConResult:
-    """Train with two views per sample, then evaluate frozen backbone features on the test split."""
+    """Train with two views per sample, then evaluate frozen backbone features on the test split.
+
+    Parameters
+    ----------
+    config : SupConConfig
+        The run's settings (``beyond-icon supcon --help`` lists them).
+    out : path, optional
+        The run folder: config.yaml, checkpoints, history.csv, figures, metrics.json (last).
+    resume : bool
+        Continue from ``out``'s checkpoint (the same settings; a larger budget extends the run).
+    verbose : bool
+        Progress bars and the metrics line.
+
+    Returns
+    -------
+    SupConResult
+        Empty metrics on ranks other than 0 under torchrun.
+    """
     for name in ("knn_k", "probe_epochs", "epochs", "batch_size", "projection_dim"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
