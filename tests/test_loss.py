@@ -202,3 +202,37 @@ def test_trusted_path_skips_only_the_row_check():
         methods.ClusterLoss("tv")(z[:, :4], None, log_p=bad)
     with pytest.raises(ValueError, match="rows must be log-probabilities"):
         methods.SNE("tv")(None, z[:, :2], log_p=bad)
+
+
+@pytest.mark.parametrize(
+    "name, debias",
+    [
+        ("kl", 0.0),
+        ("tv", 0.0),
+        ("hellinger", 0.0),
+        ("jsd", 0.0),
+        ("chi2", 0.0),
+        ("alpha:0.5", 0.0),
+        ("alpha:-0.5", 0.1),
+        ("reverse_kl", 0.1),
+        ("jeffreys", 0.1),
+    ],
+)
+def test_rows_without_mass_are_left_out_the_same_way_without_value_checks(name, debias):
+    """A class seen once has an empty row of p. Without value checks it is evaluated as it is
+    (f(0) finite) or with p := q, then masked: the same loss and gradient as the checked path."""
+    from beyond_icon import methods, value_checks
+
+    z = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # class 3 appears once
+    loss = methods.SupCon(name, metric="euclidean", debias=debias)
+    checked_z = z.clone().requires_grad_()
+    checked = loss(checked_z, labels)
+    checked.backward()
+    fast_z = z.clone().requires_grad_()
+    with value_checks(False):
+        fast = loss(fast_z, labels)
+        fast.backward()
+    torch.testing.assert_close(fast, checked)
+    torch.testing.assert_close(fast_z.grad, checked_z.grad)
+    assert torch.isfinite(fast_z.grad).all()

@@ -660,6 +660,7 @@ def f_divergence(
     divergence.__name__ = name
     divergence.__doc__ = f"f-divergence '{name}': sum_j q_j f(p_j / q_j)."
     divergence.f_family = True  # read by get() and register()
+    divergence.finite_where_p_is_zero = math.isfinite(f_at_zero)
     return divergence
 
 
@@ -688,6 +689,9 @@ class Divergence:
     f_family : bool
         An f-divergence ``sum_j q_j f(p_j / q_j)``: merging the columns where ``p = 0`` into
         one (their q summed) leaves it unchanged, which the cluster preset uses for speed.
+    finite_where_p_is_zero : bool
+        Finite, with finite gradients, where ``p = 0 < q`` (for an f-divergence: ``f(0)``
+        finite), so a row of p without mass can be evaluated and masked out as it is.
     """
 
     name: str
@@ -697,6 +701,9 @@ class Divergence:
     # an f-divergence, sum_j q_j f(p_j / q_j): the columns where p = 0 may be merged into one
     # (their q summed) without changing its value, which the cluster preset uses for speed
     f_family: bool = False
+    # finite, with finite gradients, where p = 0 < q (f(0) finite): a row of p without mass
+    # then needs no stand-in before it is masked out of the loss
+    finite_where_p_is_zero: bool = False
 
     def __call__(self, log_p: Tensor, log_q: Tensor, *, validate: bool = True) -> Tensor:
         if validate:
@@ -723,6 +730,7 @@ def register(
     symmetric: bool = False,
     f_family: bool = False,
     overwrite: bool = False,
+    finite_where_p_is_zero: bool = False,
 ) -> Divergence:
     """Register ``fn(log_p, log_q) -> (n,)`` under ``name``: every preset, task and command
     can then use the name.
@@ -741,6 +749,9 @@ def register(
         Pass True only for an f-divergence (implied for what :func:`f_divergence` builds).
     overwrite : bool
         Replace an existing registration.
+    finite_where_p_is_zero : bool
+        Finite with finite gradients where ``p = 0 < q`` (implied for an :func:`f_divergence`
+        with finite ``f(0)``).
 
     Returns
     -------
@@ -753,8 +764,14 @@ def register(
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"divergence '{name}' is already registered (pass overwrite=True)")
     f_family = f_family or getattr(fn, "f_family", False)
+    finite = finite_where_p_is_zero or getattr(fn, "finite_where_p_is_zero", False)
     divergence = Divergence(
-        name, fn, upper_bound=upper_bound, symmetric=symmetric, f_family=f_family
+        name,
+        fn,
+        upper_bound=upper_bound,
+        symmetric=symmetric,
+        f_family=f_family,
+        finite_where_p_is_zero=finite,
     )
     _REGISTRY[name] = divergence
     return divergence
@@ -792,7 +809,10 @@ def get(name: str | Divergence | DivergenceFn) -> Divergence:
         return name
     if callable(name):
         return Divergence(
-            getattr(name, "__name__", "custom"), name, f_family=getattr(name, "f_family", False)
+            getattr(name, "__name__", "custom"),
+            name,
+            f_family=getattr(name, "f_family", False),
+            finite_where_p_is_zero=getattr(name, "finite_where_p_is_zero", False),
         )
     if not isinstance(name, str):
         raise TypeError(f"divergence must be a name or a callable, got {type(name).__name__}")
@@ -803,12 +823,17 @@ def get(name: str | Divergence | DivergenceFn) -> Divergence:
         except ValueError:
             raise ValueError(f"'{name}': alpha:A needs a number A, e.g. 'alpha:0.5'") from None
         if a == 1.0:
-            return Divergence(f"alpha:{a:g}", kl, f_family=True)
+            return Divergence(f"alpha:{a:g}", kl, f_family=True, finite_where_p_is_zero=True)
         if a == 0.0:
             return Divergence(f"alpha:{a:g}", reverse_kl, f_family=True)
         bound = 1.0 / (a * (1.0 - a)) if 0.0 < a < 1.0 else math.inf
         return Divergence(
-            f"alpha:{a:g}", alpha(a), upper_bound=bound, symmetric=a == 0.5, f_family=True
+            f"alpha:{a:g}",
+            alpha(a),
+            upper_bound=bound,
+            symmetric=a == 0.5,
+            f_family=True,
+            finite_where_p_is_zero=a > 0.0,  # f(0) = 1 / (A (1 - A)) is finite for A > 0
         )
     if key not in _REGISTRY:
         raise ValueError(f"unknown divergence '{name}'; known: {', '.join(names())}")
@@ -823,12 +848,28 @@ def is_builtin(divergence: Divergence) -> bool:
     return _BUILTIN.get(divergence.name) is divergence.fn
 
 
-register("kl", kl, f_family=True)
+# finite_where_p_is_zero: f(0) finite (KL's 0 log 0 = 0, TV 1/2, Hellinger 1/2, JSD log 2 / 2,
+# chi2 1); reverse KL and Jeffreys are infinite there
+register("kl", kl, f_family=True, finite_where_p_is_zero=True)
 register("reverse_kl", reverse_kl, f_family=True)
-register("tv", tv, upper_bound=1.0, symmetric=True, f_family=True)
-register("hellinger", hellinger, upper_bound=1.0, symmetric=True, f_family=True)
-register("jsd", jsd, upper_bound=math.log(2.0), symmetric=True, f_family=True)
-register("chi2", chi2, f_family=True)
+register("tv", tv, upper_bound=1.0, symmetric=True, f_family=True, finite_where_p_is_zero=True)
+register(
+    "hellinger",
+    hellinger,
+    upper_bound=1.0,
+    symmetric=True,
+    f_family=True,
+    finite_where_p_is_zero=True,
+)
+register(
+    "jsd",
+    jsd,
+    upper_bound=math.log(2.0),
+    symmetric=True,
+    f_family=True,
+    finite_where_p_is_zero=True,
+)
+register("chi2", chi2, f_family=True, finite_where_p_is_zero=True)
 register("jeffreys", jeffreys, symmetric=True, f_family=True)
 _BUILTIN = {name: d.fn for name, d in _REGISTRY.items()}
 

@@ -13,6 +13,7 @@ equal the dense path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,11 +72,13 @@ def _block_terms(
         check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
     elif log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
-    has_mass = torch.isfinite(log_p.detach()).any(dim=-1)
+    has_mass = log_p.detach().amax(dim=-1) > -math.inf
     if not validate and not checking_values():
-        # no host sync: rows without mass get p := q (finite terms and partials), then 0
-        safe_p = torch.where(has_mass[..., None], log_p, log_q.detach())
-        values = divergence(safe_p, log_q, validate=False)
+        # no host sync: rows without mass are evaluated as they are (finite for most
+        # divergences) or with p := q (finite terms and partials), then set to 0
+        if not divergence.finite_where_p_is_zero:
+            log_p = torch.where(has_mass[..., None], log_p, log_q.detach())
+        values = divergence(log_p, log_q, validate=False)
         return torch.where(has_mass, values, torch.zeros_like(values)), has_mass
     if not bool(has_mass.all()):
         log_p, log_q = log_p[has_mass], log_q[has_mass]
