@@ -148,14 +148,24 @@ def main() -> None:
         help="the losses' value checks (off: as beyond_icon.train.fit runs a step; on: the "
         "default of a direct call, about five host syncs each)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the divergences' elementwise rules (divergences.compile_rules); "
+        "the compile happens in the warm-up step, outside the timings",
+    )
     args = parser.parse_args()
+    if args.compile:
+        from beyond_icon import divergences
+
+        divergences.compile_rules(True)
     device = torch.device(args.device)
     temperature = 0.1
     print(
         f"torch {torch.__version__}, device {device}, {args.dtype}, "
         f"threads {torch.get_num_threads()}, "
         f"d = {args.dim}, {args.classes} classes, median of {args.repeats}, "
-        f"value checks {args.value_checks}\n"
+        f"value checks {args.value_checks}{', rules compiled' if args.compile else ''}\n"
     )
 
     rows, chunk_rows = [], []

@@ -5,7 +5,11 @@
 #      CIFAR-10 JPEG copy for 2 epochs of 5 steps, reporting images/s of the second;
 #   3. the cluster task at batch 4096 with K = 1000 on 1M random 768-d embeddings (one pass
 #      over the anchors: 244 steps, the budget rounds up to whole passes): mining time, step
-#      time, peak GPU memory.
+#      time, peak GPU memory;
+#   4. streamed extraction (issue 14) of the CIFAR-10 JPEG copy at 224 x 224: images/s with a
+#      small local CNN (the pipeline: decoding workers, transfer, writing), and with DINOv2
+#      ViT-S/14 when its weights are in the torch.hub cache (a machine without network has
+#      none: the step says so and skips it).
 #
 #   benchmarks/gpu_check.sh                 # on cuda, full sizes
 #   DEVICE=cpu benchmarks/gpu_check.sh --smoke   # tiny sizes on any machine (the test suite)
@@ -86,4 +90,33 @@ print(f"cluster: mining {m['mining_time_s']:.1f} s, {1e3 * m['step_time_s']:.1f}
       f"({m['n_steps']} steps), peak GPU memory "
       + (f"{memory:.0f} MiB" if memory is not None else "n/a (not on a GPU)"))
 PY
+echo "== extract: streamed, CIFAR-10 JPEG copy at 224 x 224"
+folder="$images"
+if [ "${1:-}" = "--smoke" ]; then  # 40 images of each split, linked
+    folder="$work/few"
+    for split in train test; do
+        find "$images/$split" -name "*.jpg" | sort | head -40 | while read -r f; do
+            rel=${f#"$images/"}; mkdir -p "$folder/$(dirname "$rel")"; ln -s "$f" "$folder/$rel"
+        done
+    done
+fi
+report_extract() {
+    "$PY" - "$1/meta.json" "$2" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+rate = m["images_per_second"]
+print(f"extract ({sys.argv[2]}): {sum(m['splits'].values())} images x {m['dim']}, "
+      + (f"{rate:.0f} images/s" if rate else "rate n/a"))
+PY
+}
+"$PY" -m beyond_icon extract --encoder benchmarks/bench_extract.py:tiny_encoder \
+    --data "imagefolder:$folder" --image-size 224 --device "$DEVICE" --out "$work/tiny" --quiet
+report_extract "$work/tiny" "small CNN"
+if "$PY" -c "import os, sys, torch; sys.exit(0 if os.path.isdir(os.path.join(torch.hub.get_dir(), 'facebookresearch_dinov2_main')) else 1)"; then
+    "$PY" -m beyond_icon extract --encoder dinov2_vits14 --data "imagefolder:$folder" \
+        --device "$DEVICE" --batch-size 512 --out "$work/dino" --quiet
+    report_extract "$work/dino" "DINOv2 ViT-S/14"
+else
+    echo "extract (DINOv2 ViT-S/14): skipped, its weights are not in the torch.hub cache"
+fi
 echo "gpu_check: done in $(( $(date +%s) - started )) s"

@@ -389,3 +389,21 @@ def test_closed_form_backward_with_leading_dimensions(name):
     flat = fn(b.reshape(12, 5), log_q.reshape(12, 5)).reshape(3, 4)
     (flat * weights).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiled_rules_give_the_eager_values_and_gradients():
+    """divergences.compile_rules: torch.compile of the elementwise rule (off by default)."""
+    from beyond_icon import methods
+
+    z = torch.randn(40, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    labels = torch.arange(40) % 4
+    loss = methods.SupCon("jsd", metric="euclidean")
+    eager = loss(z, labels)
+    (eager_grad,) = torch.autograd.grad(eager, z)
+    with divergences.rules_compiled():
+        compiled = loss(z, labels)
+        (compiled_grad,) = torch.autograd.grad(compiled, z)
+    assert not divergences._COMPILE["enabled"]  # restored after the block
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)

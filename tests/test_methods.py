@@ -455,3 +455,31 @@ def test_cluster_merged_columns_float32_with_huge_logit_gaps(divergence):
         for c in (True, False)
     ]
     assert loss[0] == pytest.approx(loss[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tv", "kl", "jsd", "tv-unflagged"])
+def test_cluster_loss_without_value_checks_matches_and_syncs_only_for_its_widths(name):
+    """The merged-columns path with value checks off: the same head losses and gradients
+    (rows without a pair-mate masked out), and only the two reads that size the positive
+    table (a data-dependent shape)."""
+    from beyond_icon import value_checks
+    from beyond_icon.profiling import HostSyncCounter
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 11, 4, generator=gen, dtype=torch.float64)
+    pairs = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 5, 6])  # ids 4, 5, 6 have no mate
+    from beyond_icon.divergences import Divergence, tv
+
+    # an f-divergence not known to be finite where p = 0 takes the p := q stand-in path
+    divergence = Divergence("tv-unflagged", tv, f_family=True) if name == "tv-unflagged" else name
+    loss = methods.ClusterLoss(divergence)
+    checked_logits = logits.clone().requires_grad_()
+    checked = loss(checked_logits, pairs)
+    checked.sum().backward()
+    fast_logits = logits.clone().requires_grad_()
+    with value_checks(False), HostSyncCounter() as syncs:
+        fast = loss(fast_logits, pairs)
+        fast.sum().backward()
+    torch.testing.assert_close(fast, checked)
+    torch.testing.assert_close(fast_logits.grad, checked_logits.grad)
+    assert syncs.count == 2 and all("kernels.py" in c for c in syncs.calls), syncs.calls

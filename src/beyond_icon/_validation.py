@@ -34,6 +34,10 @@ def value_checks(enabled: bool) -> Iterator[None]:
     ----------
     enabled : bool
 
+    Yields
+    ------
+    None
+
     Examples
     --------
     >>> with value_checks(False):  # doctest: +SKIP

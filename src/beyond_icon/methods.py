@@ -719,6 +719,8 @@ class ClusterLoss(IConLoss):
         rows = slice(0, n) if shard is None else shard.rows
         block_q, block_p = log_q(rows), log_p[rows]
         has_mass = mask[rows].any(dim=1)
+        if not checking_values():
+            return self._compressed_unchecked(block_p, block_q, has_mass, n, shard)
         block_q, block_p = block_q[:, has_mass], block_p[has_mass]
         heads, width = block_q.shape[0], block_q.shape[-1]
         if block_p.shape[0] == 0:  # still part of the graph (the all-gather's backward)
@@ -748,6 +750,26 @@ class ClusterLoss(IConLoss):
                 "pair-mate a tiny probability. Debias q or use a bounded divergence"
             )
         return losses
+
+    def _compressed_unchecked(self, block_p, block_q, has_mass, n, shard) -> Tensor:
+        """The merged-columns loss without reading values back (value checks off): rows with
+        no positive are evaluated as they are (or with p := q) and masked out, the count stays
+        on the device; none of them gives 0 / 0 = NaN, which the training loop reports."""
+        heads, width = block_q.shape[0], block_q.shape[-1]
+        block_p = block_p.expand(heads, -1, -1)
+        if not self.divergence.finite_where_p_is_zero:
+            block_p = torch.where(has_mass[None, :, None], block_p, block_q.detach())
+        values = self.divergence(block_p.reshape(-1, width), block_q.reshape(-1, width))
+        values = torch.where(
+            has_mass, values.view(heads, -1), torch.zeros_like(values.view(heads, -1))
+        )
+        count, world_size = has_mass.sum(), 1
+        if shard is not None:
+            from beyond_icon.distributed import all_reduce_sum
+
+            count, world_size = all_reduce_sum(count), shard.world_size
+        self.last_stats = LossStats(n_rows=count, n_empty=n - count)
+        return values.sum(dim=1) / count * world_size
 
 
 def _scatter_uniform(columns: Tensor, mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:
