@@ -95,7 +95,7 @@ folder="$images"
 if [ "${1:-}" = "--smoke" ]; then  # 40 images of each split, linked
     folder="$work/few"
     for split in train test; do
-        find "$images/$split" -name "*.jpg" | sort | head -40 | while read -r f; do
+        find "$images/$split" -name "*.jpg" | sort | awk "NR <= 40" | while read -r f; do
             rel=${f#"$images/"}; mkdir -p "$folder/$(dirname "$rel")"; ln -s "$f" "$folder/$rel"
         done
     done

@@ -41,3 +41,4 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     out = done.stdout
     assert out.count("== bench_loss") == 2 and "bfloat16" in out
     assert "images/s" in out and "ms per step" in out and "gpu_check: done" in out
+    assert "extract (small CNN): " in out and "extract (DINOv2 ViT-S/14)" in out
