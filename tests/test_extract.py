@@ -296,3 +296,73 @@ def test_token_encoders_pool_class_token_or_patch_mean():
     torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
     with pytest.raises(ValueError, match="returns pooled features"):
         Encoder(torch.nn.Flatten(), None, None, None, "mean").embed(images)
+
+
+class _FakeTransformers:
+    """A stand-in for the transformers package: records what was asked, returns a tiny ViT-like
+    module whose last_hidden_state is (n, 1 + patches, d)."""
+
+    def __init__(self):
+        self.asked = []
+        fake = self
+
+        class Output:
+            def __init__(self, hidden):
+                self.last_hidden_state = hidden
+
+        class Model(torch.nn.Module):
+            def forward(self, pixel_values):
+                n = len(pixel_values)
+                patches = pixel_values.reshape(n, 3, -1).transpose(1, 2)  # (n, HW, 3)
+                cls = patches.mean(1, keepdim=True) * 0 + 7.0
+                return Output(torch.cat([cls, patches], 1))
+
+        class AutoModel:
+            @staticmethod
+            def from_pretrained(source, local_files_only=False):
+                fake.asked.append((source, local_files_only))
+                return Model()
+
+        class Processor:
+            def to_dict(self):
+                return {
+                    "image_mean": [0.5] * 3,
+                    "image_std": [0.25] * 3,
+                    "crop_size": {"height": 4},
+                }
+
+        class AutoImageProcessor:
+            @staticmethod
+            def from_pretrained(source, local_files_only=False):
+                return Processor()
+
+        self.AutoModel, self.AutoImageProcessor = AutoModel, AutoImageProcessor
+
+
+def test_hugging_face_folder_and_cache(tmp_path, monkeypatch):
+    import sys
+
+    from beyond_icon.extract import load_encoder
+
+    fake = _FakeTransformers()
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    folder = tmp_path / "dinov2-small"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    encoder = load_encoder(str(folder), pooling="mean")
+    assert (encoder.image_size, encoder.mean, encoder.std) == (4, (0.5,) * 3, (0.25,) * 3)
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)  # 1.0 -> (1 - 0.5) / 0.25 = 2
+    torch.testing.assert_close(encoder.embed(images), torch.full((2, 3), 2.0))
+    cls = load_encoder(str(folder)).embed(images)
+    torch.testing.assert_close(cls, torch.full((2, 3), 7.0))
+    assert fake.asked[0] == (str(folder), True)  # never the network
+
+    # a named encoder whose torch.hub copy is unreachable comes from the HF cache, offline
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load", offline)
+    named = load_encoder("dinov2_vits14")
+    assert fake.asked[-1] == ("facebook/dinov2-small", True) and named.image_size == 4
+    with pytest.raises(ValueError, match="without config.json"):
+        load_encoder(str(tmp_path))

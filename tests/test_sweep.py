@@ -197,7 +197,9 @@ def test_cluster_sweep_has_pmi_and_kmeans_rows(tmp_path):
             "sweep",
             "cluster",
             "--divergences",
-            "tv,pmi",
+            "tv",
+            "--baselines",
+            "pmi",
             "--seeds",
             "0",
             "--data",
@@ -251,3 +253,11 @@ def test_metrics_json_is_written_after_every_other_artefact(tmp_path):
     )
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
     assert stamps["metrics.json"] == max(stamps.values()), stamps
+
+
+def test_pmi_is_a_baseline_not_a_divergence(tmp_path, capsys):
+    args = ["sweep", "cluster", "--seeds", "0", "--data", "simplex:3", "--out", str(tmp_path)]
+    assert main([*args, "--divergences", "tv,pmi"]) == 2
+    assert "--baselines pmi" in capsys.readouterr().err
+    assert main([*args, "--divergences", "tv", "--baselines", "kmeans"]) == 2
+    assert "unknown cluster baseline(s) ['kmeans']; known: pmi" in capsys.readouterr().err

@@ -143,9 +143,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = _config_from_args(_task_configs()[args.sweep_task], args)
     options = {k: v for k, v in dataclasses.asdict(config).items()}
+    divergences = _split_list(args.divergences)
+    baselines = _split_list(getattr(args, "baselines", "") or "")
+    if "pmi" in divergences:
+        raise ValueError(
+            "'pmi' is TEMI's loss, not a divergence: run it beside them with --baselines pmi"
+        )
+    unknown = sorted(set(baselines) - set(sweep.BASELINES.get(args.sweep_task, ())))
+    if unknown:
+        known = ", ".join(sweep.BASELINES.get(args.sweep_task, ())) or "none"
+        raise ValueError(f"unknown {args.sweep_task} baseline(s) {unknown}; known: {known}")
     specs = sweep.plan(
         args.sweep_task,
-        _split_list(args.divergences),
+        divergences + baselines,
         _split_list(args.seeds, int),
         options,
         args.out,
@@ -217,8 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         task_sweep.add_argument(
             "--divergences",
             default="kl,tv,jsd,hellinger",
-            help="comma-separated divergence names (cluster: pmi too)",
+            help="comma-separated divergence names",
         )
+        if task in ("cluster",):
+            task_sweep.add_argument(
+                "--baselines",
+                default="",
+                help="other losses run beside the divergences, one row each: pmi (TEMI's)",
+            )
         task_sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
         task_sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
         task_sweep.add_argument("--out", required=True, help="sweep folder")

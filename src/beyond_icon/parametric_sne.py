@@ -25,7 +25,14 @@ from beyond_icon.data import as_float
 from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import MLP, Standardize, build_backbone
 from beyond_icon.sampling import NeighborBatchSampler
-from beyond_icon.train import TrainConfig, fit, resolve_device, seed_everything, split_batches
+from beyond_icon.train import (
+    SCHEDULES,
+    TrainConfig,
+    fit,
+    resolve_device,
+    seed_everything,
+    split_batches,
+)
 
 __all__ = ["AFFINITIES", "KERNELS", "ParametricSNE"]
 
@@ -128,7 +135,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         permutation, each anchor with one sampled neighbour, so a batch holds at most twice its
         anchors) or points per batch (``"batch"``).
     lr : float
-        Adam learning rate (cosine decay to 0 over the steps).
+        Adam learning rate.
+    schedule : {"cosine", "step", "none"}
+        Learning-rate schedule over the steps (:data:`beyond_icon.train.SCHEDULES`; the same
+        names in every task).
     exaggeration : float
         Early exaggeration (``global`` only): the negatives' weight is divided by it.
     exaggeration_fraction : float
@@ -190,6 +200,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         n_steps: int | None = None,
         batch_size: int = 256,
         lr: float = 4e-3,
+        schedule: str = "cosine",
         exaggeration: float = 12.0,
         exaggeration_fraction: float = 0.25,
         pca_components: int | None = 50,
@@ -213,6 +224,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         self.n_steps = n_steps
         self.batch_size = batch_size
         self.lr = lr
+        self.schedule = schedule
         self.exaggeration = exaggeration
         self.exaggeration_fraction = exaggeration_fraction
         self.pca_components = pca_components
@@ -235,6 +247,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
         if self.affinity not in AFFINITIES:
             raise ValueError(f"affinity must be one of {AFFINITIES}, got {self.affinity!r}")
         divergences.get(self.divergence)
@@ -390,7 +406,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
         epochs = math.ceil(n_steps / steps_per_epoch)
         config = TrainConfig(
-            epochs=epochs, lr=self.lr, schedule="cosine", amp=self.amp, seed=self.random_state
+            epochs=epochs, lr=self.lr, schedule=self.schedule, amp=self.amp, seed=self.random_state
         )
         self.history_ = fit(
             self.model_,

@@ -11,8 +11,10 @@ Layout of a sweep folder::
 A run is finished when its ``metrics.json`` exists (every task writes it last, atomically, after
 all its other files); re-running the sweep skips finished runs and resumes unfinished ones from
 their last checkpoint. Each run is done under a lock (``runs/<name>/.lock``, released when its
-process ends), so a second sweep over the same folder skips the runs the first is doing. For the cluster task the name ``pmi``
-in the divergence list means TEMI's loss (``loss=pmi``), and k-means is reported as a row.
+process ends), so a second sweep over the same folder skips the runs the first is doing. A row is
+a divergence or a baseline loss (:data:`BASELINES`; the command line takes them apart with
+``--baselines``): for the cluster task ``pmi`` is TEMI's loss (``loss=pmi``), and k-means is
+reported as a row.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from beyond_icon import report
 
-__all__ = ["RunSpec", "aggregate", "build_report", "plan", "run_sweep"]
+__all__ = ["BASELINES", "RunSpec", "aggregate", "build_report", "plan", "run_sweep"]
 
 # (metric, higher is better) shown in the tables, per task
 TABLE_METRICS = {
@@ -60,6 +62,10 @@ BAR_METRICS = {
     "supcon": ["linear_probe_acc", "knn_acc"],
     "cluster": ["acc", "nmi", "ari"],
 }
+
+
+#: The losses a sweep can run beside the divergences, per task (a row each).
+BASELINES = {"cluster": ("pmi",)}
 
 
 def task_module(task: str):

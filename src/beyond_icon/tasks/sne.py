@@ -21,7 +21,7 @@ from beyond_icon import metrics, report
 from beyond_icon.distributed import is_main
 from beyond_icon.parametric_sne import KERNELS, ParametricSNE
 from beyond_icon.tasks.common import TaskConfig, begin, finish, option
-from beyond_icon.train import write_csv
+from beyond_icon.train import SCHEDULE_HELP, write_csv
 
 __all__ = ["KERNELS", "ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
 
@@ -65,7 +65,8 @@ class SNEConfig(TaskConfig):
         256,
         "anchors per batch (global; each brings one sampled neighbour) or points per batch (batch)",
     )
-    lr: float = option(4e-3, "Adam learning rate, cosine decay")
+    lr: float = option(4e-3, "Adam learning rate")
+    schedule: str = option("cosine", SCHEDULE_HELP)
     exaggeration: float = option(
         12.0, "early exaggeration: the negatives' weight in q is divided by it (global only)"
     )
