@@ -194,3 +194,24 @@ def test_a_step_without_value_checks_still_names_a_bad_input():
             verbose=False,
         )
     assert torch.isfinite(model.weight).all()
+
+
+def test_a_chunked_loss_trains_through_the_loop():
+    """The loop's forward runs without value checks and its backward outside that block: the
+    checkpointed chunks must recompute the branch their forward took."""
+    from beyond_icon import methods
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(16, 4)
+    labels = torch.arange(16) % 4
+    supcon = methods.SupCon(divergence="jsd", chunk_size=4)
+    history = fit(
+        model,
+        lambda g: [0, 1],
+        lambda _: supcon(model(x), labels),
+        TrainConfig(epochs=2),
+        device=torch.device("cpu"),
+        verbose=False,
+    )
+    assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)

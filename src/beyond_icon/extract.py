@@ -345,7 +345,7 @@ class ImageFiles(torch.utils.data.Dataset):
         with Image.open(path) as image:
             image = image.convert("RGB")
             size = self.size
-            if image.size != (size, size):
+            if image.size != (size, size) or self.crop < 1.0:
                 short = round(size / self.crop)
                 w, h = image.size
                 scale = short / min(w, h)
@@ -484,13 +484,20 @@ def stream_extract(
     if batch_size < 1 or chunk_batches < 1:
         raise ValueError("batch_size and chunk_batches must be positive integers")
     chunk = batch_size * chunk_batches
-    identity = _identity(encoder, splits, {"batch_size": batch_size, "chunk": chunk, "crop": crop})
+    options = {
+        "batch_size": batch_size,
+        "chunk": chunk,
+        "crop": crop,
+        # bf16 autocast on CUDA, float32 elsewhere: chunks of both never mix in one table
+        "precision": "bfloat16" if device.type == "cuda" else "float32",
+    }
+    identity = _identity(encoder, splits, options)
     if _open_folder(out, identity, rank):
         if verbose and rank == 0:
             print(f"{out} already holds these features (meta.json); nothing to do")
         return out
     chunks_dir = out / ".chunks"
-    todo = _pending_chunks(splits, chunks_dir, chunk, rank, world_size)
+    todo = _pending_chunks(splits, chunks_dir, chunk, rank, world_size, skip_corrupt)
     remaining = sum(
         min(chunk, len(splits[name].source) - c * chunk) for name in todo for c in todo[name]
     )
@@ -510,6 +517,8 @@ def stream_extract(
             for c in todo[name]
             for start in range(c * chunk, min((c + 1) * chunk, len(split.source)), batch_size)
         ]
+        if not batches:  # this split is done (or holds no chunk of this rank)
+            continue
         loader = torch.utils.data.DataLoader(
             split.source,
             batch_sampler=batches,
@@ -524,7 +533,12 @@ def stream_extract(
             bar.update(len(index))
     bar.close()
     seconds = time.perf_counter() - started
-    _barrier()
+    if world_size > 1:  # every rank's images of this segment (the barrier of the join too)
+        from beyond_icon.distributed import all_reduce_sum
+
+        remaining = int(all_reduce_sum(torch.tensor(remaining, device=device)))
+    else:
+        _barrier()
     if rank == 0:
         rate = remaining / seconds if remaining and seconds > 0 else None
         meta = _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split, rate)
@@ -535,7 +549,8 @@ def stream_extract(
                 f"; {len(meta['skipped'])} unreadable files skipped" if meta["skipped"] else ""
             )
             print(f"{out}: {sizes} x {meta['dim']} float16 features{shown}{skipped}")
-    _barrier()
+    # no barrier after the join: the other ranks are done, and a long join (ImageNet on a
+    # slow disk) must not run into their collective timeout
     return out
 
 
@@ -571,17 +586,28 @@ def _open_folder(out: Path, identity: dict, rank: int) -> bool:
     return False
 
 
-def _pending_chunks(splits, chunks_dir: Path, chunk: int, rank: int, world_size: int) -> dict:
-    """This rank's chunks (every ``world_size``-th) that are not on disk whole, per split."""
+def _pending_chunks(
+    splits, chunks_dir: Path, chunk: int, rank: int, world_size: int, skip_corrupt: bool
+) -> dict:
+    """This rank's chunks (every ``world_size``-th) that are not on disk whole, per split. A
+    kept chunk that left out unreadable images (an earlier ``--skip-corrupt`` run) is refused
+    without ``skip_corrupt``, naming the first such file."""
     todo: dict[str, list[int]] = {}
     for name, split in splits.items():
         n = len(split.source)
-        todo[name] = [
-            c
-            for c in range(rank, -(-n // chunk), world_size)
-            if _read_chunk(chunks_dir / f"{name}-{c:06d}.npz", min(chunk, n - c * chunk), None)
-            is None
-        ]
+        todo[name] = []
+        for c in range(rank, -(-n // chunk), world_size):
+            stored = _read_chunk(
+                chunks_dir / f"{name}-{c:06d}.npz", min(chunk, n - c * chunk), None
+            )
+            if stored is None:
+                todo[name].append(c)
+            elif not skip_corrupt and not stored[1].all():
+                first = split.names[c * chunk + int(np.flatnonzero(~stored[1])[0])]
+                raise ValueError(
+                    f"{first}: cannot decode the image (left out by an earlier --skip-corrupt "
+                    "run into this folder); pass --skip-corrupt again or choose another --out"
+                )
     return todo
 
 
@@ -719,6 +745,20 @@ def _sources(spec: str, encoder: Encoder, crop: float, data_dir, download):
     return splits, dataset.classes, dataset.has_test_split
 
 
+def _load_in_turn(name: str, image_size: int | None, pooling: str) -> Encoder:
+    """Under torchrun rank 0 loads first (and fills the torch.hub cache), then the others read
+    the cache: ranks unpacking the same repository at once can collide."""
+    from beyond_icon.distributed import world
+
+    rank, world_size = world()
+    if world_size > 1 and rank != 0:
+        _barrier()
+    encoder = load_encoder(name, image_size, pooling)
+    if world_size > 1 and rank == 0:
+        _barrier()
+    return encoder
+
+
 def run_extract(
     encoder_name: str,
     spec: str,
@@ -765,10 +805,12 @@ def run_extract(
     from beyond_icon.distributed import init_from_env
 
     dev = resolve_device(device)
-    encoder = load_encoder(encoder_name, image_size, pooling)
     out = Path(out).expanduser()
-    if out.suffix.lower() != ".npz":
+    streamed = out.suffix.lower() != ".npz"
+    if streamed:
         init_from_env(dev)
+    encoder = _load_in_turn(encoder_name, image_size, pooling)
+    if streamed:
         splits, classes, has_test = _sources(spec, encoder, crop, data_dir, download)
         return stream_extract(
             encoder,

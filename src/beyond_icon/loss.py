@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from beyond_icon import divergences as _divergences
-from beyond_icon._validation import check_log_distributions, checking_values
+from beyond_icon._validation import check_log_distributions, checking_values, value_checks
 from beyond_icon.distributed import Shard
 
 __all__ = ["LossStats", "icon_loss", "icon_loss_rows"]
@@ -72,7 +72,7 @@ def _block_terms(
         check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
     elif log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
-    has_mass = log_p.detach().amax(dim=-1) > -math.inf
+    has_mass = log_p.detach().amax(dim=-1) != -math.inf  # NaN rows count (and propagate)
     if not validate and not checking_values():
         # no host sync: rows without mass are evaluated as they are (finite for most
         # divergences) or with p := q (finite terms and partials), then set to 0
@@ -154,9 +154,14 @@ def _sum_and_count(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
+    # the recomputation in backward must take the branch the forward took, whatever the
+    # value checks are where (and on which thread) backward runs
+    checks = checking_values()
+
     def block_sum(start: int, stop: int) -> tuple[Tensor, Tensor]:
         block = slice(start, stop)
-        values, mask = _block_terms(_block(log_p, block), _block(log_q, block), div, validate)
+        with value_checks(checks):
+            values, mask = _block_terms(_block(log_p, block), _block(log_q, block), div, validate)
         return values.sum(), mask.sum()
 
     total, count = None, 0

@@ -332,7 +332,11 @@ def _explain_divergence(loss_fn, batch, step, epoch, value, use_amp, device) -> 
     bad input or an infinite divergence is named in one line; else report the divergence.
     Raised before the optimiser step, so the weights stay usable."""
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with (
+            value_checks(True),
+            torch.no_grad(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp),
+        ):
             loss_fn(batch)
     except ValueError as error:
         raise TrainingDiverged(

@@ -198,7 +198,7 @@ class _HeadTrainer:
         self.n = len(train_x)
         self.batch = min(config.batch_size, self.n)
         self.steps_per_epoch = max(1, self.n // self.batch)
-        self.head_losses = torch.zeros(config.n_heads)
+        self.head_losses = torch.zeros(config.n_heads, device=device)  # no sync per step
         self.head_steps = 0
 
     def batches(self, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
@@ -248,7 +248,7 @@ class _HeadTrainer:
                 sample_index=index if config.same_sample_positive else None,
                 features=self.standardize(x) if config.propagate_steps > 1 else None,
             )
-        self.head_losses.add_(losses.detach().cpu())
+        self.head_losses.add_(losses.detach().float())
         self.head_steps += 1
         return losses.mean()
 
