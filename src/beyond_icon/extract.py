@@ -537,8 +537,6 @@ def stream_extract(
         from beyond_icon.distributed import all_reduce_sum
 
         remaining = int(all_reduce_sum(torch.tensor(remaining, device=device)))
-    else:
-        _barrier()
     if rank == 0:
         rate = remaining / seconds if remaining and seconds > 0 else None
         meta = _join(out, chunks_dir, splits, chunk, identity, classes, has_test_split, rate)
