@@ -301,10 +301,8 @@ def extract(
     encoder.to(device)
     out = []
     for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=not verbose, leave=False):
-        batch = torch.as_tensor(as_float(x[start : start + batch_size])).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            features = encoder.embed(batch)
-        out.append(features.float().cpu().numpy())
+        batch = torch.as_tensor(as_float(x[start : start + batch_size]))
+        out.append(_encode(encoder, batch, device).cpu().numpy())
     features = np.concatenate(out)
     if not np.isfinite(features).all():
         raise ValueError("the encoder produced NaN or Inf features")
@@ -621,10 +619,15 @@ def _check_decoded(split, index: list[int], ok: Tensor, reasons, skip_corrupt: b
         warnings.warn(f"skipped {path}: {reasons[i]}", stacklevel=3)
 
 
+def _encode(encoder: Encoder, images: Tensor, device: torch.device) -> Tensor:
+    """float32 features of a batch, the encoder under bf16 autocast on CUDA."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return encoder.embed(images.to(device, non_blocking=True)).float()
+
+
 def _embed_batch(encoder, images, ok, split, index, device) -> np.ndarray:
     """float16 features of a decoded batch (zeros for the images that did not decode)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        features = encoder.embed(images.to(device, non_blocking=True)).float()
+    features = _encode(encoder, images, device)
     if not bool(torch.isfinite(features[ok.to(device)]).all()):
         raise ValueError(
             f"the encoder produced NaN or Inf features for {split.names[index[0]]} .. "

@@ -74,12 +74,7 @@ def _block_terms(
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
     has_mass = log_p.detach().amax(dim=-1) != -math.inf  # NaN rows count (and propagate)
     if not validate and not checking_values():
-        # no host sync: rows without mass are evaluated as they are (finite for most
-        # divergences) or with p := q (finite terms and partials), then set to 0
-        if not divergence.finite_where_p_is_zero:
-            log_p = torch.where(has_mass[..., None], log_p, log_q.detach())
-        values = divergence(log_p, log_q, validate=False)
-        return torch.where(has_mass, values, torch.zeros_like(values)), has_mass
+        return _masked_values(divergence, log_p, log_q, has_mass), has_mass
     if not bool(has_mass.all()):
         log_p, log_q = log_p[has_mass], log_q[has_mass]
     if log_p.shape[0] == 0:
@@ -90,6 +85,18 @@ def _block_terms(
     if not _divergences.is_builtin(divergence):  # a user's function: check what it returns
         _check_user_values(values.detach(), divergence.name)
     return values, has_mass
+
+
+def _masked_values(
+    divergence: _divergences.Divergence, log_p: Tensor, log_q: Tensor, has_mass: Tensor
+) -> Tensor:
+    """Per-row divergences with the rows of p without mass set to 0, and no host sync: those
+    rows are evaluated as they are (finite for most divergences) or with p := q (finite terms
+    and partials), then masked. The sync-free twin of dropping them by boolean indexing."""
+    if not divergence.finite_where_p_is_zero:
+        log_p = torch.where(has_mass[..., None], log_p, log_q.detach())
+    values = divergence(log_p, log_q, validate=False)
+    return torch.where(has_mass, values, torch.zeros_like(values))
 
 
 def _check_user_values(values: Tensor, name: str) -> None:

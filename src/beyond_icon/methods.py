@@ -755,14 +755,15 @@ class ClusterLoss(IConLoss):
         """The merged-columns loss without reading values back (value checks off): rows with
         no positive are evaluated as they are (or with p := q) and masked out, the count stays
         on the device; none of them gives 0 / 0 = NaN, which the training loop reports."""
+        from beyond_icon.loss import _masked_values
+
         heads, width = block_q.shape[0], block_q.shape[-1]
-        block_p = block_p.expand(heads, -1, -1)
-        if not self.divergence.finite_where_p_is_zero:
-            block_p = torch.where(has_mass[None, :, None], block_p, block_q.detach())
-        values = self.divergence(block_p.reshape(-1, width), block_q.reshape(-1, width))
-        values = torch.where(
-            has_mass, values.view(heads, -1), torch.zeros_like(values.view(heads, -1))
-        )
+        values = _masked_values(
+            self.divergence,
+            block_p.expand(heads, -1, -1).reshape(-1, width),
+            block_q.reshape(-1, width),
+            has_mass.expand(heads, -1).reshape(-1),
+        ).view(heads, -1)
         count, world_size = has_mass.sum(), 1
         if shard is not None:
             from beyond_icon.distributed import all_reduce_sum

@@ -108,15 +108,19 @@ def mine_neighbors(
     shift = torch.zeros(1, raw.shape[1], device=device)
     total = torch.zeros(raw.shape[1], dtype=torch.float64, device=device)
     scale = torch.empty(n, device=device)  # row norms (cosine) or squared norms (euclidean)
-    for start in range(0, n, key_block):
+    for start in range(0, n, key_block):  # one pass: finiteness, and norms or sums
         block = raw[start : start + key_block].float()
         if not bool(torch.isfinite(block).all()):
             raise ValueError("embeddings contain NaN or Inf")
-        total += block.sum(0, dtype=torch.float64)
-    if (
-        metric == "euclidean"
-    ):  # centre: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b loses less to cancellation
+        if metric == "cosine":
+            scale[start : start + len(block)] = block.norm(dim=1).clamp_min(1e-12)
+        else:
+            total += block.sum(0, dtype=torch.float64)
+    if metric == "euclidean":  # centre: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b cancels less
         shift = (total / max(n, 1)).float()[None]
+        for start in range(0, n, key_block):  # the squared norms need the centre first
+            block = raw[start : start + key_block].float()
+            scale[start : start + len(block)] = (block - shift).pow(2).sum(1)
 
     def rows_of(start: int, stop: int) -> torch.Tensor:
         block = raw[start:stop].float()
@@ -124,12 +128,6 @@ def mine_neighbors(
             return block / scale[start:stop, None]
         return block - shift
 
-    for start in range(0, n, key_block):
-        block = raw[start : start + key_block].float()
-        if metric == "cosine":
-            scale[start : start + len(block)] = block.norm(dim=1).clamp_min(1e-12)
-        else:
-            scale[start : start + len(block)] = (block - shift).pow(2).sum(1)
     key_sq = scale
     first, last = (0, n) if queries is None else queries.indices(n)[:2]
     out = torch.empty(last - first, k, dtype=torch.long)
