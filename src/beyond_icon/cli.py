@@ -361,9 +361,15 @@ def _leave_process_group() -> None:
     """Under torchrun, leave the process group before the interpreter exits: a gloo group left
     to static destruction sometimes aborts the process ("terminate called without an active
     exception") after a successful run."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            # the ranks leave together: one that left while rank 0 still evaluated aborted
+            # in about 1 run of 10 (tests/test_distributed.py); a day covers any evaluation
+            dist.monitored_barrier(timeout=datetime.timedelta(days=1))
         dist.destroy_process_group()
 
 
