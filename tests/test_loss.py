@@ -236,3 +236,72 @@ def test_rows_without_mass_are_left_out_the_same_way_without_value_checks(name, 
     torch.testing.assert_close(fast, checked)
     torch.testing.assert_close(fast_z.grad, checked_z.grad)
     assert torch.isfinite(fast_z.grad).all()
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "jsd", "hellinger", "chi2", "alpha:0.5"])
+@pytest.mark.parametrize("checks", [True, False])
+def test_default_blocks_equal_one_block(monkeypatch, name, checks):
+    """The default CPU evaluation goes through blocks of rows (loss.BLOCK_BYTES per tensor):
+    with blocks of 2 to 3 rows the value and gradient equal those of one block."""
+    from beyond_icon import loss as loss_module
+    from beyond_icon import value_checks
+
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(23, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 4, (23,), generator=gen)
+    y[0] = 99  # one empty row
+
+    def run(block_bytes):
+        monkeypatch.setattr(loss_module, "BLOCK_BYTES", block_bytes)
+        zz = z.clone().requires_grad_()
+        with value_checks(checks):
+            value = bi.icon_loss(
+                lambda rows: kernels.labels(y, rows=rows, dtype=zz.dtype),
+                lambda rows: kernels.gaussian(zz, 0.8, rows=rows),
+                name,
+                n_rows=23,
+            )
+            value.backward()
+        return value.detach(), zz.grad
+
+    one, one_grad = run(2**40)
+    blocked, blocked_grad = run(2 * 23 * 8)  # 2 rows of 23 float64 columns per block
+    torch.testing.assert_close(blocked, one, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(blocked_grad, one_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_default_blocks_follow_the_width_of_q(monkeypatch):
+    """The first block assumes a square q (m = n); a narrow q (classification, m = 3 classes)
+    then gets blocks of its own width, and the rows are all counted once."""
+    from beyond_icon import loss as loss_module
+
+    calls = []
+    monkeypatch.setattr(loss_module, "BLOCK_BYTES", 40 * 4 * 4)  # 4 rows of 40 float32 columns
+    logits = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(40) % 3
+
+    def log_q(rows):
+        calls.append(rows)
+        return torch.log_softmax(logits[rows], dim=-1)
+
+    def log_p(rows):
+        return torch.where(torch.nn.functional.one_hot(labels[rows], 3) > 0, 0.0, -math.inf)
+
+    value = bi.icon_loss(log_p, log_q, "kl", n_rows=40)
+    torch.testing.assert_close(value, torch.nn.functional.cross_entropy(logits, labels))
+    assert calls[0] == slice(0, 4)  # 4 rows of the assumed 40 columns
+    assert calls[1] == slice(4, 40)  # then the 3-column width allows all the rest at once
+
+
+def test_fast_exp_of_log_probabilities():
+    """divergences._exp: exp2-based on the CPU in float32 (torch's exp is slow on -inf and
+    below -88), within |x| * 1e-7 relative of float64's exp; exactly 0 at -inf."""
+    x = torch.cat([torch.linspace(-100.0, 0.0, 10001), torch.tensor([-math.inf])])
+    for scale in (1.0, 0.5):
+        fast = divergences._exp(x, scale)
+        exact = (scale * x.double()).exp()
+        assert fast[-1] == 0.0 and fast[-2] == 1.0
+        finite = slice(0, -1)
+        tolerance = 1e-7 * (1.0 + (scale * x[finite].double()).abs()) * exact[finite] + 1e-44
+        assert ((fast[finite].double() - exact[finite]).abs() <= tolerance).all()
+    assert divergences._exp(x.double()).equal(x.double().exp())  # float64: torch's exp

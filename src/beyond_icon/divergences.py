@@ -64,10 +64,15 @@ class InfiniteDivergenceError(ValueError):
     """The divergence is infinite because the supports of p and q do not fit."""
 
 
-def _raise_if(mask: Tensor, name: str, what: str) -> None:
-    """Raise InfiniteDivergenceError when ``mask`` (n, m) has any True entry (with value checks
-    off, see :func:`beyond_icon.value_checks`, the infinite value is returned instead)."""
-    if checking_values() and bool(mask.any()):
+def _raise_if(mask_fn: Callable[[], Tensor], name: str, what: str) -> None:
+    """Raise InfiniteDivergenceError when the mask ``mask_fn()`` (n, m) has any True entry.
+
+    With value checks off (see :func:`beyond_icon.value_checks`) the mask is not even built
+    (three passes over the block saved) and the infinite value is returned instead."""
+    if not checking_values():
+        return
+    mask = mask_fn()
+    if bool(mask.any()):
         rows = torch.nonzero(mask.any(dim=-1)).flatten()
         shown = rows[:5].tolist()
         more = "" if rows.numel() <= 5 else f" and {rows.numel() - 5} more"
@@ -76,17 +81,22 @@ def _raise_if(mask: Tensor, name: str, what: str) -> None:
         )
 
 
-def _p_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Elementwise ``a * (log a - log b)`` with ``a = exp(log_a)``, 0 where ``a = 0``.
+_LOG2_E = 1.0 / math.log(2.0)
 
-    The masked entries are replaced by zeros *before* the arithmetic so that gradients with
-    respect to both inputs are exactly 0 there (never ``nan``). Callers check that ``b > 0``
-    wherever ``a > 0``.
+
+def _exp(log_a: Tensor, scale: float = 1.0) -> Tensor:
+    """``exp(scale * log_a)`` for log-probabilities (``-inf`` gives 0).
+
+    On the CPU in float32 it is computed as ``exp2(log_a * scale * log2(e))``: torch's
+    vectorised ``exp`` takes a slow path for inputs below about -88 and for ``-inf`` (5 to 12
+    times slower per element on this project's CPUs, measured), which a sparse p (labels,
+    neighbours: ``-inf`` on most entries) hits almost everywhere, while ``exp2`` does not. The
+    relative error is about ``|scale * log_a| * 6e-8`` (3e-6 at ``log_a = -50``), against
+    float32's resolution of 6e-8. Other dtypes and devices use ``exp``.
     """
-    support = log_a > -math.inf
-    safe_a = torch.where(support, log_a, torch.zeros_like(log_a))
-    safe_b = torch.where(support, log_b, torch.zeros_like(log_b))
-    return torch.where(support, safe_a.exp() * (safe_a - safe_b), torch.zeros_like(log_a))
+    if log_a.dtype == torch.float32 and log_a.device.type == "cpu":
+        return torch.exp2(log_a * (scale * _LOG2_E))
+    return log_a.exp() if scale == 1.0 else (scale * log_a).exp()
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,18 +106,19 @@ def _p_log_ratio(log_a: Tensor, log_b: Tensor) -> Tensor:
 
 def _xlogratio(log_a: Tensor, log_b: Tensor) -> Tensor:
     """``a (log a - log b)`` elementwise, 0 where ``a = 0``; forward only (no autograd)."""
-    return torch.where(log_a > -math.inf, log_a.exp() * (log_a - log_b), 0.0)
+    return torch.where(log_a > -math.inf, _exp(log_a) * (log_a - log_b), 0.0)
 
 
 class _KLRule:
     """``t = p (log p - log q)`` (0 where p = 0); ``dt/dlog p = t + p``, ``dt/dlog q = -p``."""
 
+    scales = (1.0, 1.0, -1.0)
+
     @staticmethod
     def forward(log_p, log_q, needed):
-        support = log_p > -math.inf
-        p = log_p.exp()
-        terms = torch.where(support, p * (log_p - log_q), 0.0)
-        return terms, terms + p if needed[0] else None, -p if needed[1] else None
+        p = _exp(log_p)
+        terms = torch.where(log_p > -math.inf, p * (log_p - log_q), 0.0)
+        return terms, terms + p if needed[0] else None, p if needed[1] else None
 
 
 def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -135,7 +146,7 @@ def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
     Kullback, S. and Leibler, R. A. (1951). On information and sufficiency. Annals of
     Mathematical Statistics 22(1).
     """
-    _raise_if((log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
+    _raise_if(lambda: (log_p > -math.inf) & (log_q == -math.inf), "kl", "p > 0 where q = 0")
     return _rowwise(log_p, log_q, _KLRule)
 
 
@@ -159,20 +170,21 @@ def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
         Where ``p = 0 < q``: a sparse p (labels, k-NN) needs debiasing first
         (:func:`beyond_icon.kernels.debias`).
     """
-    _raise_if((log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
+    _raise_if(lambda: (log_q > -math.inf) & (log_p == -math.inf), "reverse_kl", "q > 0 where p = 0")
     return _rowwise(log_q, log_p, _KLRule)
 
 
 class _Rowwise(torch.autograd.Function):
     """``sum_j t(log p_j, log q_j)`` with a closed-form backward (called via :func:`_rowwise`).
 
-    ``rule`` gives the elementwise terms and their partial derivatives with respect to
-    ``log p`` and ``log q`` (each 0 where both ``p`` and ``q`` are 0): one implementation of
-    the row-wise pattern for every divergence below. The partials are computed in the forward
-    pass from the same intermediates as the terms, and only those of inputs that need a
-    gradient are kept (usually just q's: p is supervision), so backward is one product. The
-    price: one (n x m) tensor of partials stays alive from forward to backward per call (the
-    inputs alone were kept before).
+    ``rule.forward(log_p, log_q, needed)`` gives the elementwise terms and their partial
+    derivatives with respect to ``log p`` and ``log q`` (each 0 where both ``p`` and ``q`` are
+    0), each up to a constant factor in ``rule.scales`` (terms, d log p, d log q), applied to
+    the (n,) row sums and the (n, 1) gradient instead of the (n x m) block: one implementation
+    of the row-wise pattern for every divergence below. The partials are computed in the
+    forward pass from the same intermediates as the terms, and only those of inputs that need
+    a gradient are kept (usually just q's: p is supervision), so backward is one product. The
+    price: one (n x m) tensor of partials stays alive from forward to backward per call.
     """
 
     @staticmethod
@@ -180,18 +192,25 @@ class _Rowwise(torch.autograd.Function):
         needed = ctx.needs_input_grad[:2]
         terms, d_p, d_q = _rule_forward(rule)(log_p, log_q, needed)
         ctx.save_for_backward(d_p, d_q)
-        return terms.sum(dim=-1)
+        ctx.scales = rule.scales
+        return _row_sums(terms, rule.scales[0])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
         d_p, d_q = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
+        _, scale_p, scale_q = ctx.scales
         return (
-            d_p * grad if d_p is not None else None,
-            d_q * grad if d_q is not None else None,
+            d_p * (grad if scale_p == 1.0 else scale_p * grad) if d_p is not None else None,
+            d_q * (grad if scale_q == 1.0 else scale_q * grad) if d_q is not None else None,
             None,
         )
+
+
+def _row_sums(terms: Tensor, scale: float) -> Tensor:
+    sums = terms.sum(dim=-1)
+    return sums if scale == 1.0 else scale * sums
 
 
 def _rowwise(log_p: Tensor, log_q: Tensor, rule) -> Tensor:
@@ -199,7 +218,7 @@ def _rowwise(log_p: Tensor, log_q: Tensor, rule) -> Tensor:
     partials computed under ``no_grad``, e.g. the first pass of a checkpointed chunk)."""
     if torch.is_grad_enabled() and (log_p.requires_grad or log_q.requires_grad):
         return _Rowwise.apply(log_p, log_q, rule)
-    return _rule_forward(rule)(log_p, log_q, (False, False))[0].sum(dim=-1)
+    return _row_sums(_rule_forward(rule)(log_p, log_q, (False, False))[0], rule.scales[0])
 
 
 _COMPILE = {"enabled": False}
@@ -251,124 +270,75 @@ def _rule_forward(rule):
     return compiled
 
 
-class _Rule:
-    """Terms and partials computed separately (rules may share intermediates instead)."""
-
-    def forward(self, log_p, log_q, needed):
-        d_p, d_q = self.partials(log_p, log_q, needed) if any(needed) else (None, None)
-        return self.terms(log_p, log_q), d_p, d_q
-
-
-class _TVRule(_Rule):
-    """``t = |p - q| / 2``; ``dt/dlog p = sign(p - q) p / 2``, ``dt/dlog q = -sign(p - q) q / 2``."""
-
-    @staticmethod
-    def terms(log_p, log_q):
-        return 0.5 * (log_p.exp() - log_q.exp()).abs()
-
-    @staticmethod
-    def partials(log_p, log_q, needed):
-        p, q = log_p.exp(), log_q.exp()
-        half_sign = 0.5 * torch.sign(p - q)
-        return (half_sign * p if needed[0] else None, -half_sign * q if needed[1] else None)
-
-    def forward(self, log_p, log_q, needed):
-        p, q = log_p.exp(), log_q.exp()
-        gap = p - q
-        half_sign = 0.5 * torch.sign(gap) if any(needed) else None
-        return (
-            0.5 * gap.abs(),
-            half_sign * p if needed[0] else None,
-            -half_sign * q if needed[1] else None,
-        )
-
-
-_TV = _TVRule()
-
-
-class _HellingerRule(_Rule):
-    """``t = (sqrt p - sqrt q)^2 / 2``; ``dt/dlog p = (sqrt p - sqrt q) sqrt p / 2``,
-    ``dt/dlog q = -(sqrt p - sqrt q) sqrt q / 2``."""
-
-    @staticmethod
-    def terms(log_p, log_q):
-        return 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()).pow(2)
-
-    @staticmethod
-    def partials(log_p, log_q, needed):
-        root_p, root_q = (0.5 * log_p).exp(), (0.5 * log_q).exp()
-        half_gap = 0.5 * (root_p - root_q)
-        return (half_gap * root_p if needed[0] else None, -half_gap * root_q if needed[1] else None)
-
-    def forward(self, log_p, log_q, needed):
-        root_p, root_q = (0.5 * log_p).exp(), (0.5 * log_q).exp()
-        half_gap = 0.5 * (root_p - root_q)
-        return (
-            half_gap * (root_p - root_q),
-            half_gap * root_p if needed[0] else None,
-            -half_gap * root_q if needed[1] else None,
-        )
-
-
-_Hellinger = _HellingerRule()
-
-
 def _on(mask: Tensor, log_a: Tensor) -> Tensor:
     return torch.where(mask, log_a, 0.0)
 
 
-class _Chi2Rule(_Rule):
+class _TVRule:
+    """``t = |p - q| / 2``; ``dt/dlog p = sign(p - q) p / 2``, ``dt/dlog q = -sign(p - q) q / 2``."""
+
+    scales = (0.5, 0.5, -0.5)
+
+    @staticmethod
+    def forward(log_p, log_q, needed):
+        p, q = _exp(log_p), _exp(log_q)
+        gap = p - q
+        sign = torch.sign(gap) if any(needed) else None
+        return gap.abs(), sign * p if needed[0] else None, sign * q if needed[1] else None
+
+
+class _HellingerRule:
+    """``t = (sqrt p - sqrt q)^2 / 2``; ``dt/dlog p = (sqrt p - sqrt q) sqrt p / 2``,
+    ``dt/dlog q = -(sqrt p - sqrt q) sqrt q / 2``."""
+
+    scales = (0.5, 0.5, -0.5)
+
+    @staticmethod
+    def forward(log_p, log_q, needed):
+        root_p, root_q = _exp(log_p, 0.5), _exp(log_q, 0.5)
+        gap = root_p - root_q
+        return gap * gap, gap * root_p if needed[0] else None, gap * root_q if needed[1] else None
+
+
+class _Chi2Rule:
     """``t = (p - q)^2 / q = (p - q) expm1(log p - log q)`` where ``q > 0`` (else 0);
-    ``dt/dlog p = 2 p expm1(log p - log q)``, ``dt/dlog q = q - p exp(log p - log q)``."""
+    ``dt/dlog p = 2 p expm1(log p - log q)``, ``dt/dlog q = q - p exp(log p - log q)``.
+
+    Where ``q = 0`` both inputs are replaced by 0, so ``p = q = 1`` and ``expm1(0) = 0`` there:
+    the term and both partials are exactly 0 with no mask afterwards."""
+
+    scales = (1.0, 2.0, 1.0)
 
     @staticmethod
-    def terms(log_p, log_q):
+    def forward(log_p, log_q, needed):
         support = log_q > -math.inf
         lp, lq = _on(support, log_p), _on(support, log_q)
-        terms = (lp.exp() - lq.exp()) * torch.expm1(lp - lq)
-        return torch.where(support, terms, 0.0)
-
-    @staticmethod
-    def partials(log_p, log_q, needed):
-        support = log_q > -math.inf
-        lp, lq = _on(support, log_p), _on(support, log_q)
-        p, ratio = lp.exp(), (lp - lq).exp()
-        d_p = torch.where(support, 2.0 * p * torch.expm1(lp - lq), 0.0) if needed[0] else None
-        d_q = torch.where(support, lq.exp() - p * ratio, 0.0) if needed[1] else None
-        return d_p, d_q
-
-    def forward(self, log_p, log_q, needed):
-        support = log_q > -math.inf
-        lp, lq = _on(support, log_p), _on(support, log_q)
-        p, q, gap = lp.exp(), lq.exp(), torch.expm1(lp - lq)
-        terms = torch.where(support, (p - q) * gap, 0.0)
-        d_p = torch.where(support, 2.0 * p * gap, 0.0) if needed[0] else None
-        d_q = torch.where(support, q - p * (gap + 1.0), 0.0) if needed[1] else None
-        return terms, d_p, d_q
+        p, q, gap = _exp(lp), _exp(lq), torch.expm1(lp - lq)
+        d_q = q - p * (gap + 1.0) if needed[1] else None
+        return (p - q) * gap, p * gap if needed[0] else None, d_q
 
 
-class _JeffreysRule(_Rule):
+class _JeffreysRule:
     """``t = (p - q)(log p - log q)`` on the common support; ``dt/dlog p = p (log p - log q) +
-    p - q``, ``dt/dlog q = -q (log p - log q) - (p - q)``."""
+    p - q``, ``dt/dlog q = -q (log p - log q) - (p - q)``; 0 off the support, where both
+    inputs are replaced by 0 (so ``p = q`` and every factor vanishes)."""
+
+    scales = (1.0, 1.0, -1.0)
 
     @staticmethod
-    def terms(log_p, log_q):
+    def forward(log_p, log_q, needed):
         support = log_p > -math.inf
         lp, lq = _on(support, log_p), _on(support, log_q)
-        return torch.where(support, (lp.exp() - lq.exp()) * (lp - lq), 0.0)
-
-    @staticmethod
-    def partials(log_p, log_q, needed):
-        support = log_p > -math.inf
-        lp, lq = _on(support, log_p), _on(support, log_q)
-        p, q, gap = lp.exp(), lq.exp(), lp - lq
-        d_p = torch.where(support, p * gap + p - q, 0.0) if needed[0] else None
-        d_q = torch.where(support, -q * gap - (p - q), 0.0) if needed[1] else None
-        return d_p, d_q
+        p, q, gap = _exp(lp), _exp(lq), lp - lq
+        diff = p - q
+        return (
+            diff * gap,
+            p * gap + diff if needed[0] else None,
+            q * gap + diff if needed[1] else None,
+        )
 
 
-_Chi2 = _Chi2Rule()
-_Jeffreys = _JeffreysRule()
+_TV, _Hellinger, _Chi2, _Jeffreys = _TVRule(), _HellingerRule(), _Chi2Rule(), _JeffreysRule()
 
 
 def tv(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -446,11 +416,9 @@ def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``log m = log((p + q) / 2)``, -inf where both are 0."""
-    either = (log_p > -math.inf) | (log_q > -math.inf)
-    safe_p = torch.where(either, log_p, 0.0)
-    safe_q = torch.where(either, log_q, 0.0)
-    return torch.where(either, torch.logaddexp(safe_p, safe_q) - math.log(2.0), -math.inf)
+    """``log m = log((p + q) / 2)``, -inf where both are 0 (``logaddexp(-inf, -inf) = -inf``;
+    forward only: the rules take no autograd through it)."""
+    return torch.logaddexp(log_p, log_q) - math.log(2.0)
 
 
 class _JSDRule:
@@ -458,12 +426,14 @@ class _JSDRule:
     halves are the partials: ``dt/dlog p = 1/2 p (log p - log m)``, ``dt/dlog q = 1/2 q (log q
     - log m)`` (the terms from ``d log m`` cancel)."""
 
+    scales = (0.5, 0.5, 0.5)
+
     @staticmethod
     def forward(log_p, log_q, needed):
         log_m = _log_mixture(log_p, log_q)
-        half_p = 0.5 * _xlogratio(log_p, log_m)
-        half_q = 0.5 * _xlogratio(log_q, log_m)
-        return half_p + half_q, half_p if needed[0] else None, half_q if needed[1] else None
+        part_p = _xlogratio(log_p, log_m)
+        part_q = _xlogratio(log_q, log_m)
+        return part_p + part_q, part_p if needed[0] else None, part_q if needed[1] else None
 
 
 def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -495,7 +465,7 @@ def chi2(log_p: Tensor, log_q: Tensor) -> Tensor:
     the case of a correlated system of variables is such that it can be reasonably supposed to
     have arisen from random sampling. Philosophical Magazine 50(302).
     """
-    _raise_if((log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
+    _raise_if(lambda: (log_p > -math.inf) & (log_q == -math.inf), "chi2", "p > 0 where q = 0")
     return _rowwise(log_p, log_q, _Chi2)
 
 
@@ -524,45 +494,47 @@ def jeffreys(log_p: Tensor, log_q: Tensor) -> Tensor:
     Jeffreys, H. (1946). An invariant form for the prior probability in estimation problems.
     Proceedings of the Royal Society A 186(1007).
     """
-    p_only = (log_p > -math.inf) & (log_q == -math.inf)
-    q_only = (log_q > -math.inf) & (log_p == -math.inf)
-    _raise_if(p_only | q_only, "jeffreys", "p and q have different supports")
+    _raise_if(
+        lambda: (log_p > -math.inf) != (log_q > -math.inf),
+        "jeffreys",
+        "p and q have different supports",
+    )
     return _rowwise(log_p, log_q, _Jeffreys)
 
 
-class _Alpha(_Rule):
+class _Alpha:
     """Amari alpha terms ``(A p + (1 - A) q - p^A q^(1-A)) / (A (1 - A))``;
     ``dt/dlog p = (p - p^A q^(1-A)) / (1 - A)``, ``dt/dlog q = (q - p^A q^(1-A)) / A``."""
 
     def __init__(self, a: float, scale: float):
-        self.a, self.scale = a, scale
+        self.a = a
+        # forward returns the terms divided by A; the factors apply outside the block
+        self.scales = (scale * a, 1.0 / (1.0 - a), 1.0 / a)
 
-    def _safe(self, log_p, log_q):
+    def forward(self, log_p, log_q, needed):
+        """Terms and partials from shared intermediates.
+
+        Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
+        cases were raised before), leaving A p + (1 - A) q. Where p and q are close, the
+        per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
+        elsewhere the form with exponents <= 0 cannot overflow. Where p and q are both 0 the
+        inputs are replaced by 0, so ``p = q = mixed = 1`` there: the partials are exactly 0,
+        and the entry is ``close`` with ``u = 0``, so its term is exactly 0 too.
+        """
+        a = self.a
         both_zero = (log_p == -math.inf) & (log_q == -math.inf)
-        return both_zero, _on(~both_zero, log_p), _on(~both_zero, log_q)
-
-    def terms(self, log_p, log_q):
-        a = self.a
-        both_zero, safe_p, safe_q = self._safe(log_p, log_q)
-        # Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
-        # cases were raised before), leaving A p + (1 - A) q. Where p and q are close, the
-        # per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
-        # elsewhere the form with exponents <= 0 cannot overflow.
+        safe_p = torch.where(both_zero, 0.0, log_p)
+        safe_q = torch.where(both_zero, 0.0, log_q)
+        p, q = _exp(safe_p), _exp(safe_q)
+        mixed = _exp(torch.add(safe_p, safe_q, alpha=(1.0 - a) / a), a)  # p^A q^(1-A)
         log_ratio = safe_p - safe_q
-        close = ~both_zero & (log_ratio.abs() < 1.0)
+        close = log_ratio.abs() < 1.0
         u = torch.where(close, log_ratio, 0.0)
-        near = safe_q.exp() * (a * torch.expm1(u) - torch.expm1(a * u))
-        far = a * safe_p.exp() + (1.0 - a) * safe_q.exp() - (a * safe_p + (1.0 - a) * safe_q).exp()
+        # the terms divided by A (the factor is in scales): fewer passes over the block
+        near = q * torch.sub(torch.expm1(u), torch.expm1(a * u), alpha=1.0 / a)
+        far = torch.sub(torch.add(p, q, alpha=(1.0 - a) / a), mixed, alpha=1.0 / a)
         terms = torch.where(close, near, far)
-        return self.scale * torch.where(both_zero, 0.0, terms)
-
-    def partials(self, log_p, log_q, needed):
-        a = self.a
-        both_zero, safe_p, safe_q = self._safe(log_p, log_q)
-        mixed = torch.where(both_zero, 0.0, (a * safe_p + (1.0 - a) * safe_q).exp())
-        d_p = torch.where(both_zero, 0.0, (safe_p.exp() - mixed) / (1.0 - a)) if needed[0] else None
-        d_q = torch.where(both_zero, 0.0, (safe_q.exp() - mixed) / a) if needed[1] else None
-        return d_p, d_q
+        return terms, p - mixed if needed[0] else None, q - mixed if needed[1] else None
 
 
 def alpha(a: float) -> DivergenceFn:
@@ -612,11 +584,15 @@ def alpha(a: float) -> DivergenceFn:
     def _alpha_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
         if a > 1.0:
             _raise_if(
-                (log_p > -math.inf) & (log_q == -math.inf), f"alpha:{a:g}", "p > 0 where q = 0"
+                lambda: (log_p > -math.inf) & (log_q == -math.inf),
+                f"alpha:{a:g}",
+                "p > 0 where q = 0",
             )
         if a < 0.0:
             _raise_if(
-                (log_q > -math.inf) & (log_p == -math.inf), f"alpha:{a:g}", "q > 0 where p = 0"
+                lambda: (log_q > -math.inf) & (log_p == -math.inf),
+                f"alpha:{a:g}",
+                "q > 0 where p = 0",
             )
         return _rowwise(log_p, log_q, rule)
 
@@ -694,9 +670,9 @@ def f_divergence(
         q_pos = log_q > -math.inf
         both = p_pos & q_pos
         if not math.isfinite(slope_at_infinity):
-            _raise_if(p_pos & ~q_pos, name, "p > 0 where q = 0 and f(t)/t is unbounded")
+            _raise_if(lambda: p_pos & ~q_pos, name, "p > 0 where q = 0 and f(t)/t is unbounded")
         if not math.isfinite(f_at_zero):
-            _raise_if(q_pos & ~p_pos, name, "q > 0 where p = 0 and f(0) is infinite")
+            _raise_if(lambda: q_pos & ~p_pos, name, "q > 0 where p = 0 and f(0) is infinite")
         safe_p = torch.where(both, log_p, torch.zeros_like(log_p))
         safe_q = torch.where(both, log_q, torch.zeros_like(log_q))
         inner = safe_q.exp() * f((safe_p - safe_q).exp())

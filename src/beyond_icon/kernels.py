@@ -58,9 +58,17 @@ def _self_mask(rows: slice, n: int, device: torch.device) -> Tensor:
     return anchors[:, None] == torch.arange(n, device=device)[None, :]
 
 
+def _self_entries(block: Tensor, rows: slice) -> Tensor:
+    """The view of a (len(rows), n) block at each anchor's own column, ``(i, rows.start + i)``:
+    O(len(rows)) to write, where a boolean self mask costs two passes over the block."""
+    return block.diagonal(offset=rows.start)
+
+
 def _masked_log_softmax(logits: Tensor, rows: slice, exclude_self: bool) -> Tensor:
+    """Row log-softmax; ``exclude_self`` sets the self entries of ``logits`` to ``-inf`` in
+    place first (``logits`` must be a fresh tensor that no backward formula saved)."""
     if exclude_self:
-        logits = logits.masked_fill(_self_mask(rows, logits.shape[1], logits.device), -math.inf)
+        _self_entries(logits, rows).fill_(-math.inf)
     return torch.log_softmax(logits, dim=-1)
 
 
@@ -282,7 +290,7 @@ def cosine(
     block = _row_slice(z.shape[0], rows)
     with _autocast_off(z):
         unit = F.normalize(_at_least_float32(z), dim=-1, eps=1e-12)
-        logits = (unit[block] @ unit.T) / temperature
+        logits = (unit[block] / temperature) @ unit.T  # the scale on (b, d), not on (b, n)
     return _masked_log_softmax(logits, block, exclude_self)
 
 
@@ -386,10 +394,11 @@ def labels(y: Tensor, *, rows: slice | None = None, dtype: torch.dtype | None = 
     check_labels(y, "labels")
     n = y.shape[0]
     block = _row_slice(n, rows)
-    same = (y[block][:, None] == y[None, :]) & ~_self_mask(block, n, y.device)
+    same = y[block][:, None] == y[None, :]
+    _self_entries(same, block).fill_(False)
     counts = same.sum(dim=1, keepdim=True)
     log_uniform = -torch.log(counts.clamp_min(1).to(dtype or torch.get_default_dtype()))
-    return torch.where(same, log_uniform, torch.full_like(log_uniform, -math.inf))
+    return torch.where(same, log_uniform, -math.inf)
 
 
 def views(

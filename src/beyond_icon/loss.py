@@ -155,7 +155,9 @@ def _sum_and_count(
     validate: bool = True,
 ) -> tuple[Tensor, int]:
     """Sum of the per-row divergences over ``rows`` (rows of p with mass only), and their count."""
-    if chunk_size is None or chunk_size >= rows.stop - rows.start:
+    if chunk_size is None:
+        return _blocked_sum_and_count(log_p, log_q, div, rows, validate)
+    if chunk_size >= rows.stop - rows.start:
         values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
         return values.sum(), _count(mask.sum())
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -177,6 +179,50 @@ def _sum_and_count(
         part, part_count = checkpoint(block_sum, start, stop, use_reentrant=False)
         total = part if total is None else total + part
         count = count + _count(part_count)
+    return total, count
+
+
+BLOCK_BYTES = 2**21
+"""Bytes of one (rows x m) tensor in a block of the default CPU evaluation (2 MiB)."""
+
+
+def _block_rows(n_columns: int, itemsize: int) -> int:
+    return max(1, BLOCK_BYTES // max(1, n_columns * itemsize))
+
+
+def _blocked_sum_and_count(
+    log_p: Tensor | RowsFn,
+    log_q: Tensor | RowsFn,
+    div: _divergences.Divergence,
+    rows: slice,
+    validate: bool,
+) -> tuple[Tensor, int | Tensor]:
+    """The default evaluation: on the CPU, blocks of rows whose (rows x m) tensors take
+    :data:`BLOCK_BYTES` each, through plain autograd (no recomputation, unlike
+    ``chunk_size``); elsewhere the rows left after the first block in one piece.
+
+    A dozen elementwise passes over an (n x m) matrix are bound by memory on a CPU: each
+    fresh n x n buffer of a large batch is a new mapping that the kernel fills page by page,
+    and none stays in cache. Blocks of 2 MiB are reused from the allocator and stay in the
+    caches, which made the SupCon step 2.2 times faster at n = 4096 on 2 cores (measured,
+    ``benchmarks/bench_loss.py``), with the same value and gradient up to summation order.
+    The first block's rows assume m = n (the presets' square q); its shape and device then
+    fix the others.
+    """
+    n = rows.stop - rows.start
+    start, step = rows.start, None
+    total, count = None, 0
+    while start < rows.stop:
+        size = _block_rows(n, 4) if step is None else step
+        block = slice(start, min(start + size, rows.stop))
+        p_block, q_block = _block(log_p, block), _block(log_q, block)
+        values, mask = _block_terms(p_block, q_block, div, validate)
+        total = values.sum() if total is None else total + values.sum()
+        count = count + _count(mask.sum())
+        if step is None:
+            cpu = q_block.device.type == "cpu"
+            step = _block_rows(q_block.shape[-1], q_block.element_size()) if cpu else n
+        start = block.stop
     return total, count
 
 
