@@ -104,11 +104,6 @@ def _exp(log_a: Tensor, scale: float = 1.0) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _xlogratio(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """``a (log a - log b)`` elementwise, 0 where ``a = 0``; forward only (no autograd)."""
-    return torch.where(log_a > -math.inf, _exp(log_a) * (log_a - log_b), 0.0)
-
-
 class _KLRule:
     """``t = p (log p - log q)`` (0 where p = 0); ``dt/dlog p = t + p``, ``dt/dlog q = -p``."""
 
@@ -415,24 +410,26 @@ def jsd(log_p: Tensor, log_q: Tensor) -> Tensor:
     return _rowwise(log_p, log_q, _JSDRule)
 
 
-def _log_mixture(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``log m = log((p + q) / 2)``, -inf where both are 0 (``logaddexp(-inf, -inf) = -inf``;
-    forward only: the rules take no autograd through it)."""
-    return torch.logaddexp(log_p, log_q) - math.log(2.0)
-
-
 class _JSDRule:
     """``t = 1/2 p (log p - log m) + 1/2 q (log q - log m)``, ``m = (p + q) / 2``; the two
     halves are the partials: ``dt/dlog p = 1/2 p (log p - log m)``, ``dt/dlog q = 1/2 q (log q
-    - log m)`` (the terms from ``d log m`` cancel)."""
+    - log m)`` (the terms from ``d log m`` cancel).
+
+    ``log m = log(p + q) - log 2`` from the probabilities (a log costs less than a logaddexp of
+    the log-probabilities). Every logarithm is clamped at the dtype's lowest finite value, so a
+    zero probability times its (clamped) log ratio is 0, never ``0 * inf``: one pass where a
+    mask costs two. (An underflowed ``p`` gives a term of 0, as its true size is below
+    float32's smallest number anyway.)"""
 
     scales = (0.5, 0.5, 0.5)
 
     @staticmethod
     def forward(log_p, log_q, needed):
-        log_m = _log_mixture(log_p, log_q)
-        part_p = _xlogratio(log_p, log_m)
-        part_q = _xlogratio(log_q, log_m)
+        lowest = torch.finfo(log_p.dtype).min
+        p, q = _exp(log_p), _exp(log_q)
+        log_m = (torch.log(p + q) - math.log(2.0)).clamp_min(lowest)
+        part_p = p * (log_p.clamp_min(lowest) - log_m)
+        part_q = q * (log_q.clamp_min(lowest) - log_m)
         return part_p + part_q, part_p if needed[0] else None, part_q if needed[1] else None
 
 
@@ -517,14 +514,16 @@ class _Alpha:
         Where only one side is 0 the mixed term p^A q^(1-A) is exp(-inf) = 0 (the infinite
         cases were raised before), leaving A p + (1 - A) q. Where p and q are close, the
         per-entry term q (A expm1(u) - expm1(A u)), u = log p - log q, avoids cancellation;
-        elsewhere the form with exponents <= 0 cannot overflow. Where p and q are both 0 the
-        inputs are replaced by 0, so ``p = q = mixed = 1`` there: the partials are exactly 0,
-        and the entry is ``close`` with ``u = 0``, so its term is exactly 0 too.
+        elsewhere the form with exponents <= 0 cannot overflow. The log-probabilities are
+        clamped at the dtype's lowest finite value (one pass each, where masking the entries
+        with p = q = 0 took five): a zero probability is exp(lowest) = 0, the mixed term
+        exp(A (lowest + (1 - A) / A log q)) is 0 (or +inf in the cases that are infinite
+        anyway), and where both are 0 the entry is ``close`` with ``u = 0``: term and partials
+        exactly 0.
         """
         a = self.a
-        both_zero = (log_p == -math.inf) & (log_q == -math.inf)
-        safe_p = torch.where(both_zero, 0.0, log_p)
-        safe_q = torch.where(both_zero, 0.0, log_q)
+        lowest = torch.finfo(log_p.dtype).min
+        safe_p, safe_q = log_p.clamp_min(lowest), log_q.clamp_min(lowest)
         p, q = _exp(safe_p), _exp(safe_q)
         mixed = _exp(torch.add(safe_p, safe_q, alpha=(1.0 - a) / a), a)  # p^A q^(1-A)
         log_ratio = safe_p - safe_q

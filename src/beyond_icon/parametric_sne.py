@@ -395,11 +395,19 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         else:
             loss = TSNE(*kernel_args, dof=self.dof, affinity=self.affinity_)
         xf, p_space = xf.to(device), p_space.to(device)
+        stem, rest = self.model_[0], self.model_[1:]
+        if isinstance(self.model_[2], MLP):
+            # the MLP's fixed first layer (PCA or standardisation), applied once, not every step
+            flat = flat.to(device)
+            with torch.no_grad():
+                inputs = torch.cat([stem(flat[s : s + 16384]) for s in range(0, n, 16384)])
+        else:
+            inputs, rest = xf, self.model_
 
         def loss_fn(item: tuple[Tensor, float]) -> Tensor:
             index, exaggeration = item
             index = index.to(device)
-            z = self.model_(xf[index]).float()
+            z = rest(inputs[index]).float()
             if self.affinity_ is None:
                 return loss(p_space[index], z)
             return loss(None, z, indices=index, exaggeration=exaggeration)
