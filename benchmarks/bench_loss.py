@@ -206,9 +206,7 @@ def main() -> None:
             f"| {n} | {label} | {1e3 * t:.1f} | {m / 2**20:.1f} | {rt:.2f} | {rm:.2f} | {syncs} |"
         )
     print(f"\nRow-chunked path (chunk_size = {args.chunk_size}) against the default path:\n")
-    print(
-        "| n | divergence | default ms | default MiB | chunked ms | chunked MiB | memory ratio |"
-    )
+    print("| n | divergence | default ms | default MiB | chunked ms | chunked MiB | memory ratio |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for n, name, td, md, tc, mc in chunk_rows:
         print(

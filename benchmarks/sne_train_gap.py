@@ -11,7 +11,11 @@ NAME=VALUE`` is a ParametricSNE parameter (JSON value).
 ``--free-embedding`` optimises the same objective without a network: the train embedding is a
 free (n, 2) parameter (SparseAdam, lr ``--free-lr``, cosine decay, ``--free-steps`` steps),
 with the same fitted p, batch sampler, TSNE preset and early exaggeration as the estimator.
-It shows how far the loss itself can go, apart from the map.
+It shows how far the loss itself can go, apart from the map. ``--regress-free`` then fits the
+estimator's network (its PCA layer, MLP widths from ``--hidden``, input noise from ``--set
+input_noise=...``) to that free embedding by least squares, Adam at the estimator's lr with
+cosine decay for ``--regress-steps`` steps of 512 points, and reports the network's train and
+test 5-NN: whether a network can represent the free embedding, and how that map generalises.
 
     python benchmarks/sne_train_gap.py --openTSNE --inputs
     python benchmarks/sne_train_gap.py --set n_steps=12000
@@ -87,6 +91,37 @@ def free_embedding(x_train: np.ndarray, steps: int, lr: float, seed: int = 0) ->
     return table.weight.detach().numpy()
 
 
+def regress(x_train, x_test, target, hidden, noise, steps, lr, seed=0):
+    """The estimator's network fitted to ``target`` (n, 2) by least squares; returns its
+    embeddings of the train and test points."""
+    torch.manual_seed(seed)
+    estimator = parametric_sne.ParametricSNE()
+    x = torch.as_tensor(x_train, dtype=torch.float32)
+    projection, _ = estimator._input_space(x)
+    body = parametric_sne.MLP(projection.components.shape[0], hidden=hidden, batch_norm=False)
+    network = torch.nn.Sequential(
+        projection,
+        parametric_sne.InputNoise(noise),
+        body,
+        torch.nn.Linear(body.feature_dim, 2),
+    )
+    y = torch.as_tensor(target, dtype=torch.float32)
+    y = (y - y.mean(0)) / y.std()
+    optimizer = torch.optim.Adam(network.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(0, len(x), (512,), generator=generator)
+        loss = (network(x[index]) - y[index]).pow(2).sum(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    network.eval()
+    with torch.no_grad():
+        return network(x).numpy(), network(torch.as_tensor(x_test, dtype=torch.float32)).numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10000, help="train and test points")
@@ -99,6 +134,8 @@ def main() -> None:
     parser.add_argument("--free-steps", type=int, default=4000)
     parser.add_argument("--free-lr", type=float, default=1.0)
     parser.add_argument("--inputs", action="store_true")
+    parser.add_argument("--regress-free", action="store_true", help="see the module docstring")
+    parser.add_argument("--regress-steps", type=int, default=4000)
     args = parser.parse_args()
     dataset = data.load("fashion-mnist").subset(args.n, args.n)
     x_train = np.asarray(as_float(dataset.x_train)).reshape(len(dataset.x_train), -1)
@@ -133,6 +170,21 @@ def main() -> None:
             f"{leave_one_out_knn(embedding, y_train):.3f}, fit {seconds:.1f} s",
             flush=True,
         )
+        if args.regress_free:
+            hidden = tuple(int(v) for v in (args.hidden or "256,256").split(","))
+            settings = dict(item.partition("=")[::2] for item in args.set)
+            noise = float(json.loads(settings.get("input_noise", "0.3")))
+            started = time.perf_counter()
+            train, test = regress(
+                x_train, x_test, embedding, hidden, noise, args.regress_steps, 4e-3
+            )
+            report(
+                f"network {hidden} (input noise {noise:g}) regressed onto the free embedding "
+                f"for {args.regress_steps} steps",
+                time.perf_counter() - started,
+                train,
+                test,
+            )
         return
     overrides = {}
     for item in args.set:

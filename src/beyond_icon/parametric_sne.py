@@ -65,7 +65,11 @@ class Projection(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x.reshape(len(x), -1) - self.mean) @ self.components.T / self.scale
+        # x @ W.T - b with W = components / scale and b = mean @ W.T: one matmul and a bias on
+        # the narrow side, instead of a pass over the wide inputs to centre them first (W and b
+        # are (k, D) and (1, k): rebuilt per call, so they follow the buffers)
+        weight = self.components / self.scale
+        return torch.addmm(self.mean @ weight.T, x.reshape(len(x), -1), weight.T, beta=-1.0)
 
 
 class InputNoise(nn.Module):
