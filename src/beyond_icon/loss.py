@@ -5,10 +5,12 @@ appears once in the batch) has no supervisory neighbour: it is left out of the a
 counted, never turned into NaN or a silent 0. If no row is left, ``ValueError``.
 
 ``log_p`` and ``log_q`` are (n, m) tensors of row log-probabilities, or callables
-``rows: slice -> (len(rows), m)`` that build a block of rows on demand. With ``chunk_size``
+``rows: slice -> (len(rows), m)`` that build a block of rows on demand. By default the rows
+go through plain autograd in blocks of :data:`BLOCK_BYTES` per tensor on the CPU (cache-sized:
+about twice as fast as whole matrices at n = 4096), in one piece elsewhere. With ``chunk_size``
 the loss is evaluated block by block under activation checkpointing, so that forward and
 backward keep O(chunk_size x m) intermediate memory instead of O(n x m); values and gradients
-equal the dense path.
+equal the default path.
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def _blocked_sum_and_count(
     A dozen elementwise passes over an (n x m) matrix are bound by memory on a CPU: each
     fresh n x n buffer of a large batch is a new mapping that the kernel fills page by page,
     and none stays in cache. Blocks of 2 MiB are reused from the allocator and stay in the
-    caches, which made the SupCon step 2.2 times faster at n = 4096 on 2 cores (measured,
+    caches, which made the SupCon step 2.1 to 2.3 times faster at n = 4096 on 2 cores (measured,
     ``benchmarks/bench_loss.py``), with the same value and gradient up to summation order.
     The first block's rows assume m = n (the presets' square q); its shape and device then
     fix the others.
