@@ -407,3 +407,26 @@ def test_compiled_rules_give_the_eager_values_and_gradients():
     assert not divergences._COMPILE["enabled"]  # restored after the block
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("name", ["kl", "tv", "hellinger", "jsd", "chi2", "alpha:0.5", "alpha:2"])
+def test_float32_values_and_gradients_where_probabilities_underflow(name):
+    """Log-probabilities below float32's smallest exponent (-104) give exponentials of 0 on the
+    fast CPU path; the row values and gradients stay finite and equal float64's (the terms of
+    such entries are below 1e-45)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 12, dtype=torch.float64, generator=gen)
+    log_p = torch.log_softmax(logits, dim=1)
+    log_q = torch.log_softmax(logits + 0.3 * torch.randn(6, 12, generator=gen).double(), dim=1)
+    log_p[:, :3] = log_p[:, :3] - 150.0  # p underflows in float32 on three columns
+    log_q[:, 1:3] = log_q[:, 1:3] - 200.0  # q on two of them (q << p elsewhere would
+    # make chi2 and alpha:2 exceed float32's range for real, ~p^2 / q = e^200)
+    log_p, log_q = torch.log_softmax(log_p, 1), torch.log_softmax(log_q, 1)
+    reference = divergences.get(name)(log_p, log_q)
+    q32 = log_q.float().requires_grad_()
+    value = divergences.get(name)(log_p.float(), q32)
+    value.sum().backward()
+    q64 = log_q.clone().requires_grad_()
+    divergences.get(name)(log_p, q64).sum().backward()
+    torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q32.grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
