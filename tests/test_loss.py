@@ -305,3 +305,36 @@ def test_fast_exp_of_log_probabilities():
         tolerance = 1e-7 * (1.0 + (scale * x[finite].double()).abs()) * exact[finite] + 1e-44
         assert ((fast[finite].double() - exact[finite]).abs() <= tolerance).all()
     assert divergences._exp(x.double()).equal(x.double().exp())  # float64: torch's exp
+
+
+def test_a_shard_without_rows_stays_in_the_graph():
+    """A rank whose share of the global batch is empty contributes an empty sum that is still
+    connected to q (its backward must take part in the all-gather's reduction)."""
+    from beyond_icon import value_checks
+    from beyond_icon.distributed import Shard
+
+    gen = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(torch.randn(6, 6, generator=gen), 1).requires_grad_()
+    log_p = torch.log_softmax(torch.randn(6, 6, generator=gen), 1)
+    shard = Shard(slice(3, 3), 6, 2)
+    with value_checks(False):
+        total, stats = bi.icon_loss(log_p, log_q, "kl", shard=shard, return_stats=True)
+    assert total.requires_grad
+    assert int(stats.n_rows) == 0
+    # checked, and without a process group to add the other ranks' rows: the loss's own error
+    with pytest.raises(ValueError, match="no mass"):
+        bi.icon_loss(log_p, log_q, "kl", shard=shard)
+
+
+def test_errors_in_later_blocks_name_the_rows_of_the_batch(monkeypatch):
+    """The value checks of a block would count rows from the block's start: the error is
+    raised with the row's number in the batch."""
+    from beyond_icon import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "BLOCK_BYTES", 4 * 8 * 4)  # blocks of 4 rows of 8
+    log_p = torch.log_softmax(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)), 1)
+    log_q = log_p.clone()
+    log_q[6, 2] = -math.inf  # q = 0 < p in row 6 (the second block)
+    log_q[6] = torch.log_softmax(log_q[6], 0)
+    with pytest.raises(ValueError, match=r"row\(s\) \[6\]"):
+        bi.icon_loss(log_p, log_q, "kl")

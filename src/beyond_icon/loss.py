@@ -211,14 +211,28 @@ def _blocked_sum_and_count(
     The first block's rows assume m = n (the presets' square q); its shape and device then
     fix the others.
     """
+
+    def whole() -> tuple[Tensor, int | Tensor]:
+        values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
+        return values.sum(), _count(mask.sum())
+
     n = rows.stop - rows.start
+    if n == 0:  # a rank without rows: an empty sum that stays in the graph
+        return whole()
     start, step = rows.start, None
     total, count = None, 0
     while start < rows.stop:
         size = _block_rows(n, 4) if step is None else step
         block = slice(start, min(start + size, rows.stop))
-        p_block, q_block = _block(log_p, block), _block(log_q, block)
-        values, mask = _block_terms(p_block, q_block, div, validate)
+        try:
+            p_block, q_block = _block(log_p, block), _block(log_q, block)
+            values, mask = _block_terms(p_block, q_block, div, validate)
+        except ValueError:
+            if block == rows:
+                raise
+            # the checks name rows by their place in the block: evaluate the rows as one
+            # block, which raises the same error with the batch's row numbers
+            return whole()
         total = values.sum() if total is None else total + values.sum()
         count = count + _count(mask.sum())
         if step is None:
