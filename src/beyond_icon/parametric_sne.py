@@ -51,6 +51,14 @@ def _validate(X) -> np.ndarray:
     return x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
 
 
+def _float_tensor(x: np.ndarray, device: torch.device) -> Tensor:
+    """``as_float(x)`` as a tensor on ``device``; uint8 is scaled in torch (multi-threaded, the
+    same float32 values as numpy's division)."""
+    if x.dtype == np.uint8:
+        return torch.from_numpy(x).to(device, torch.float32).div_(255.0)
+    return torch.as_tensor(as_float(x)).to(device)
+
+
 class Projection(nn.Module):
     """A fixed linear map ``(x - mean) @ components.T / scale``: PCA as the network's first layer.
 
@@ -455,7 +463,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             return flat.numpy()
         return (self.projection_(flat) * self.projection_.scale).numpy()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def transform(self, X) -> np.ndarray:
         """Embed points with the trained network.
 
@@ -481,7 +489,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         device = next(self.model_.parameters()).device
         self.model_.eval()
         out = [
-            self.model_(torch.as_tensor(as_float(x[i : i + 16384])).to(device)).float().cpu()
+            self.model_(_float_tensor(x[i : i + 16384], device)).float().cpu()
             for i in range(0, len(x), 16384)
         ]
         if not out:
