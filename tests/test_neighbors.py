@@ -99,3 +99,34 @@ def test_bad_arguments():
         cached_neighbor_table(x, 2, metric="euclidean", method="faiss")
     with pytest.raises(ValueError, match="NaN"):
         mine_neighbors(np.full((5, 2), np.nan), 2)
+
+
+def test_ties_resolve_to_the_lowest_indices_whatever_k():
+    """Duplicate points tie exactly: the table for k is the first k columns of the table for a
+    larger k (what the cache reuses), block sizes notwithstanding."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 6)).astype(np.float32)
+    x = np.concatenate([base, base[:10], base[:10], base[:5]])  # 25 duplicates
+    for metric in ("cosine", "euclidean"):
+        wide = mine_neighbors(x, 12, metric=metric, query_block=16, key_block=32)
+        for k in (1, 2, 3, 5, 8):
+            narrow = mine_neighbors(x, k, metric=metric, query_block=16, key_block=32)
+            assert np.array_equal(narrow, wide[:, :k]), (metric, k)
+        # a point's duplicates come first, lowest index first
+        assert list(wide[0, :2]) == [40, 50]
+
+
+def test_cache_prefers_the_exact_k_then_the_smallest_larger(tmp_path):
+    """A lookup takes the table for exactly k when it exists, else the smallest larger one, in
+    numeric order (as text, "k10" sorts before "k9")."""
+    x = np.random.default_rng(1).normal(size=(60, 4)).astype(np.float32)
+    for k in (9, 10, 12):  # each one larger than the last: all three are searched and stored
+        assert not cached_neighbor_table(x, k, tmp_path)[2]
+    for path in tmp_path.glob("knn-*.npz"):  # mark each file's values with its k
+        with np.load(path) as table:
+            indices, values = table["indices"], table["values"].copy()
+        values[:, 0] = float(path.name.split("-k")[1][: -len(".npz")])
+        np.savez(path, indices=indices, values=values)
+    for k, expected in ((5, 9.0), (9, 9.0), (10, 10.0), (11, 12.0), (12, 12.0)):
+        _, values, cached = cached_neighbor_table(x, k, tmp_path)
+        assert cached and values[0, 0] == expected, (k, values[0, 0])

@@ -29,6 +29,9 @@ METHODS = ("auto", "exact", "nndescent")
 # "auto" searches exactly up to this many points on the CPU (about a minute on 2 cores at 200k
 # x 50 dimensions), approximately beyond it when pynndescent is installed.
 EXACT_LIMIT = 200_000
+TIE_MARGIN = 16
+"""Extra candidates per block of the exact search, so that ties at the k-th neighbour (duplicate
+points) resolve to the lowest indices whatever k is (up to this many tied points)."""
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -146,10 +149,15 @@ def mine_neighbors(
                 sims = 2.0 * sims - key_sq[key_start : key_start + len(block)][None, :]
             cols = torch.arange(key_start, key_start + len(block), device=device)
             sims = sims.masked_fill(rows[:, None] == cols[None, :], -float("inf"))
-            top_sim, top_pos = sims.topk(min(k, len(block)), dim=1)
+            # TIE_MARGIN more than needed, so that points tied at the k-th similarity (duplicates)
+            # are all candidates and the lowest indices win, whatever k is
+            top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1)
             merged_sim = torch.cat([best_sim, top_sim], dim=1)
             merged_idx = torch.cat([best_idx, cols[top_pos]], dim=1)
-            # stable order: higher similarity first, then lower index (earlier blocks come first)
+            # higher similarity first, ties by lower index: a table for k is the first k
+            # columns of the table for any larger k (the cache reuses larger tables)
+            by_index = merged_idx.argsort(dim=1)
+            merged_sim, merged_idx = merged_sim.gather(1, by_index), merged_idx.gather(1, by_index)
             order = merged_sim.argsort(dim=1, descending=True, stable=True)[:, :k]
             best_sim, best_idx = merged_sim.gather(1, order), merged_idx.gather(1, order)
         if metric == "euclidean":
@@ -298,10 +306,13 @@ def cached_neighbor_table(
 
 
 def _lookup(cache: Path, key: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    for found in sorted(cache.glob(f"{key}-k*.npz")) if cache.is_dir() else []:
+    """The cached table for exactly ``k``, else the smallest larger one cut to ``k``."""
+    stored = []
+    for found in cache.glob(f"{key}-k*.npz") if cache.is_dir() else []:
         stored_k = found.name[len(key) + 2 : -len(".npz")]
-        if not stored_k.isdigit() or int(stored_k) < k:
-            continue
+        if stored_k.isdigit() and int(stored_k) >= k:
+            stored.append((int(stored_k), found))
+    for _, found in sorted(stored):  # numerically: "k100" sorted before "k50" as text
         table = _load_table(found, n, k)
         if table is not None:
             return table
