@@ -52,12 +52,6 @@ def _row_slice(n: int, rows: slice | None) -> slice:
     return slice(start, stop)
 
 
-def _self_mask(rows: slice, n: int, device: torch.device) -> Tensor:
-    """Boolean (len(rows), n) mask, True at each anchor's own column."""
-    anchors = torch.arange(rows.start, rows.stop, device=device)
-    return anchors[:, None] == torch.arange(n, device=device)[None, :]
-
-
 def _self_entries(block: Tensor, rows: slice) -> Tensor:
     """The view of a (len(rows), n) block at each anchor's own column, ``(i, rows.start + i)``:
     O(len(rows)) to write, where a boolean self mask costs two passes over the block."""
@@ -341,7 +335,8 @@ def perplexity(
     block = _row_slice(n, rows)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     d2 = _block_distances(x.to(work), block)
-    self_mask = _self_mask(block, n, x.device)
+    self_mask = torch.zeros_like(d2, dtype=torch.bool)  # used in every bisection step
+    _self_entries(self_mask, block).fill_(True)
     d2 = d2.masked_fill(self_mask, math.inf)
     # Shift and scale each row so that beta ~ 1 is a sensible start: the nearest neighbour is at
     # 0 and the median neighbour at 1 (the entropy is invariant to the shift; beta absorbs scale).
@@ -449,9 +444,8 @@ def knn(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
         raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
     block = _row_slice(n, rows)
     with torch.no_grad():
-        d2 = _block_distances(x.detach(), block).masked_fill(
-            _self_mask(block, n, x.device), math.inf
-        )
+        d2 = _block_distances(x.detach(), block)
+        _self_entries(d2, block).fill_(math.inf)
         nearest = d2.topk(n_neighbors, dim=1, largest=False).indices
     out = torch.full(d2.shape, -math.inf, dtype=x.dtype, device=x.device)
     return out.scatter(1, nearest, -math.log(n_neighbors))
@@ -709,7 +703,7 @@ def debias(
         block = _row_slice(m, rows) if rows is not None else slice(0, n_rows)
         if block.stop - block.start != n_rows:
             raise ValueError(f"rows {rows!r} does not match the {n_rows} rows of log_p")
-        allowed = ~_self_mask(block, m, log_p.device)
+        _self_entries(allowed, block).fill_(False)
     n_allowed = allowed.sum(dim=1, keepdim=True).to(log_p.dtype)
     empty = (log_p == -math.inf).all(dim=1, keepdim=True)
     keep = allowed & ~empty

@@ -160,8 +160,7 @@ def _sum_and_count(
     if chunk_size is None:
         return _blocked_sum_and_count(log_p, log_q, div, rows, validate)
     if chunk_size >= rows.stop - rows.start:
-        values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
-        return values.sum(), _count(mask.sum())
+        return _one_block(log_p, log_q, div, rows, validate)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
@@ -192,6 +191,18 @@ def _block_rows(n_columns: int, itemsize: int) -> int:
     return max(1, BLOCK_BYTES // max(1, n_columns * itemsize))
 
 
+def _one_block(
+    log_p: Tensor | RowsFn,
+    log_q: Tensor | RowsFn,
+    div: _divergences.Divergence,
+    rows: slice,
+    validate: bool,
+) -> tuple[Tensor, int | Tensor]:
+    """Sum and count of ``rows`` evaluated as one block."""
+    values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
+    return values.sum(), _count(mask.sum())
+
+
 def _blocked_sum_and_count(
     log_p: Tensor | RowsFn,
     log_q: Tensor | RowsFn,
@@ -211,14 +222,9 @@ def _blocked_sum_and_count(
     The first block's rows assume m = n (the presets' square q); its shape and device then
     fix the others.
     """
-
-    def whole() -> tuple[Tensor, int | Tensor]:
-        values, mask = _block_terms(_block(log_p, rows), _block(log_q, rows), div, validate)
-        return values.sum(), _count(mask.sum())
-
     n = rows.stop - rows.start
     if n == 0:  # a rank without rows: an empty sum that stays in the graph
-        return whole()
+        return _one_block(log_p, log_q, div, rows, validate)
     start, step = rows.start, None
     total, count = None, 0
     while start < rows.stop:
@@ -232,7 +238,7 @@ def _blocked_sum_and_count(
                 raise
             # the checks name rows by their place in the block: evaluate the rows as one
             # block, which raises the same error with the batch's row numbers
-            return whole()
+            return _one_block(log_p, log_q, div, rows, validate)
         total = values.sum() if total is None else total + values.sum()
         count = count + _count(mask.sum())
         if step is None:

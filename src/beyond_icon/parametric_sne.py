@@ -362,7 +362,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         started = time.perf_counter()
         seed_everything(self.random_state)
         device = resolve_device(self.device)
-        xf = torch.as_tensor(as_float(x))
+        xf = _float_tensor(x, torch.device("cpu"))
         flat = xf.reshape(len(xf), -1)
         self.n_features_in_ = flat.shape[1]
         self.input_shape_ = tuple(x.shape[1:])
@@ -458,7 +458,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         """The space p is defined on: ``X`` flattened, after the fitted PCA if any."""
         check_is_fitted(self, "model_")
         x = _validate(X)
-        flat = torch.as_tensor(as_float(x)).reshape(len(x), -1)
+        flat = _float_tensor(x, torch.device("cpu")).reshape(len(x), -1)
         if self.projection_ is None:
             return flat.numpy()
         return (self.projection_(flat) * self.projection_.scale).numpy()
