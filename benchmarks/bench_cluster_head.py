@@ -5,7 +5,11 @@ linear heads, Adam); the step is forward, loss, backward and the optimiser updat
 table of milliseconds per step and the I-Con / PMI ratio, for each batch size and K.
 
     python benchmarks/bench_cluster_head.py --data embeddings:PATH [--batch-sizes 256,4096]
-        [--clusters 20,1000] [--divergence tv] [--repeats 5] [--json out.json]
+        [--clusters 20,1000] [--divergence tv] [--neighbor-mix 0.75 --batch-neighbors 20]
+        [--repeats 5] [--json out.json]
+
+``--neighbor-mix`` times the I-Con step with p spread over the batch's own k-NN (the standardised
+features' Euclidean neighbours, as ``beyond-icon cluster`` builds them), the k-NN search included.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clusters", default="20,1000")
     parser.add_argument("--divergence", default="tv")
     parser.add_argument("--n-heads", type=int, default=10)
+    parser.add_argument("--neighbor-mix", type=float, default=0.0)
+    parser.add_argument("--batch-neighbors", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -53,19 +59,28 @@ def main(argv: list[str] | None = None) -> dict:
         partners = knn[anchors, torch.randint(0, 20, (len(anchors),))]
         index = torch.cat([anchors, partners])
         xb = x_all[index]
+        features = (xb - x_all.mean(0)) / x_all.std(0).clamp_min(1e-12)
         for k in (int(c) for c in args.clusters.split(",")):
             times = {}
             for name in ("icon", "pmi"):
                 torch.manual_seed(0)
                 head = ClusterHead(x.shape[1], k, args.n_heads)
                 optimizer = torch.optim.Adam(head.parameters(), lr=1e-3)
-                icon = ClusterLoss(args.divergence)
+                icon = ClusterLoss(
+                    args.divergence,
+                    neighbor_mix=args.neighbor_mix,
+                    n_neighbors=args.batch_neighbors,
+                )
                 pmi = [PMI(k) for _ in range(args.n_heads)]
 
-                def step(name=name, head=head, optimizer=optimizer, icon=icon, pmi=pmi, xb=xb):
+                def step(
+                    name=name, head=head, optimizer=optimizer, icon=icon, pmi=pmi, xb=xb, f=features
+                ):
                     logits = head(xb)
                     if name == "icon":
-                        loss = icon(logits, torch.arange(len(xb) // 2).repeat(2)).mean()
+                        pair = torch.arange(len(xb) // 2).repeat(2)
+                        graph = f if args.neighbor_mix > 0 else None
+                        loss = icon(logits, pair, features=graph).mean()
                     else:
                         loss = torch.stack(
                             [
@@ -89,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     result = {"data": args.data, "divergence": args.divergence, "n_heads": args.n_heads}
+    result |= {"neighbor_mix": args.neighbor_mix, "batch_neighbors": args.batch_neighbors}
     result["rows"] = rows
     if args.json:
         with open(args.json, "w") as handle:

@@ -36,7 +36,13 @@ def _case(name):
     if name == "cluster":
         return (methods.ClusterLoss("hellinger", debias=0.1, debias_side="both"), None, x)
     if name == "cluster_walks":  # p walked along the k-NN graph of the whole (gathered) batch
-        return (methods.ClusterLoss("jsd", propagate_steps=2, n_neighbors=3), None, x)
+        return (
+            methods.ClusterLoss("jsd", propagate_steps=2, n_neighbors=3, neighbor_mix=0.5),
+            None,
+            x,
+        )
+    if name == "cluster_mixed":  # the batch's k-NN mixed into p, merged-columns path
+        return (methods.ClusterLoss("tv", n_neighbors=3, neighbor_mix=0.5), None, x)
     if name == "cluster_merged":  # the merged-columns path, two heads, same-sample positives
         return (
             methods.ClusterLoss("tv", debias=0.1, debias_side="q", exclude_self=True),
@@ -74,7 +80,7 @@ def _loss(name, loss, model, x, rows_list):
         pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
         logits = model(x[index])
         return loss(logits, pair, teacher_logits=logits.detach() * 0.5)
-    if name == "cluster_walks":
+    if name in ("cluster_walks", "cluster_mixed"):
         parts = [torch.arange(r.start, r.stop) for r in rows_list]
         index = torch.cat(parts)
         pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
@@ -136,6 +142,7 @@ NAMES = [
     "simclr",
     "cluster",
     "cluster_walks",
+    "cluster_mixed",
     "cluster_merged",
     "sne",
     "tsne_fitted",

@@ -297,6 +297,8 @@ def _cluster_batch(seed: int, b: int = 10, k: int = 5, duplicates: bool = True):
         {"exclude_self": True},
         {"debias": 0.2, "debias_side": "q"},
         {"debias": 0.3, "debias_side": "q", "exclude_self": True},
+        {"neighbor_mix": 0.4, "n_neighbors": 3},
+        {"neighbor_mix": 0.5, "n_neighbors": 4, "debias": 0.2, "debias_side": "q"},
     ],
 )
 @pytest.mark.parametrize("extras", ["pairs", "teacher+samples"])
@@ -305,6 +307,9 @@ def test_cluster_merged_columns_equal_dense(divergence, options, extras):
     kwargs = {}
     if extras != "pairs":
         kwargs = {"teacher_logits": teacher, "sample_index": sample}
+    if options.get("neighbor_mix"):
+        g = torch.Generator().manual_seed(7)
+        kwargs["features"] = torch.randn(len(pair), 3, generator=g, dtype=torch.float64)
     values, grads = [], []
     for compress in (True, False):
         z = logits.clone().requires_grad_(True)
@@ -413,6 +418,68 @@ def _partition_loss(divergence: str, sizes: list[int]) -> float:
     pair = torch.arange(len(clusters)) // 2
     logits = 40.0 * F.one_hot(clusters, k).double()
     return float(methods.ClusterLoss(divergence)(logits, pair))
+
+
+def test_neighbor_mix_p_against_a_dense_construction():
+    """p = (1 - w) uniform over the pair-mates + w uniform over the batch's k nearest points
+    (Euclidean, never the anchor); a mate that is also a neighbour gets both shares."""
+    g = torch.Generator().manual_seed(3)
+    n, k, w = 12, 3, 0.3
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    pair = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 4])  # row 5 has no mate, 4 has two
+    loss = methods.ClusterLoss("kl", neighbor_mix=w, n_neighbors=k)
+    columns, mask, log_p = loss._positives(pair, None, x)
+    p = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        p[i, columns[i][mask[i]]] = log_p[i][mask[i]].exp()
+    d2 = torch.cdist(x, x) ** 2
+    d2.fill_diagonal_(math.inf)
+    want = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        mates = [j for j in range(n) if j != i and pair[j] == pair[i]]
+        for j in mates:
+            want[i, j] += (1 - w) / len(mates)
+        for j in d2[i].argsort()[:k].tolist():
+            want[i, j] += w / k
+        want[i] /= want[i].sum()  # row 5: its neighbours only
+    torch.testing.assert_close(p, want, rtol=1e-12, atol=1e-15)
+    assert want[5].max() == pytest.approx(1 / k)
+    assert (columns[mask].view(-1) >= 0).all() and not any(
+        i in columns[i][mask[i]].tolist() for i in range(n)
+    )
+
+
+def test_neighbor_mix_pulls_every_divergence_toward_the_data_s_clusters():
+    """4 well-separated groups of 4 points, pairs inside groups, confident heads. With pairs
+    alone TV cannot tell the groups' partition from one that merges two groups and splits a
+    third (pairs never straddle either); with the batch's k-NN mixed into p every divergence
+    prefers the groups, and so does TV."""
+    groups = torch.arange(16) // 4
+    x = 10.0 * F.one_hot(groups, 4).double() + 0.01 * torch.arange(16.0)[:, None].double()
+    pair = torch.arange(16) // 2
+    true = groups
+    wrong = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3])  # sizes 8, 4, 2, 2
+
+    def value(divergence, clusters, mix):
+        logits = 40.0 * F.one_hot(clusters, 4).double()
+        loss = methods.ClusterLoss(divergence, neighbor_mix=mix, n_neighbors=3)
+        return float(loss(logits, pair, features=x if mix else None))
+
+    assert value("tv", true, 0.0) == pytest.approx(value("tv", wrong, 0.0), abs=1e-12)
+    for divergence in ("kl", "tv", "jsd", "hellinger"):
+        assert value(divergence, wrong, 0.5) > value(divergence, true, 0.5) + 1e-2, divergence
+
+
+def test_neighbor_mix_checks():
+    with pytest.raises(ValueError, match="neighbor_mix must be a number in"):
+        methods.ClusterLoss("tv", neighbor_mix=1.0)
+    with pytest.raises(ValueError, match="set neighbor_mix > 0"):
+        methods.ClusterLoss("tv", propagate_steps=2)
+    logits, _, pair, _ = _cluster_batch(1)
+    with pytest.raises(ValueError, match="needs the batch's features"):
+        methods.ClusterLoss("tv", neighbor_mix=0.5)(logits, pair)
+    with pytest.raises(ValueError, match="features must have 20 rows"):
+        methods.ClusterLoss("tv", neighbor_mix=0.5)(logits, pair, features=torch.zeros(3, 2))
 
 
 def test_balance_pull_of_each_divergence_on_constructed_partitions():

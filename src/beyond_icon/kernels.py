@@ -31,6 +31,7 @@ __all__ = [
     "debias",
     "gaussian",
     "knn",
+    "knn_indices",
     "labels",
     "perplexity",
     "positive_columns",
@@ -443,12 +444,37 @@ def knn(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
     if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
         raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
     block = _row_slice(n, rows)
+    nearest = knn_indices(x, n_neighbors, rows=block)
+    out = torch.full((nearest.shape[0], n), -math.inf, dtype=x.dtype, device=x.device)
+    return out.scatter(1, nearest, -math.log(n_neighbors))
+
+
+def knn_indices(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
+    """The ``k`` nearest other rows of each row (Euclidean; exact, in the batch).
+
+    Parameters
+    ----------
+    x : (n, D) tensor
+        Inputs (no gradient flows).
+    n_neighbors : int
+        ``k``, in ``[1, n - 1]``.
+    rows : slice, optional
+        Only these rows' neighbours (among all n). Default all rows.
+
+    Returns
+    -------
+    (len(rows), k) int64 tensor
+        Column indices, nearest first; never the row itself.
+    """
+    check_features(x, "x", min_rows=2)
+    n = x.shape[0]
+    if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
+        raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
+    block = _row_slice(n, rows)
     with torch.no_grad():
         d2 = _block_distances(x.detach(), block)
         _self_entries(d2, block).fill_(math.inf)
-        nearest = d2.topk(n_neighbors, dim=1, largest=False).indices
-    out = torch.full(d2.shape, -math.inf, dtype=x.dtype, device=x.device)
-    return out.scatter(1, nearest, -math.log(n_neighbors))
+        return d2.topk(n_neighbors, dim=1, largest=False).indices
 
 
 def clusters(

@@ -483,9 +483,14 @@ class ClusterLoss(IConLoss):
     sample as ``i`` (a sample drawn twice into a batch is never a negative of itself).
     ``exclude_self`` drops ``j = i`` from q as every p here does (consistent self-pairs).
     ``debias`` alpha mixes p, q or both (``debias_side``) with uniform over ``j != i``.
-    ``propagate_steps > 1`` walks p along the batch's ``n_neighbors``-NN graph of ``features``
-    (:func:`~beyond_icon.kernels.propagate`). Every row is an anchor, so the loss is symmetric
-    in the pair.
+    ``neighbor_mix`` w spreads part of each row over the batch's own ``n_neighbors`` nearest
+    points in ``features`` (Euclidean), the k-NN kernel of the inputs that I-Con's k-means and
+    SNE rows use: ``p(j|i) = (1 - w) [j shares i's pair] / s_i + w [j in kNN_B(i)] / k`` (rows
+    without a positive put all their mass on the k-NN). It gives every divergence a pull
+    toward clusters of the data's shape and size; TV, whose loss with pairs alone is
+    indifferent to cluster sizes, needs it most. ``propagate_steps > 1`` then walks p along
+    that mixed graph (:func:`~beyond_icon.kernels.propagate`). Every row is an anchor, so the
+    loss is symmetric in the pair.
 
     Speed: p of pairs is zero on all but a few columns of each row, and an f-divergence does
     not change when those columns are merged into one (their q summed). With ``compress``
@@ -510,8 +515,11 @@ class ClusterLoss(IConLoss):
         Drop ``j = i`` from q.
     chunk_size : int, optional
         Row-chunked evaluation (dense path).
+    neighbor_mix : float
+        w in [0, 1): the mass of each row of p on the batch's k-NN graph of ``features`` (0:
+        pairs only).
     propagate_steps : int
-        Walk p along the batch's k-NN graph of ``features`` (1: no walk).
+        Walk p along the mixed graph (1: no walk; more needs ``neighbor_mix > 0``).
     n_neighbors : int
         k of that graph.
     compress : bool
@@ -532,6 +540,7 @@ class ClusterLoss(IConLoss):
         propagate_steps: int = 1,
         n_neighbors: int = 20,
         compress: bool = True,
+        neighbor_mix: float = 0.0,
     ):
         super().__init__(divergence, chunk_size)
         if debias_side not in _SIDES:
@@ -542,6 +551,15 @@ class ClusterLoss(IConLoss):
             raise ValueError(f"propagate_steps must be an integer >= 1, got {propagate_steps!r}")
         if not isinstance(n_neighbors, int) or n_neighbors < 1:
             raise ValueError(f"n_neighbors must be an integer >= 1, got {n_neighbors!r}")
+        if (
+            isinstance(neighbor_mix, bool)
+            or not isinstance(neighbor_mix, (int, float))
+            or not 0 <= neighbor_mix < 1
+        ):
+            raise ValueError(f"neighbor_mix must be a number in [0, 1), got {neighbor_mix!r}")
+        if propagate_steps > 1 and neighbor_mix == 0:
+            raise ValueError("propagate_steps > 1 walks the k-NN graph: set neighbor_mix > 0")
+        self.neighbor_mix = float(neighbor_mix)
         self.debias = debias
         self.debias_side = debias_side
         self.exclude_self = exclude_self
@@ -567,7 +585,7 @@ class ClusterLoss(IConLoss):
             return self._heads(logits, pair_index, teacher_logits, log_p, sample_index, features)
         if isinstance(logits, Tensor) and logits.dim() == 2 and self._merged(log_p):
             teacher = teacher_logits[None] if isinstance(teacher_logits, Tensor) else None
-            return self._heads(logits[None], pair_index, teacher, None, sample_index, None)[0]
+            return self._heads(logits[None], pair_index, teacher, None, sample_index, features)[0]
         check_features(logits, "logits", min_rows=2)
         n = logits.shape[0]
         if log_p is None:
@@ -576,13 +594,9 @@ class ClusterLoss(IConLoss):
                 check_labels(sample_index, "sample_index", n=n)
         elif log_p.shape != (n, n):
             raise ValueError(f"log_p must be ({n}, {n}), got {tuple(log_p.shape)}")
-        walks = self.propagate_steps > 1 and log_p is None
-        if walks:
-            if features is None:
-                raise ValueError("propagate_steps > 1 needs the batch's features (features=...)")
-            check_features(features, "features")
-            if features.shape[0] != n:
-                raise ValueError(f"features must have {n} rows, got {features.shape[0]}")
+        graph = self.neighbor_mix > 0 and log_p is None
+        if graph:
+            self._check_graph_features(features, n)
         log_a = torch.log_softmax(logits, dim=-1)
         log_b = None
         if teacher_logits is not None:
@@ -595,19 +609,16 @@ class ClusterLoss(IConLoss):
         if log_p is None:
             pair_index = _unique_ids(pair_index)
         (log_a, log_b, pair_index, sample_index, features), shard = self._gather(
-            log_a, log_b, pair_index, sample_index, features.detach() if walks else None
+            log_a, log_b, pair_index, sample_index, features.detach() if graph else None
         )
         alpha_p = self.debias if self.debias_side in ("p", "both") else 0.0
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
         n = log_a.shape[0]
         if log_p is None:
-            keys = [pair_index] + ([sample_index] if sample_index is not None else [])
-            given = _scatter_uniform(*kernels.positive_columns(*keys), n, log_a.dtype)
-            if walks:
-                graph = torch.logaddexp(
-                    given, kernels.knn(features, min(self.n_neighbors, n - 1)).to(given.dtype)
-                )
-                given = kernels.propagate(torch.log_softmax(graph, dim=1), self.propagate_steps)
+            columns, mask, weights = self._positives(pair_index, sample_index, features)
+            given = _scatter_log(columns, mask, weights.to(log_a.dtype), n)
+            if self.propagate_steps > 1:
+                given = kernels.propagate(given, self.propagate_steps)
         else:
             given = log_p
         user_p = log_p is not None
@@ -618,6 +629,42 @@ class ClusterLoss(IConLoss):
             exclude_self=self.exclude_self,
         )
         return self._icon(log_p, log_q, n, shard, trusted=not user_p)
+
+    def _check_graph_features(self, features: Tensor | None, n: int) -> None:
+        if features is None:
+            raise ValueError("neighbor_mix > 0 needs the batch's features (features=...)")
+        check_features(features, "features")
+        if features.shape[0] != n:
+            raise ValueError(f"features must have {n} rows, got {features.shape[0]}")
+
+    def _positives(
+        self, pair_index: Tensor, sample_index: Tensor | None, features: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """p's support and values on the (gathered) batch: ``(columns, mask, log_p)``, (n, s).
+
+        The pair-mates (and same-sample columns) share ``1 - w``, the batch's k nearest points
+        in ``features`` share ``w`` (a column that is both adds both); a row without a positive
+        gives the k-NN all its mass.
+        """
+        keys = [pair_index] + ([sample_index] if sample_index is not None else [])
+        columns, mask = kernels.positive_columns(*keys)
+        count = mask.sum(dim=1, keepdim=True)
+        mix = self.neighbor_mix
+        if mix == 0:
+            return columns, mask, torch.where(mask, -count.clamp_min(1).double().log(), -math.inf)
+        n = features.shape[0]
+        k = min(self.n_neighbors, n - 1)
+        nearest = kernels.knn_indices(features, k)
+        listed = (nearest[:, :, None] == columns[:, None, :]) & mask[:, None, :]  # (n, k, s)
+        f64 = torch.float64
+        own_mass = (count > 0).to(f64) * (1.0 - mix) / count.clamp_min(1).to(f64)
+        weights = mask.to(f64) * own_mass + listed.sum(dim=1).to(f64) * (mix / k)
+        new = ~listed.any(dim=2)
+        columns = torch.cat([columns, nearest], dim=1)
+        mask = torch.cat([mask, new], dim=1)
+        weights = torch.cat([weights, new.to(f64) * (mix / k)], dim=1)
+        weights = weights / weights.sum(dim=1, keepdim=True)  # rows without a positive
+        return columns, mask, torch.where(mask, weights.log(), -math.inf)
 
     def _merged(self, log_p: Tensor | None) -> bool:
         """Whether p is pairs (plus same-sample columns) and the merged-columns path is exact."""
@@ -666,15 +713,17 @@ class ClusterLoss(IConLoss):
         if teacher_logits is not None:
             check_features(teacher_logits.transpose(0, 1).reshape(n, h * k), "teacher_logits")
             log_b = torch.log_softmax(teacher_logits, dim=-1).transpose(0, 1)
-        (log_a, log_b, pair_index, sample_index), shard = self._gather(
-            log_a, log_b, _unique_ids(pair_index), sample_index
+        if self.neighbor_mix > 0:
+            self._check_graph_features(features, n)
+            features = features.detach()
+        (log_a, log_b, pair_index, sample_index, features), shard = self._gather(
+            log_a, log_b, _unique_ids(pair_index), sample_index, features
         )
         log_a = log_a.transpose(0, 1)
         log_b = None if log_b is None else log_b.transpose(0, 1)
-        keys = [pair_index] + ([sample_index] if sample_index is not None else [])
-        columns, mask = kernels.positive_columns(*keys)
+        columns, mask, log_p = self._positives(pair_index, sample_index, features)
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
-        return self._compressed(log_a, log_b, columns, mask, alpha_q, shard)
+        return self._compressed(log_a, log_b, columns, mask, log_p.to(log_a.dtype), alpha_q, shard)
 
     def _compressed(
         self,
@@ -682,14 +731,15 @@ class ClusterLoss(IConLoss):
         log_b: Tensor | None,
         columns: Tensor,
         mask: Tensor,
+        log_p: Tensor,
         alpha_q: float,
         shard: Shard | None,
     ) -> Tensor:
-        """The (h,) losses of ``log_a`` (h, n, k) on rows ``[positives..., rest]``: exact for
-        f-divergences (see the class). A single head is h = 1."""
+        """The (h,) losses of ``log_a`` (h, n, k) on rows ``[listed columns..., rest]``, p's
+        values ``log_p`` (n, s) on the listed columns: exact for f-divergences (see the
+        class). A single head is h = 1."""
         n = log_a.shape[-2]
         count = mask.sum(dim=1, keepdim=True)
-        log_p = torch.where(mask, -count.clamp_min(1).to(log_a.dtype).log(), -math.inf)
         log_p = torch.cat([log_p, torch.full_like(log_p[:, :1], -math.inf)], dim=1)
         allowed = n - 1 if self.exclude_self else n
 
@@ -773,11 +823,10 @@ class ClusterLoss(IConLoss):
         return values.sum(dim=1) / count * world_size
 
 
-def _scatter_uniform(columns: Tensor, mask: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-    """Dense (n, n) log p, uniform over each row's listed columns (-inf elsewhere)."""
-    count = mask.sum(dim=1, keepdim=True).clamp_min(1)
-    values = torch.where(mask, -count.to(dtype).log(), -math.inf)
-    out = torch.full((n, n + 1), -math.inf, dtype=dtype, device=columns.device)
+def _scatter_log(columns: Tensor, mask: Tensor, values: Tensor, n: int) -> Tensor:
+    """Dense (n, n) log p: ``values`` at each row's listed (distinct) columns, -inf elsewhere."""
+    out = torch.full((n, n + 1), -math.inf, dtype=values.dtype, device=columns.device)
+    values = torch.where(mask, values, -math.inf)
     return out.scatter(1, torch.where(mask, columns, n), values)[:, :n]  # padding -> column n
 
 

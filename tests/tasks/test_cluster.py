@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +76,10 @@ def test_cli_on_digits(tmp_path):
             "0.1",
             "--debias-side",
             "both",
+            "--neighbor-mix",
+            "0.5",
+            "--batch-neighbors",
+            "5",
             "--propagate-steps",
             "2",
             "--kmeans-init",
@@ -169,11 +174,17 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
         ({"schedule": "linear"}, "schedule must be one of none, cosine, step"),
         ({"head_input": "pca"}, "head_input must be standardize, l2 or none"),
         ({"n_steps": 0}, "n_steps must be a positive integer"),
+        ({"neighbor_mix": 1.0}, "neighbor_mix must be in [0, 1)"),
+        (
+            {"propagate_steps": 2, "neighbor_mix": 0.0},
+            "propagate_steps > 1 walks the batch's k-NN graph",
+        ),
+        ({"neighbor_mix": 0.5, "batch_neighbors": 512}, "batch_neighbors must be in [1, 511]"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
     config = cluster.ClusterConfig(data="simplex:4", kmeans_init=0, **options)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         cluster.run(config, verbose=False)
 
 

@@ -1,10 +1,11 @@
 """Clustering frozen embeddings with any divergence: the I-Con cluster head, and TEMI's PMI.
 
 Each anchor is paired with one of its mined k nearest neighbours (cosine, on the features as
-given, over the whole training set); the pair shares an id. I-Con pair: p = views over pairs (optionally walked
-along the in-batch k-NN graph), q = the cluster-sharing kernel of the head's soft assignments
-(optionally against an EMA teacher's); every row is an anchor, so the loss is symmetric in the
-pair. Several heads train at once; the one with the lowest loss over the last epoch is
+given, over the whole training set); the pair shares an id. I-Con: p puts ``1 - neighbor_mix``
+on the pair-mate and ``neighbor_mix`` (default 0.75) uniformly on the batch's own
+``batch_neighbors`` nearest points (Euclidean on the standardised features; optionally walked
+along that graph), q = the cluster-sharing kernel of the head's soft assignments (optionally
+against an EMA teacher's); every row is an anchor, so the loss is symmetric in the pair. Several heads train at once; the one with the lowest loss over the last epoch is
 evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
 """
 
@@ -78,7 +79,15 @@ class ClusterConfig(TaskConfig):
     n_positives: int = option(
         1, "mined neighbours drawn per anchor into the batch (p uniform over them; pmi: 1)"
     )
-    propagate_steps: int = option(1, "k-NN walk length for p (1 = pairs only)")
+    neighbor_mix: float = option(
+        0.75,
+        "mass of each row of p on the batch's own batch_neighbors nearest points, Euclidean on "
+        "the standardised features (0: the pair-mate only, the paper's p)",
+    )
+    batch_neighbors: int | None = option(
+        None, "k of the batch's k-NN graph that neighbor_mix spreads p over (default: n_neighbors)"
+    )
+    propagate_steps: int = option(1, "k-NN walk length for p (1 = no walk)")
     debias: float = option(0.0, "mix with uniform, alpha in [0, 1]")
     debias_side: str = option("p", "p, q or both")
     exclude_self: bool = option(False, "drop j = i from q, as p does (consistent self-pairs)")
@@ -159,10 +168,29 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         )
     if config.loss == "pmi" and config.n_positives != 1:
         raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
+    if not 0 <= config.neighbor_mix < 1:
+        raise ValueError(f"neighbor_mix must be in [0, 1), got {config.neighbor_mix}")
+    if config.propagate_steps > 1 and config.neighbor_mix == 0:
+        raise ValueError("propagate_steps > 1 walks the batch's k-NN graph: set neighbor_mix > 0")
+    points = (1 + config.n_positives) * min(config.batch_size, n_train)
+    if config.batch_neighbors is not None and not 1 <= config.batch_neighbors < points:
+        raise ValueError(
+            f"batch_neighbors must be in [1, {points - 1}] (the batch's points), got "
+            f"{config.batch_neighbors}"
+        )
     if config.n_heads < 1:
         raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
     if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
         raise ValueError(f"ema_teacher momentum must be in [0, 1), got {config.ema_teacher}")
+
+
+def _graph_neighbors(config: ClusterConfig, n_train: int) -> int:
+    """k of the batch's k-NN graph in p: as given, else n_neighbors (at most the batch's
+    other points)."""
+    if config.batch_neighbors is not None:
+        return config.batch_neighbors
+    points = (1 + config.n_positives) * min(config.batch_size, n_train)
+    return max(1, min(config.n_neighbors, points - 1))
 
 
 class _HeadTrainer:
@@ -189,7 +217,8 @@ class _HeadTrainer:
             debias_side=config.debias_side,
             exclude_self=config.exclude_self,
             propagate_steps=config.propagate_steps,
-            n_neighbors=config.n_neighbors,
+            n_neighbors=_graph_neighbors(config, len(train_x)),
+            neighbor_mix=config.neighbor_mix,
         )
         self.pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
         # a memory-mapped table is read a batch at a time; anything else is held on the device
@@ -246,7 +275,7 @@ class _HeadTrainer:
                 torch.arange(len(anchors), device=self.device).repeat(config.n_positives + 1),
                 teacher,
                 sample_index=index if config.same_sample_positive else None,
-                features=self.standardize(x) if config.propagate_steps > 1 else None,
+                features=self.standardize(x) if config.neighbor_mix > 0 else None,
             )
         self.head_losses.add_(losses.detach().float())
         self.head_steps += 1
