@@ -3,7 +3,8 @@
 #   1. bench_loss on the device in float32 and bfloat16 at n = 4096 and 16384 (chunked);
 #   2. a SupCon run of the paper config (ResNet-50, batch 2048, Euclidean kernel) on the
 #      CIFAR-10 JPEG copy for 2 epochs of 5 steps, reporting images/s of the second;
-#   3. the cluster task at batch 4096 with K = 1000 on 1M random 768-d embeddings (one pass
+#   3. the cluster task (the paper's pair-only p, --neighbor-mix 0) at batch 4096 with K = 1000 on
+#      1M random 768-d embeddings (one pass
 #      over the anchors: 244 steps, the budget rounds up to whole passes): mining time, step
 #      time, peak GPU memory;
 #   4. streamed extraction (issue 14) of the CIFAR-10 JPEG copy at 224 x 224: images/s with a
@@ -80,7 +81,7 @@ np.savez(path, x=rng.standard_normal((n, d), dtype=np.float32).astype(np.float16
          y_test=rng.integers(0, 10, test))
 PY
 "$PY" -m beyond_icon cluster --data "embeddings:$work/emb.npz" --n-clusters "$K" \
-    --batch-size "$BATCH" --n-steps "$STEPS" --kmeans-init 0 --device "$DEVICE" \
+    --batch-size "$BATCH" --n-steps "$STEPS" --kmeans-init 0 --neighbor-mix 0 --device "$DEVICE" \
     --out "$work/cluster" --quiet
 "$PY" - "$work/cluster/metrics.json" <<'PY'
 import json, sys

@@ -716,6 +716,8 @@ class ClusterLoss(IConLoss):
         if self.neighbor_mix > 0:
             self._check_graph_features(features, n)
             features = features.detach()
+        else:
+            features = None  # not part of p: never gathered
         (log_a, log_b, pair_index, sample_index, features), shard = self._gather(
             log_a, log_b, _unique_ids(pair_index), sample_index, features
         )

@@ -180,6 +180,7 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
             "propagate_steps > 1 walks the batch's k-NN graph",
         ),
         ({"neighbor_mix": 0.5, "batch_neighbors": 512}, "batch_neighbors must be in [1, 511]"),
+        ({"batch_neighbors": 20.0}, "batch_neighbors must be in [1, 511]"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):

@@ -173,7 +173,11 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
     if config.propagate_steps > 1 and config.neighbor_mix == 0:
         raise ValueError("propagate_steps > 1 walks the batch's k-NN graph: set neighbor_mix > 0")
     points = (1 + config.n_positives) * min(config.batch_size, n_train)
-    if config.batch_neighbors is not None and not 1 <= config.batch_neighbors < points:
+    if config.batch_neighbors is not None and (
+        isinstance(config.batch_neighbors, bool)
+        or not isinstance(config.batch_neighbors, int)
+        or not 1 <= config.batch_neighbors < points
+    ):
         raise ValueError(
             f"batch_neighbors must be in [1, {points - 1}] (the batch's points), got "
             f"{config.batch_neighbors}"
@@ -202,7 +206,8 @@ class _HeadTrainer:
     """
 
     def __init__(self, config, train_x, neighbors, standardize, k: int, device: torch.device):
-        self.config, self.device, self.standardize = config, device, standardize
+        # on the device whatever the head's input: the batch's k-NN graph in p uses it too
+        self.config, self.device, self.standardize = config, device, standardize.to(device)
         prepare = {"standardize": standardize, "l2": L2Normalize(), "none": nn.Identity()}
         head = ClusterHead(train_x.shape[1], k, config.n_heads, config.head)
         self.model = nn.Sequential(prepare[config.head_input], head).to(device)
@@ -365,8 +370,10 @@ def _kmeans(config, standardize, train_x, eval_x, eval_y, k: int) -> tuple[dict,
         return {}, np.zeros(0, dtype=np.int64)
     from sklearn.cluster import KMeans
 
+    where = standardize.mean.device  # the trainer may have moved it to the GPU
+
     def standardized(x):
-        return standardize(torch.from_numpy(np.asarray(x, np.float32))).numpy()
+        return standardize(torch.from_numpy(np.asarray(x, np.float32)).to(where)).cpu().numpy()
 
     kmeans = KMeans(k, n_init=config.kmeans_init, random_state=config.seed)
     kmeans.fit(standardized(train_x))
