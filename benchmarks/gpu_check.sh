@@ -3,10 +3,9 @@
 #   1. bench_loss on the device in float32 and bfloat16 at n = 4096 and 16384 (chunked);
 #   2. a SupCon run of the paper config (ResNet-50, batch 2048, Euclidean kernel) on the
 #      CIFAR-10 JPEG copy for 2 epochs of 5 steps, reporting images/s of the second;
-#   3. the cluster task (the paper's pair-only p, --neighbor-mix 0) at batch 4096 with K = 1000 on
-#      1M random 768-d embeddings (one pass
-#      over the anchors: 244 steps, the budget rounds up to whole passes): mining time, step
-#      time, peak GPU memory;
+#   3. the cluster task (the paper's pair-only p, --neighbor-mix 0) at batch 4096 with
+#      K = 1000 on 1M random 768-d embeddings (one pass over the anchors: 244 steps, the
+#      budget rounds up to whole passes): mining time, step time, peak GPU memory;
 #   4. streamed extraction (issue 14) of the CIFAR-10 JPEG copy at 224 x 224: images/s with a
 #      small local CNN (the pipeline: decoding workers, transfer, writing), and with DINOv2
 #      ViT-S/14 when its weights are in the torch.hub cache (a machine without network has

@@ -32,8 +32,8 @@ DEMO = [
         {"n_steps": 20},
         "A linear cluster head on the standardised pixels of the digits train split, trained with the "
         "I-Con cluster loss (p: 1/4 on a partner among the 20 cosine nearest neighbours, 3/4 on the "
-        "batch's own 20 nearest points; q: the cluster-sharing kernel); Hungarian accuracy, NMI and ARI of its clusters on the test split, with k-means on the "
-        "same inputs as a row.",
+        "batch's own 20 nearest points; q: the cluster-sharing kernel); Hungarian accuracy, NMI "
+        "and ARI of its clusters on the test split, with k-means on the same inputs as a row.",
     ),
     (
         "supcon",

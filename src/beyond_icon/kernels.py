@@ -439,13 +439,8 @@ def knn(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Tensor:
     (len(rows), n) tensor
         Row-normalised log-probabilities, ``-inf`` at impossible neighbours.
     """
-    check_features(x, "x", min_rows=2)
-    n = x.shape[0]
-    if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
-        raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
-    block = _row_slice(n, rows)
-    nearest = knn_indices(x, n_neighbors, rows=block)
-    out = torch.full((nearest.shape[0], n), -math.inf, dtype=x.dtype, device=x.device)
+    nearest = knn_indices(x, n_neighbors, rows=rows)  # checks x, n_neighbors and rows
+    out = torch.full((nearest.shape[0], x.shape[0]), -math.inf, dtype=x.dtype, device=x.device)
     return out.scatter(1, nearest, -math.log(n_neighbors))
 
 

@@ -5,8 +5,8 @@ given, over the whole training set); the pair shares an id. I-Con: p puts ``1 - 
 on the pair-mate and ``neighbor_mix`` (default 0.75) uniformly on the batch's own
 ``batch_neighbors`` nearest points (Euclidean on the standardised features; optionally walked
 along that graph), q = the cluster-sharing kernel of the head's soft assignments (optionally
-against an EMA teacher's); every row is an anchor, so the loss is symmetric in the pair. Several heads train at once; the one with the lowest loss over the last epoch is
-evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
+against an EMA teacher's); every row is an anchor, so the loss is symmetric in the pair.
+Several heads train at once; the one with the lowest loss over the last epoch is evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
 """
 
 from __future__ import annotations
@@ -168,11 +168,7 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         )
     if config.loss == "pmi" and config.n_positives != 1:
         raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
-    if not 0 <= config.neighbor_mix < 1:
-        raise ValueError(f"neighbor_mix must be in [0, 1), got {config.neighbor_mix}")
-    if config.propagate_steps > 1 and config.neighbor_mix == 0:
-        raise ValueError("propagate_steps > 1 walks the batch's k-NN graph: set neighbor_mix > 0")
-    points = (1 + config.n_positives) * min(config.batch_size, n_train)
+    points = _batch_points(config, n_train)
     if config.batch_neighbors is not None and (
         isinstance(config.batch_neighbors, bool)
         or not isinstance(config.batch_neighbors, int)
@@ -186,15 +182,29 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
     if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
         raise ValueError(f"ema_teacher momentum must be in [0, 1), got {config.ema_teacher}")
+    _icon_loss(config, n_train)  # the preset checks its own options (p's), before the mining
 
 
-def _graph_neighbors(config: ClusterConfig, n_train: int) -> int:
-    """k of the batch's k-NN graph in p: as given, else n_neighbors (at most the batch's
-    other points)."""
-    if config.batch_neighbors is not None:
-        return config.batch_neighbors
-    points = (1 + config.n_positives) * min(config.batch_size, n_train)
-    return max(1, min(config.n_neighbors, points - 1))
+def _batch_points(config: ClusterConfig, n_train: int) -> int:
+    """Rows of one batch: the anchors and their mined positives."""
+    return (1 + config.n_positives) * min(config.batch_size, n_train)
+
+
+def _icon_loss(config: ClusterConfig, n_train: int) -> ClusterLoss:
+    """The I-Con cluster loss of ``config``; the batch's k-NN graph in p has ``batch_neighbors``
+    (default ``n_neighbors``, at most the batch's other points)."""
+    graph_k = config.batch_neighbors
+    if graph_k is None:
+        graph_k = max(1, min(config.n_neighbors, _batch_points(config, n_train) - 1))
+    return ClusterLoss(
+        config.divergence,
+        debias=config.debias,
+        debias_side=config.debias_side,
+        exclude_self=config.exclude_self,
+        propagate_steps=config.propagate_steps,
+        n_neighbors=graph_k,
+        neighbor_mix=config.neighbor_mix,
+    )
 
 
 class _HeadTrainer:
@@ -216,15 +226,7 @@ class _HeadTrainer:
             if config.ema_teacher is not None
             else None
         )
-        self.icon = ClusterLoss(
-            config.divergence,
-            debias=config.debias,
-            debias_side=config.debias_side,
-            exclude_self=config.exclude_self,
-            propagate_steps=config.propagate_steps,
-            n_neighbors=_graph_neighbors(config, len(train_x)),
-            neighbor_mix=config.neighbor_mix,
-        )
+        self.icon = _icon_loss(config, len(train_x))
         self.pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
         # a memory-mapped table is read a batch at a time; anything else is held on the device
         self.x = train_x if isinstance(train_x, np.memmap) else torch.as_tensor(train_x).to(device)
