@@ -197,6 +197,19 @@ def test_knn_matches_brute_force(rng):
         kernels.knn(torch.tensor(x), 15)
 
 
+def test_knn_indices_rows_match_sorted_distances(rng):
+    """Nearest first, never the row itself, a row block equal to those rows of the whole, in
+    float32 on features far from the origin (the search centres them)."""
+    x = rng.normal(size=(60, 8)) + 50.0
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    want = np.argsort(d, axis=1, kind="stable")[:, :5]
+    got = kernels.knn_indices(torch.tensor(x, dtype=torch.float32), 5)
+    np.testing.assert_array_equal(got.numpy(), want)
+    block = kernels.knn_indices(torch.tensor(x, dtype=torch.float32), 5, rows=slice(20, 35))
+    np.testing.assert_array_equal(block.numpy(), want[20:35])
+
+
 # ------------------------------------------------------------------ clusters, debias, propagate
 
 
@@ -316,3 +329,54 @@ def test_half_precision_inputs_give_float32_kernels_and_finite_gradients(name, s
     loss = icon_loss(kernels.labels(torch.arange(8) % 2, dtype=log_q.dtype), log_q, "jsd")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def _listed_reference(la: torch.Tensor, columns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log q(c_it | i) of the cluster kernel, one log-sum-exp per listed entry (float64)."""
+    lb = la - torch.logsumexp(la, dim=-2, keepdim=True)
+    heads, n, _ = la.shape
+    out = torch.full((heads, n, columns.shape[1]), -math.inf, dtype=la.dtype)
+    for h in range(heads):
+        for i in range(n):
+            for t in range(columns.shape[1]):
+                if mask[i, t]:
+                    out[h, i, t] = torch.logsumexp(la[h, i] + lb[h, columns[i, t]], dim=0)
+    return out
+
+
+@pytest.mark.parametrize("path", ["logsumexp", "dense", "sampled", "gathered"])
+@pytest.mark.parametrize("scale", [1.0, 400.0])  # 400: products far below float32's range
+def test_clusters_at_listed_columns_exact_with_underflow(path, scale, monkeypatch):
+    """The listed columns of ``clusters_at`` equal a per-entry float64 log-sum-exp, values and
+    gradients, on each evaluation path; in float32 with confident heads the products underflow
+    and those entries are recomputed exactly (finite, to float32 rounding)."""
+    monkeypatch.setattr(kernels, "_listed_path", lambda *args: path)
+    g = torch.Generator().manual_seed(0)
+    n, k = 60, 6
+    logits = torch.randn(2, n, k, generator=g, dtype=torch.float64) * scale
+    pair = torch.arange(n) // 2
+    sample = torch.randint(0, n // 3, (n,), generator=g)
+    columns, mask = kernels.positive_columns(pair, sample)
+    assert not mask.all() and mask.any(dim=1).all()  # padded rows, as in a real batch
+    z = logits.clone().requires_grad_(True)
+    got = kernels.clusters_at(torch.log_softmax(z, -1), columns, mask)[..., :-1]
+    z_ref = logits.clone().requires_grad_(True)
+    want = _listed_reference(torch.log_softmax(z_ref, -1), columns, mask)
+    listed = mask.expand_as(got)
+    torch.testing.assert_close(got[listed], want[listed], rtol=1e-9, atol=1e-9)
+    assert (got[~listed] == -math.inf).all()
+    weights = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    (got.masked_fill(~listed, 0) * weights).sum().backward()
+    (want.masked_fill(~listed, 0) * weights).sum().backward()
+    torch.testing.assert_close(z.grad, z_ref.grad, rtol=1e-7, atol=1e-9)
+    # float32: the shifted products of disagreeing confident rows underflow
+    z32 = logits.float().requires_grad_(True)
+    got32 = kernels.clusters_at(torch.log_softmax(z32, -1), columns, mask)[..., :-1]
+    assert torch.isfinite(got32[listed]).all()
+    torch.testing.assert_close(
+        got32[listed].double(), want[listed].detach(), rtol=1e-5, atol=1e-4 * scale
+    )
+    got32.masked_fill(~listed, 0).sum().backward()
+    assert torch.isfinite(z32.grad).all()
+    if scale > 1:  # the case the exact fallback exists for
+        assert (want[listed] < -200).any()
