@@ -122,6 +122,21 @@ def test_negative_weights_estimate_the_non_neighbour_normaliser(fitted):
     np.testing.assert_allclose((one - half)[off].numpy(), math.log(2.0))
 
 
+def test_batch_scope_weights_every_point_once(fitted):
+    """scope="batch": q is the plain kernel over the batch (every log weight 0), exaggeration
+    still divides the negatives; an unknown scope is a one-line error."""
+    _, affinity = fitted
+    batch = np.arange(0, 40, 2)
+    plain = affinity.negative_log_weights(batch, scope="batch", dtype=torch.float64)
+    assert torch.all(plain == 0)
+    tripled = affinity.negative_log_weights(batch, 3.0, scope="batch", dtype=torch.float64)
+    neighbour = torch.as_tensor(affinity.dense_batch(batch) > 0) | torch.eye(len(batch)).bool()
+    assert torch.all(tripled[neighbour] == 0)
+    np.testing.assert_allclose(tripled[~neighbour].numpy(), -math.log(3.0))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        affinity.negative_log_weights(batch, scope="local")
+
+
 def test_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path):
     x = _points(80)
     first = PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x)

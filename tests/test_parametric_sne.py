@@ -128,6 +128,7 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"perplexity": 20.0}, "perplexity 20 needs more"),
         (np.zeros((20, 4)), {"kernel": "cauchy"}, "kernel"),
         (np.zeros((20, 4)), {"affinity": "local"}, "affinity"),
+        (np.zeros((20, 4)), {"q_scope": "local"}, "q_scope"),
         (np.zeros((20, 4)), {"divergence": "nope"}, "unknown divergence"),
         (np.zeros((20, 4)), {"n_steps": 0}, "n_steps"),
         (np.zeros((20, 4)), {"input_noise": -1.0}, "input_noise"),

@@ -27,7 +27,10 @@ from torch import Tensor
 
 from beyond_icon.neighbors import cached_neighbor_table
 
-__all__ = ["PerplexityAffinity", "calibrate_perplexity"]
+__all__ = ["Q_SCOPES", "PerplexityAffinity", "calibrate_perplexity"]
+
+# What the normaliser of q over a batch stands for (see PerplexityAffinity.negative_log_weights).
+Q_SCOPES = ("global", "batch")
 
 
 def calibrate_perplexity(
@@ -291,6 +294,7 @@ class PerplexityAffinity:
         indices: np.ndarray | Tensor,
         exaggeration: float = 1.0,
         *,
+        scope: str = "global",
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> Tensor:
@@ -308,7 +312,9 @@ class PerplexityAffinity:
         there it is an approximation. The batch's neighbours count once; absent neighbours
         are not represented.
         ``exaggeration`` divides the negatives' weights (t-SNE's early exaggeration: the
-        neighbours' pull against ``1 / exaggeration`` of the repulsion).
+        neighbours' pull against ``1 / exaggeration`` of the repulsion). With ``scope="batch"``
+        every point stands for itself (weight ``1 / exaggeration`` for the negatives): q is
+        normalised over the batch, as in the paper and the I-Con code.
 
         Parameters
         ----------
@@ -316,6 +322,8 @@ class PerplexityAffinity:
             The batch.
         exaggeration : float
             Divides the weight of the non-neighbours (1: none).
+        scope : {"global", "batch"}
+            What q's normaliser stands for: the whole training set, or the batch.
         dtype, device
             Of the returned tensor.
 
@@ -323,16 +331,21 @@ class PerplexityAffinity:
         -------
         (b, b) tensor
             ``log c_ij``: 0 at neighbours and on the diagonal, ``log((n - 1 - k_i) /
-            (m_i * exaggeration))`` elsewhere.
+            (m_i * exaggeration))`` elsewhere (``-log(exaggeration)`` with ``scope="batch"``).
         """
         if not (isinstance(exaggeration, (int, float)) and exaggeration > 0):
             raise ValueError(f"exaggeration must be a positive number, got {exaggeration!r}")
+        if scope not in Q_SCOPES:
+            raise ValueError(f"scope must be one of {Q_SCOPES}, got {scope!r}")
         indices = self._indices(indices)
         block = self._batch_block(indices)
         b = block.shape[0]
         others = b - 1 - np.bincount(block.row, minlength=b)  # P has no diagonal entries
         represented = self.n_samples_ - 1 - self.n_nonzero_[indices]
-        log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
+        if scope == "batch":
+            log_weight = np.full(b, -math.log(exaggeration))
+        else:
+            log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
         out = torch.as_tensor(log_weight, dtype=dtype)[:, None].repeat(1, b)
         out[torch.as_tensor(block.row), torch.as_tensor(block.col)] = 0.0
         out.fill_diagonal_(0.0)

@@ -23,7 +23,7 @@ from beyond_icon._validation import (
     check_positive,
     checking_values,
 )
-from beyond_icon.affinity import PerplexityAffinity
+from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
 from beyond_icon.distributed import Shard, all_gather_with_grad, world
 from beyond_icon.loss import LossStats, icon_loss
 
@@ -138,8 +138,9 @@ class SNE(IConLoss):
       batch with each column weighted by the number of training points it stands for
       (:meth:`~beyond_icon.affinity.PerplexityAffinity.negative_log_weights`):
       ``q_B(j|i) = c_ij w_ij / sum_l c_il w_il``, whose normaliser counts the batch's
-      non-neighbours of ``i`` for all the training set's. ``exaggeration`` divides the
-      negatives' weights (early exaggeration).
+      non-neighbours of ``i`` for all the training set's (``q_scope="global"``), or with every
+      column weighted 1 (``q_scope="batch"``: q normalised over the batch, as the paper does).
+      ``exaggeration`` divides the negatives' weights (early exaggeration).
     - ``forward(x, z)``: p calibrated within the batch on its inputs ``x`` (the paper's and the
       official I-Con code's way).
     - ``forward(None, z, log_p=...)``: a precomputed (n, n) ``log_p``.
@@ -157,6 +158,8 @@ class SNE(IConLoss):
         Row-chunked evaluation (memory O(chunk_size x n)).
     affinity : PerplexityAffinity, optional
         p fitted once over the training set, for ``forward(None, z, indices=...)``.
+    q_scope : {"global", "batch"}
+        With ``affinity``: q's normaliser estimates the whole training set's, or is the batch's.
 
     References
     ----------
@@ -172,11 +175,15 @@ class SNE(IConLoss):
         sigma: float = 1.0 / math.sqrt(2.0),
         chunk_size: int | None = None,
         affinity: PerplexityAffinity | None = None,
+        q_scope: str = "batch",
     ):
         super().__init__(divergence, chunk_size)
         self.perplexity = check_positive(perplexity, "perplexity")
         self.sigma = check_positive(sigma, "sigma")
         self.affinity = affinity
+        if q_scope not in Q_SCOPES:
+            raise ValueError(f"q_scope must be one of {Q_SCOPES}, got {q_scope!r}")
+        self.q_scope = q_scope
 
     def log_q(self, z: Tensor, rows: slice, log_weights: Tensor | None = None) -> Tensor:
         return kernels.gaussian(z, self.sigma, rows=rows, log_weights=log_weights)
@@ -258,7 +265,7 @@ class SNE(IConLoss):
         dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         log_p = self.affinity.get_batch(indices, dtype=dtype, device=z.device)
         log_c = self.affinity.negative_log_weights(
-            indices, exaggeration, dtype=dtype, device=z.device
+            indices, exaggeration, scope=self.q_scope, dtype=dtype, device=z.device
         )
         return self._icon(
             lambda rows: log_p[rows],
@@ -287,6 +294,8 @@ class TSNE(SNE):
         Row-chunked evaluation.
     affinity : PerplexityAffinity, optional
         p fitted once over the training set.
+    q_scope : {"global", "batch"}
+        See :class:`SNE`.
 
     References
     ----------
@@ -300,8 +309,11 @@ class TSNE(SNE):
         dof: float = 1.0,
         chunk_size: int | None = None,
         affinity: PerplexityAffinity | None = None,
+        q_scope: str = "batch",
     ):
-        super().__init__(divergence, perplexity, chunk_size=chunk_size, affinity=affinity)
+        super().__init__(
+            divergence, perplexity, chunk_size=chunk_size, affinity=affinity, q_scope=q_scope
+        )
         self.dof = check_positive(dof, "dof")
 
     def log_q(self, z: Tensor, rows: slice, log_weights: Tensor | None = None) -> Tensor:

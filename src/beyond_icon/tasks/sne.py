@@ -47,6 +47,11 @@ class SNEConfig(TaskConfig):
         "global",
         "p: global (fitted once over the train split) or batch (calibrated per batch, the paper's)",
     )
+    q_scope: str = option(
+        "batch",
+        "with --affinity global, q normalised over the batch (batch) or for the whole train split "
+        "(global: each negative weighted by the training points it stands for)",
+    )
     n_components: int = option(2, "embedding dimension")
     perplexity: float = option(30.0, "perplexity of p")
     pca_components: int | None = option(
