@@ -56,7 +56,9 @@ class _Scale(torch.nn.Module):
         return x * self.factor
 
 
-def free_embedding(x_train: np.ndarray, steps: int, lr: float, seed: int = 0) -> np.ndarray:
+def free_embedding(
+    x_train: np.ndarray, steps: int, lr: float, seed: int = 0, q_scope: str = "batch"
+) -> np.ndarray:
     """The estimator's objective optimised over a free (n, 2) embedding instead of a network."""
     import math
 
@@ -69,7 +71,7 @@ def free_embedding(x_train: np.ndarray, steps: int, lr: float, seed: int = 0) ->
     inputs = PCA(50, random_state=seed).fit_transform(x_train).astype(np.float32)
     affinity = PerplexityAffinity(30.0).fit(inputs)
     sampler = NeighborBatchSampler(affinity, 256)
-    loss = TSNE("kl", 30.0, affinity=affinity)
+    loss = TSNE("kl", 30.0, affinity=affinity, q_scope=q_scope)
     table = torch.nn.Embedding(len(inputs), 2, sparse=True)
     with torch.no_grad():  # PCA initialisation, small
         table.weight.copy_(torch.as_tensor(inputs[:, :2] / inputs[:, 0].std() * 1e-2))
@@ -163,7 +165,9 @@ def main() -> None:
             report("openTSNE", seconds, np.asarray(embedding), embedding.transform(p_test))
     if args.free_embedding:
         started = time.perf_counter()
-        embedding = free_embedding(x_train, args.free_steps, args.free_lr)
+        settings = dict(item.partition("=")[::2] for item in args.set)
+        scope = json.loads(settings.get("q_scope", '"batch"'))
+        embedding = free_embedding(x_train, args.free_steps, args.free_lr, q_scope=scope)
         seconds = time.perf_counter() - started
         print(
             f"free embedding ({args.free_steps} steps, lr {args.free_lr:g}): train 5-NN (LOO) "
@@ -172,7 +176,6 @@ def main() -> None:
         )
         if args.regress_free:
             hidden = tuple(int(v) for v in (args.hidden or "256,256").split(","))
-            settings = dict(item.partition("=")[::2] for item in args.set)
             noise = float(json.loads(settings.get("input_noise", "0.3")))
             started = time.perf_counter()
             train, test = regress(

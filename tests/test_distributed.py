@@ -60,7 +60,9 @@ def _case(name):
         inputs = torch.randn(40, 9, generator=gen, dtype=torch.float64)
         with tempfile.TemporaryDirectory() as cache:
             affinity = PerplexityAffinity(3.0, n_neighbors=5, cache_dir=cache).fit(inputs.numpy())
-        return methods.TSNE("tv", perplexity=3.0, affinity=affinity), None, x
+        # q over the train split: per-row weights (n - 1 - k_i) / m_i across the shards
+        loss = methods.TSNE("tv", perplexity=3.0, affinity=affinity, q_scope="global")
+        return loss, None, x
     raise ValueError(name)
 
 

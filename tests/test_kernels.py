@@ -380,3 +380,24 @@ def test_clusters_at_listed_columns_exact_with_underflow(path, scale, monkeypatc
     assert torch.isfinite(z32.grad).all()
     if scale > 1:  # the case the exact fallback exists for
         assert (want[listed] < -200).any()
+
+
+@pytest.mark.parametrize("path", ["dense", "sampled", "gathered"])
+def test_clusters_at_listed_columns_float32_under_autocast_and_mixed_dtypes(path, monkeypatch):
+    """bf16 autocast does not reach the products (they stay float32), and a float64 teacher of
+    float32 heads is promoted as the log-sum-exp form promotes it."""
+    monkeypatch.setattr(kernels, "_listed_path", lambda *args: path)
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 64, 20, generator=g, dtype=torch.float64) * 3
+    columns, mask = kernels.positive_columns(torch.arange(64) // 8)
+    want = _listed_reference(torch.log_softmax(logits, -1), columns, mask)
+    listed = mask.expand_as(want)
+    la = torch.log_softmax(logits.float(), -1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.clusters_at(la, columns, mask)[..., :-1]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[listed].double(), want[listed], rtol=1e-5, atol=1e-5)
+    teacher = torch.log_softmax(logits, -1)
+    mixed = kernels.clusters_at(la, columns, mask, teacher)[..., :-1]
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed[listed], want[listed], rtol=1e-5, atol=1e-5)

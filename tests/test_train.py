@@ -145,6 +145,16 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
     assert history[-1]["segment"] == 1 and history[0]["segment"] == 0
 
 
+def test_resume_a_checkpoint_from_before_a_setting_existed(tmp_path):
+    """A checkpoint whose identity has no q_scope was trained with q over the train split: it
+    resumes under q_scope='global' and refuses the new default."""
+    _train_two_epochs(tmp_path, identity={"divergence": "kl", "n_steps": 10})
+    with pytest.raises(ValueError, match=r"q_scope: 'global' there, 'batch' now"):
+        _resume(tmp_path, identity={"divergence": "kl", "n_steps": 10, "q_scope": "batch"})
+    history = _resume(tmp_path, identity={"divergence": "kl", "n_steps": 20, "q_scope": "global"})
+    assert history[-1]["segment"] == 1
+
+
 def test_finite_loss_with_non_finite_gradient_stops_with_the_step(tmp_path):
     from beyond_icon.train import TrainingDiverged
 

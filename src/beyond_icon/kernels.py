@@ -669,7 +669,7 @@ def clusters_at(
     return torch.cat([listed, rest.to(listed.dtype)], dim=-1)
 
 
-# A block's products are built in slices of at most this many elements (memory stays bounded).
+# A block's products are built in slices of at most this many elements (bounds the temporaries).
 _SLICE_ELEMENTS = 1 << 24
 
 
@@ -720,19 +720,47 @@ def _sampled_products(ea: Tensor, eb: Tensor, columns: Tensor, mask: Tensor) -> 
     return flat.index_copy(1, slot, torch.stack(values)).reshape(*ea.shape[:-2], r, s)
 
 
+def _listed_products(ea: Tensor, eb: Tensor, columns: Tensor, mask: Tensor, path: str) -> Tensor:
+    """``ea_i . eb_j`` at each listed column ``j = columns[i, t]``, (..., r, s), by ``path``."""
+    if path == "sampled":
+        return _sampled_products(ea, eb, columns, mask)
+    n, s = eb.shape[-2], columns.shape[1]
+    heads = int(math.prod(ea.shape[:-2]))
+    k = ea.shape[-1]
+    # slices bound the temporaries of the forward pass (autograd keeps what backward needs)
+    step = max(1, _SLICE_ELEMENTS // max(1, heads * (n if path == "dense" else s * k)))
+    sums = []
+    for start in range(0, columns.shape[0], step):
+        cols = columns[start : start + step]
+        a = ea[..., start : start + step, :]
+        if path == "dense":
+            full = a @ eb.transpose(-1, -2)  # (..., rows, n)
+            sums.append(full.gather(-1, cols.expand(*full.shape[:-1], s)))
+        else:
+            # (..., rows, s, k); index_select's backward (index_add) is several times faster
+            # than advanced indexing's (index_put with accumulate)
+            picked = eb.index_select(-2, cols.reshape(-1)).unflatten(-2, cols.shape)
+            sums.append((picked * a.unsqueeze(-2)).sum(dim=-1))
+    return torch.cat(sums, dim=-2)
+
+
 def _listed_log_q(la: Tensor, lb: Tensor, columns: Tensor, mask: Tensor) -> Tensor:
     """``log sum_c exp(la_ic + lb_jc)`` at each listed column ``j = columns[i, t]``, (..., r, s).
 
     Products of shifted exponentials instead of a log-sum-exp per column: with ``m_i = max_c
     la_ic`` and ``m_j = max_c lb_jc`` every factor lies in (0, 1] and the largest is 1, so the
     sum ``S_ij = sum_c exp(la_ic - m_i) exp(lb_jc - m_j)`` only underflows when ``log q`` lies
-    ~87 nats (float32) below ``m_i + m_j``: two confident assignments to different clusters.
-    Those entries (found with one device-to-host read) are recomputed with the exact
+    ~87 nats (float32) below ``m_i + m_j``: two points confidently in different clusters. The
+    entries below ``tiny / eps`` (~71 nats down in float32, where the products' rounding could
+    grow; found with one device-to-host read) are recomputed with the exact
     log-sum-exp, so the result equals the log-sum-exp form everywhere, at the cost of a matrix
     product (evaluated as :func:`_listed_path` chooses).
     """
     k, n = la.shape[-1], lb.shape[-2]
     r, s = columns.shape
+    columns = columns.long()
+    dtype = torch.promote_types(la.dtype, lb.dtype)  # a float64 teacher of float32 heads
+    la, lb = la.to(dtype), lb.to(dtype)
     path = _listed_path(la.device, n, s, k)
     if path == "logsumexp":
         return torch.stack(
@@ -741,24 +769,8 @@ def _listed_log_q(la: Tensor, lb: Tensor, columns: Tensor, mask: Tensor) -> Tens
     top_a = la.amax(dim=-1, keepdim=True)
     top_b = lb.amax(dim=-1, keepdim=True)
     ea, eb = (la - top_a).exp(), (lb - top_b).exp()
-    if path == "sampled":
-        total = _sampled_products(ea, eb, columns, mask)
-    else:
-        heads = int(math.prod(la.shape[:-2]))
-        step = max(1, _SLICE_ELEMENTS // max(1, heads * (n if path == "dense" else s * k)))
-        sums = []
-        for start in range(0, r, step):
-            cols = columns[start : start + step]
-            a = ea[..., start : start + step, :]
-            if path == "dense":
-                full = a @ eb.transpose(-1, -2)  # (..., rows, n)
-                sums.append(full.gather(-1, cols.expand(*full.shape[:-1], s)))
-            else:
-                # (..., rows, s, k); index_select's backward (index_add) is several times
-                # faster than advanced indexing's (index_put with accumulate)
-                picked = eb.index_select(-2, cols.reshape(-1)).unflatten(-2, cols.shape)
-                sums.append((picked * a.unsqueeze(-2)).sum(dim=-1))
-        total = torch.cat(sums, dim=-2)
+    with _autocast_off(ea):  # autocast would run the products in bf16 (0.01 nats off)
+        total = _listed_products(ea, eb, columns, mask, path)
     tiny = torch.finfo(total.dtype).tiny / torch.finfo(total.dtype).eps
     lost = (total < tiny) & mask  # underflowed (or nearly): exact log-sum-exp below
     safe = torch.where(mask & ~lost, total, 1.0)  # no log(0): its backward would give nan

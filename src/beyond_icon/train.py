@@ -258,6 +258,9 @@ class TrainingDiverged(ValueError):
 
 CHECKPOINT_FORMAT = "beyond-icon-checkpoint/2"
 BUDGET_FIELDS = ("epochs", "n_steps")  # may differ on resume: the run is extended or cut
+# Settings added after checkpoints were written: the behaviour those runs had, so that a
+# checkpoint without the key resumes under the same settings (and not under the new default).
+LEGACY_SETTINGS = {"q_scope": "global"}
 
 
 def _plain(value: Any) -> Any:
@@ -307,6 +310,7 @@ def load_checkpoint(
         )
     saved = state.get("identity")
     if identity is not None and saved is not None:
+        saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in identity} | saved
         keys = sorted(set(saved) | set(identity))
         differ = [k for k in keys if saved.get(k) != identity.get(k) and k not in BUDGET_FIELDS]
         if differ:
