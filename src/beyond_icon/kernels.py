@@ -766,8 +766,10 @@ def _listed_log_q(la: Tensor, lb: Tensor, columns: Tensor, mask: Tensor) -> Tens
         return torch.stack(
             [torch.logsumexp(la + lb[..., columns[:, t], :], dim=-1) for t in range(s)], dim=-1
         ).masked_fill(~mask, -math.inf)
-    top_a = la.amax(dim=-1, keepdim=True)
-    top_b = lb.amax(dim=-1, keepdim=True)
+    # the shifts cancel in the value, so their gradient is zero: constants (no amax backward,
+    # no index_put for the gathered column shifts)
+    top_a = la.detach().amax(dim=-1, keepdim=True)
+    top_b = lb.detach().amax(dim=-1, keepdim=True)
     ea, eb = (la - top_a).exp(), (lb - top_b).exp()
     with _autocast_off(ea):  # autocast would run the products in bf16 (0.01 nats off)
         total = _listed_products(ea, eb, columns, mask, path)
