@@ -130,3 +130,18 @@ def test_cache_prefers_the_exact_k_then_the_smallest_larger(tmp_path):
     for k, expected in ((5, 9.0), (9, 9.0), (10, 10.0), (11, 12.0), (12, 12.0)):
         _, values, cached = cached_neighbor_table(x, k, tmp_path)
         assert cached and values[0, 0] == expected, (k, values[0, 0])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_query_ranges_and_blocks_agree_and_never_return_self(metric):
+    """A query range searched in small blocks equals those rows of the whole search; the self
+    match (one diagonal of each block that holds it) is never returned."""
+    x = np.random.default_rng(0).normal(size=(700, 16)).astype(np.float32)
+    whole = mine_neighbors(x, 7, metric=metric)
+    blocked = mine_neighbors(x, 7, metric=metric, query_block=64, key_block=100)
+    part = mine_neighbors(
+        x, 7, metric=metric, query_block=50, key_block=128, queries=slice(130, 377)
+    )
+    np.testing.assert_array_equal(blocked, whole)
+    np.testing.assert_array_equal(part, whole[130:377])
+    assert (whole != np.arange(700)[:, None]).all()

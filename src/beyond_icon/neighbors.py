@@ -144,11 +144,16 @@ def mine_neighbors(
         best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
         for key_start in range(0, n, key_block):
             block = rows_of(key_start, min(key_start + key_block, n))
-            sims = query @ block.T
-            if metric == "euclidean":  # larger is nearer: -|b|^2 + 2 a.b (|a|^2 is per row)
-                sims = 2.0 * sims - key_sq[key_start : key_start + len(block)][None, :]
+            if metric == "euclidean":  # larger is nearer: -|b|^2 + 2 a.b (|a|^2 is per row),
+                # one matmul with the norms as its bias (a pass over the block saved)
+                key_norms = key_sq[key_start : key_start + len(block)][None, :]
+                sims = torch.addmm(key_norms, query, block.T, beta=-1.0, alpha=2.0)
+            else:
+                sims = query @ block.T
             cols = torch.arange(key_start, key_start + len(block), device=device)
-            sims = sims.masked_fill(rows[:, None] == cols[None, :], -float("inf"))
+            # the self matches lie on one diagonal of the block: O(block) to write, where a
+            # boolean mask costs two passes over it (empty when the block holds none)
+            sims.diagonal(offset=start - key_start).fill_(-float("inf"))
             # TIE_MARGIN more than needed, so that points tied at the k-th similarity (duplicates)
             # are all candidates and the lowest indices win, whatever k is
             top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1)
