@@ -145,13 +145,17 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
     assert history[-1]["segment"] == 1 and history[0]["segment"] == 0
 
 
-def test_resume_a_checkpoint_from_before_a_setting_existed(tmp_path):
-    """A checkpoint whose identity has no q_scope was trained with q over the train split: it
-    resumes under q_scope='global' and refuses the new default."""
+@pytest.mark.parametrize(
+    "key, before, default", [("q_scope", "global", "batch"), ("neighbor_mix", 0.0, 0.75)]
+)
+def test_resume_a_checkpoint_from_before_a_setting_existed(tmp_path, key, before, default):
+    """A checkpoint whose identity lacks a setting added later ran with that setting's old
+    behaviour (q over the train split; p on the pair-mate only): it resumes under that value and
+    refuses the new default."""
     _train_two_epochs(tmp_path, identity={"divergence": "kl", "n_steps": 10})
-    with pytest.raises(ValueError, match=r"q_scope: 'global' there, 'batch' now"):
-        _resume(tmp_path, identity={"divergence": "kl", "n_steps": 10, "q_scope": "batch"})
-    history = _resume(tmp_path, identity={"divergence": "kl", "n_steps": 20, "q_scope": "global"})
+    with pytest.raises(ValueError, match=rf"{key}: {before!r} there, {default!r} now"):
+        _resume(tmp_path, identity={"divergence": "kl", "n_steps": 10, key: default})
+    history = _resume(tmp_path, identity={"divergence": "kl", "n_steps": 20, key: before})
     assert history[-1]["segment"] == 1
 
 

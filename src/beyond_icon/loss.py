@@ -218,7 +218,8 @@ def _blocked_sum_and_count(
     buffer of a large batch stays in cache, and each fresh one is likely a new mapping that
     the kernel fills page by page (large allocations go to mmap; not measured apart). Blocks
     of 2 MiB are reused from the allocator and stay in the caches, which made the SupCon step
-    2.1 to 2.3 times faster at n = 4096 on 2 cores (measured, ``benchmarks/bench_loss.py``), with the same value and gradient up to summation order.
+    2.1 to 2.3 times faster at n = 4096 on 2 cores (measured, ``benchmarks/bench_loss.py``),
+    with the same value and gradient up to summation order.
     The first block's rows assume m = n (the presets' square q); its shape and device then
     fix the others.
     """

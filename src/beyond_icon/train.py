@@ -260,7 +260,10 @@ CHECKPOINT_FORMAT = "beyond-icon-checkpoint/2"
 BUDGET_FIELDS = ("epochs", "n_steps")  # may differ on resume: the run is extended or cut
 # Settings added after checkpoints were written: the behaviour those runs had, so that a
 # checkpoint without the key resumes under the same settings (and not under the new default).
-LEGACY_SETTINGS = {"q_scope": "global"}
+LEGACY_SETTINGS = {
+    "q_scope": "global",  # parametric SNE: q over the whole train split
+    "neighbor_mix": 0.0,  # cluster task: p on the pair-mate only
+}
 
 
 def _plain(value: Any) -> Any:

@@ -6,7 +6,8 @@ on the pair-mate and ``neighbor_mix`` (default 0.75) uniformly on the batch's ow
 ``batch_neighbors`` nearest points (Euclidean on the standardised features; optionally walked
 along that graph), q = the cluster-sharing kernel of the head's soft assignments (optionally
 against an EMA teacher's); every row is an anchor, so the loss is symmetric in the pair.
-Several heads train at once; the one with the lowest loss over the last epoch is evaluated. ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
+Several heads train at once; the one with the lowest loss over the last epoch is evaluated.
+``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
 """
 
 from __future__ import annotations
