@@ -129,7 +129,29 @@ def test_sweep_rejects_other_options_in_same_folder(tmp_path, capsys):
     out = tmp_path / "s"
     assert _sweep(out, divergences="kl", seeds="0") == 0
     assert _sweep(out, divergences="kl", seeds="0", extra=("--kernel", "gaussian")) == 2
-    assert "other options" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "other settings (kernel: 'student_t' there, 'gaussian' now, in kl_s0)" in err
+
+
+def test_sweep_compares_settings_resolved_not_as_passed(tmp_path, capsys):
+    """A run made before a default changed (its config.yaml has no neighbor_mix: the
+    pair-only p) is not mixed with runs of the new default, although the options passed are the
+    same; passing the old value continues the sweep, and spelling out a default is no change."""
+    import yaml
+
+    options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0}
+    specs = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    config = Path(specs[0].folder) / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved["neighbor_mix"]  # as written before the option existed
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ValueError, match=r"neighbor_mix: 0.0 there, 0.75 now, in tv_s0"):
+        sweep.plan("cluster", ["kl"], [0], options, tmp_path / "s")
+    assert sweep.plan("cluster", ["kl"], [0], options | {"neighbor_mix": 0.0}, tmp_path / "s")
+    fresh = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "t")
+    assert sweep.run_sweep(fresh, verbose=False) == []
+    assert sweep.plan("cluster", ["kl"], [1], options | {"neighbor_mix": 0.75}, tmp_path / "t")
 
 
 def test_unknown_divergence_fails_before_training(tmp_path, capsys):

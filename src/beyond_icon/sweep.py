@@ -131,14 +131,12 @@ def plan(
     path = out / "sweep.yaml"
     if path.is_file():
         previous = yaml.safe_load(path.read_text())
-        if previous.get("task") != task or previous.get("options") != options:
+        if previous.get("task") != task:
             raise ValueError(
-                f"{out} holds a sweep of {previous.get('task')} with other options "
-                f"({previous.get('options')}); use a new --out for a different sweep"
+                f"{out} holds a sweep of {previous.get('task')}, not {task}; use a new --out"
             )
         record["divergences"] = list(dict.fromkeys(previous["divergences"] + list(divergences)))
         record["seeds"] = list(dict.fromkeys(previous["seeds"] + list(seeds)))
-    path.write_text(yaml.safe_dump(record, sort_keys=False))
     specs = [
         RunSpec(task, d, s, options, str(out / "runs" / run_name(d, s)))
         for d in divergences
@@ -153,7 +151,43 @@ def plan(
             from beyond_icon import divergences as registry
 
             registry.get(spec.divergence)
+    _check_earlier_runs(specs[0], out)
+    path.write_text(yaml.safe_dump(record, sort_keys=False))
     return specs
+
+
+# what differs between the runs of one sweep by design
+_PER_RUN = ("divergence", "seed", "loss")
+
+
+def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
+    """Refuse a sweep folder whose runs were made with other settings, defaults included.
+
+    The settings are compared once resolved, not as passed: ``sweep.yaml``'s options leave out
+    the defaults, and a default that changed since (the SNE's ``q_scope``, the cluster task's
+    ``neighbor_mix``) would otherwise mix runs of two methods in one table, while spelling out
+    a default that the earlier runs used is no change. Each run's ``config.yaml`` holds every
+    setting; one written before a setting existed is read with that setting's old behaviour
+    (:data:`train.LEGACY_SETTINGS`).
+    """
+    from beyond_icon.tasks.common import identity
+    from beyond_icon.train import LEGACY_SETTINGS
+
+    # through YAML, as config.yaml was written, so that tuples compare equal to lists
+    now = yaml.safe_load(yaml.safe_dump(identity(spec.config())))
+    now = {k: v for k, v in now.items() if k not in _PER_RUN}
+    for path in sorted((out / "runs").glob("*/config.yaml")):
+        saved = yaml.safe_load(path.read_text()) or {}
+        saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in now} | saved
+        # a key the run does not have was added later with its old behaviour as the default
+        differ = [k for k in now if k in saved and saved[k] != now[k]]
+        if differ:
+            shown = ", ".join(f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in differ)
+            raise ValueError(
+                f"{out} holds runs made with other settings ({shown}, in "
+                f"{path.parent.name}); their results would mix with these in one table: use a "
+                "new --out, or pass the earlier values"
+            )
 
 
 class RunBusy(RuntimeError):
