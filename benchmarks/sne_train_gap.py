@@ -208,6 +208,8 @@ def main() -> None:
             original_network(self, *a), _Scale(args.output_scale)
         )
     fit_x, transform_x = x_train, x_test
+    if args.cnn_width and ("backbone" in overrides or args.hidden or args.batch_norm):
+        parser.error("--cnn-width trains the CNN: drop --set backbone, --hidden and --batch-norm")
     if args.cnn_width:
         from beyond_icon import models
 

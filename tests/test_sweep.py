@@ -154,6 +154,71 @@ def test_sweep_compares_settings_resolved_not_as_passed(tmp_path, capsys):
     assert sweep.plan("cluster", ["kl"], [1], options | {"neighbor_mix": 0.75}, tmp_path / "t")
 
 
+def _tiny_cluster_sweep(out, divergences=("tv",), **extra):
+    options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0} | extra
+    specs = sweep.plan("cluster", list(divergences), [0], options, out)
+    assert sweep.run_sweep(specs, verbose=False) == []
+    return options, specs
+
+
+def test_sweep_fills_a_key_an_old_run_lacks_with_its_default(tmp_path):
+    """A setting added after a run was made (not in LEGACY_SETTINGS) had its default's
+    behaviour there: another value now is a different method, the default is not."""
+    import yaml
+
+    options, specs = _tiny_cluster_sweep(tmp_path / "s")
+    config = Path(specs[0].folder) / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved["optimizer"]
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    before = (tmp_path / "s" / "sweep.yaml").read_text()
+    with pytest.raises(ValueError, match=r"optimizer: 'adam' there, 'adamw' now, in tv_s0"):
+        sweep.plan("cluster", ["kl"], [0], options | {"optimizer": "adamw"}, tmp_path / "s")
+    assert (tmp_path / "s" / "sweep.yaml").read_text() == before  # a refused plan writes nothing
+    assert sweep.plan("cluster", ["kl"], [0], options, tmp_path / "s")
+
+
+def test_sweep_settings_that_do_not_define_a_run_may_change(tmp_path):
+    options, _ = _tiny_cluster_sweep(tmp_path / "s", divergences=("tv", "pmi"))
+    # evaluation-only (k-means restarts), where it runs, where the data sit
+    changed = options | {"kmeans_init": 3, "device": "cpu", "data_dir": str(tmp_path)}
+    assert sweep.plan("cluster", ["kl", "pmi"], [0, 1], changed, tmp_path / "s")
+    recorded = yaml_load(tmp_path / "s" / "sweep.yaml")
+    assert recorded["options"] == options  # the first call's, as passed
+    assert recorded["divergences"] == ["tv", "pmi", "kl"]
+
+
+def test_sweep_compares_the_loss_except_for_the_pmi_baseline(tmp_path):
+    """Runs trained with loss=pmi under a divergence's name are not the I-Con runs."""
+    options, _ = _tiny_cluster_sweep(tmp_path / "s", loss="pmi")
+    with pytest.raises(ValueError, match=r"loss: 'pmi' there, 'icon' now, in tv_s0"):
+        sweep.plan(
+            "cluster",
+            ["kl"],
+            [0],
+            {k: v for k, v in options.items() if k != "loss"},
+            tmp_path / "s",
+        )
+
+
+def test_sweep_ignores_a_run_that_stopped_before_training(tmp_path):
+    """A run refused by its own checks (config.yaml written, nothing trained) does not block
+    the corrected sweep."""
+    options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0, "n_neighbors": 100000}
+    specs = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == specs  # failed: n_neighbors too large
+    assert (Path(specs[0].folder) / "config.yaml").is_file()
+    options.pop("n_neighbors")
+    again = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(again, verbose=False) == []
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(Path(path).read_text())
+
+
 def test_unknown_divergence_fails_before_training(tmp_path, capsys):
     assert _sweep(tmp_path / "s", divergences="kl,nope") == 2
     assert "unknown divergence 'nope'" in capsys.readouterr().err
@@ -283,3 +348,17 @@ def test_pmi_is_a_baseline_not_a_divergence(tmp_path, capsys):
     assert "--baselines pmi" in capsys.readouterr().err
     assert main([*args, "--divergences", "tv", "--baselines", "kmeans"]) == 2
     assert "unknown cluster baseline(s) ['kmeans']; known: pmi" in capsys.readouterr().err
+
+
+def test_sne_with_the_auto_backbone_compares_the_device_kind(tmp_path):
+    """backbone auto trains an MLP on the CPU and the CNN for images on a GPU: a sweep started on
+    one is not continued on the other; with the backbone named, the device does not matter."""
+    options = {"data": "digits", "n_train": 240, "n_test": 80, "n_steps": 6, "device": "cpu"}
+    specs = sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    with pytest.raises(ValueError, match=r"device: 'cpu' there, 'cuda' now \(backbone auto"):
+        sweep.plan("sne", ["kl"], [0], options | {"device": "cuda"}, tmp_path / "s")
+    named = options | {"backbone": "mlp"}
+    specs = sweep.plan("sne", ["tv"], [0], named, tmp_path / "t")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    assert sweep.plan("sne", ["kl"], [0], named | {"device": "cuda"}, tmp_path / "t")

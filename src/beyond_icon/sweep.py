@@ -2,7 +2,7 @@
 
 Layout of a sweep folder::
 
-    DIR/sweep.yaml            task, divergences, seeds and the shared task options
+    DIR/sweep.yaml            task, divergences, seeds and the options first passed
     DIR/runs/<name>_s<seed>/  one run folder per (divergence, seed), as the task writes it
     DIR/results.csv           one row per finished run, every metric
     DIR/results.md            divergence x metric, mean +- std over seeds, best marked
@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,7 @@ def plan(
             raise ValueError(
                 f"{out} holds a sweep of {previous.get('task')}, not {task}; use a new --out"
             )
+        record["options"] = previous.get("options", options)  # the first call's, as passed
         record["divergences"] = list(dict.fromkeys(previous["divergences"] + list(divergences)))
         record["seeds"] = list(dict.fromkeys(previous["seeds"] + list(seeds)))
     specs = [
@@ -156,37 +158,68 @@ def plan(
     return specs
 
 
-# what differs between the runs of one sweep by design
-_PER_RUN = ("divergence", "seed", "loss")
+def _device_kind(device: str) -> str:
+    """``cpu`` or ``cuda``: what a run's ``device`` setting ran on (``auto`` as on this machine)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     """Refuse a sweep folder whose runs were made with other settings, defaults included.
 
-    The settings are compared once resolved, not as passed: ``sweep.yaml``'s options leave out
-    the defaults, and a default that changed since (the SNE's ``q_scope``, the cluster task's
-    ``neighbor_mix``) would otherwise mix runs of two methods in one table, while spelling out
-    a default that the earlier runs used is no change. Each run's ``config.yaml`` holds every
-    setting; one written before a setting existed is read with that setting's old behaviour
-    (:data:`train.LEGACY_SETTINGS`).
+    The settings are compared once resolved, each finished or checkpointed run's
+    ``config.yaml`` (every setting) against the new runs' config: a default that changed
+    since (the SNE's ``q_scope``, the cluster task's ``neighbor_mix``) would otherwise mix runs
+    of two methods in one table, while a setting that does not define a run (the device, where
+    the data sit, evaluation-only fields such as ``kmeans_init``) may differ. A key that a run's
+    ``config.yaml`` lacks was added later, with that run's behaviour as its default, unless
+    :data:`train.LEGACY_SETTINGS` records the old behaviour. The divergence and seed differ by
+    design; so does ``loss`` for the cluster task's ``pmi`` baseline runs. For SNE with
+    ``backbone="auto"`` the device decides the network (an MLP on the CPU, the CNN for images
+    on a GPU), so the device kind is compared too.
     """
-    from beyond_icon.tasks.common import identity
-    from beyond_icon.train import LEGACY_SETTINGS
+    from beyond_icon.tasks.common import config_from_dict, identity
+    from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS
 
-    # through YAML, as config.yaml was written, so that tuples compare equal to lists
-    now = yaml.safe_load(yaml.safe_dump(identity(spec.config())))
-    now = {k: v for k, v in now.items() if k not in _PER_RUN}
+    def resolved(config) -> dict:
+        # through YAML, as config.yaml was written, so that tuples compare equal to lists
+        return yaml.safe_load(yaml.safe_dump(identity(config)))
+
+    cls = config_class(spec.task)
+    # the settings of a divergence's run (a pmi baseline spec would carry loss: pmi)
+    now = resolved(config_from_dict(cls, dict(spec.options, seed=spec.seed)))
+    defaults = resolved(cls())
+    sne_auto = spec.task == "sne" and now.get("backbone") == "auto"
     for path in sorted((out / "runs").glob("*/config.yaml")):
+        folder = path.parent
+        if not any((folder / name).is_file() for name in ("metrics.json", CHECKPOINT)):
+            continue  # a run that stopped before training (a bad option): nothing to mix
         saved = yaml.safe_load(path.read_text()) or {}
-        saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in now} | saved
-        # a key the run does not have was added later with its old behaviour as the default
-        differ = [k for k in now if k in saved and saved[k] != now[k]]
-        if differ:
-            shown = ", ".join(f"{k}: {saved[k]!r} there, {now[k]!r} now" for k in differ)
+        old = {k: v for k, v in LEGACY_SETTINGS.items() if k in now}
+        saved = defaults | old | saved
+        expected = dict(now)
+        if spec.task == "cluster" and re.fullmatch(r"pmi_s-?\d+", folder.name):
+            expected["loss"] = "pmi"  # a baseline run beside the divergences
+        shown = [
+            f"{k}: {saved.get(k)!r} there, {v!r} now"
+            for k, v in expected.items()
+            if k not in ("divergence", "seed") and saved.get(k) != v
+        ]
+        if sne_auto and _device_kind(saved.get("device", "auto")) != _device_kind(
+            spec.options.get("device", "auto")
+        ):
+            shown.append(
+                f"device: {saved.get('device')!r} there, {spec.options.get('device', 'auto')!r} "
+                "now (backbone auto: another network)"
+            )
+        if shown:
             raise ValueError(
-                f"{out} holds runs made with other settings ({shown}, in "
-                f"{path.parent.name}); their results would mix with these in one table: use a "
-                "new --out, or pass the earlier values"
+                f"{out} holds runs made with other settings ({', '.join(shown)}, in "
+                f"{folder.name}); their results would mix with these in one table: use a new "
+                "--out, or pass the earlier values"
             )
 
 
