@@ -449,6 +449,31 @@ def test_neighbor_mix_p_against_a_dense_construction():
     )
 
 
+def test_neighbor_mix_p_of_one_process_s_rows_equals_those_rows_of_the_whole():
+    """Under torchrun a process reads only its rows of p: it searches only their neighbours
+    (among the whole batch) and gets those rows exactly; no other row is NaN."""
+    g = torch.Generator().manual_seed(4)
+    n, k, w = 12, 3, 0.4
+    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    pair = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 4])  # row 5 has no mate
+
+    def dense(columns, mask, log_p):
+        p = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            p[i, columns[i][mask[i]]] = log_p[i][mask[i]].exp()
+        return p
+
+    loss = methods.ClusterLoss("tv", neighbor_mix=w, n_neighbors=k)
+    whole = dense(*loss._positives(pair, None, x))
+    rows = slice(3, 8)  # row 5 (no mate: p on its neighbours only) among them
+    columns, mask, log_p = loss._positives(pair, None, x, rows)
+    torch.testing.assert_close(dense(columns, mask, log_p)[rows], whole[rows], rtol=0, atol=0)
+    assert not log_p.isnan().any()
+    assert torch.equal(
+        loss._positives(pair, None, x, slice(0, n))[2], loss._positives(pair, None, x)[2]
+    )
+
+
 def test_neighbor_mix_pulls_every_divergence_toward_the_data_s_clusters():
     """4 well-separated groups of 4 points, pairs inside groups, confident heads. With pairs
     alone TV cannot tell the groups' partition from one that merges two groups and splits a

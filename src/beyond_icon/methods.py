@@ -650,13 +650,19 @@ class ClusterLoss(IConLoss):
             raise ValueError(f"features must have {n} rows, got {features.shape[0]}")
 
     def _positives(
-        self, pair_index: Tensor, sample_index: Tensor | None, features: Tensor | None
+        self,
+        pair_index: Tensor,
+        sample_index: Tensor | None,
+        features: Tensor | None,
+        rows: slice | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """p's support and values on the (gathered) batch: ``(columns, mask, log_p)``, (n, s).
 
         The pair-mates (and same-sample columns) share ``1 - w``, the batch's k nearest points
         in ``features`` share ``w`` (a column that is both adds both); a row without a positive
-        gives the k-NN all its mass.
+        gives the k-NN all its mass. ``rows``: only these rows are read (this process's share
+        of a gathered batch), so only their nearest points are searched; the other rows keep
+        their pair-mates alone.
         """
         keys = [pair_index] + ([sample_index] if sample_index is not None else [])
         columns, mask = kernels.positive_columns(*keys)
@@ -666,16 +672,24 @@ class ClusterLoss(IConLoss):
             return columns, mask, torch.where(mask, -count.clamp_min(1).double().log(), -math.inf)
         n = features.shape[0]
         k = min(self.n_neighbors, n - 1)
-        nearest = kernels.knn_indices(features, k)
+        searched = torch.ones(n, dtype=torch.bool, device=columns.device)
+        if rows is None or (rows.start, rows.stop) == (0, n):
+            nearest = kernels.knn_indices(features, k)
+        else:  # under torchrun each process searches its own rows among the whole batch
+            nearest = torch.zeros(n, k, dtype=torch.int64, device=columns.device)
+            nearest[rows] = kernels.knn_indices(features, k, rows=rows).to(columns.device)
+            searched.zero_()[rows] = True
         listed = (nearest[:, :, None] == columns[:, None, :]) & mask[:, None, :]  # (n, k, s)
+        listed &= searched[:, None, None]
         f64 = torch.float64
         own_mass = (count > 0).to(f64) * (1.0 - mix) / count.clamp_min(1).to(f64)
         weights = mask.to(f64) * own_mass + listed.sum(dim=1).to(f64) * (mix / k)
-        new = ~listed.any(dim=2)
+        new = ~listed.any(dim=2) & searched[:, None]
         columns = torch.cat([columns, nearest], dim=1)
         mask = torch.cat([mask, new], dim=1)
         weights = torch.cat([weights, new.to(f64) * (mix / k)], dim=1)
-        weights = weights / weights.sum(dim=1, keepdim=True)  # rows without a positive
+        # rows without a positive (and, unsearched, without neighbours: all -inf, never read)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(f64).tiny)
         return columns, mask, torch.where(mask, weights.log(), -math.inf)
 
     def _merged(self, log_p: Tensor | None) -> bool:
@@ -735,7 +749,8 @@ class ClusterLoss(IConLoss):
         )
         log_a = log_a.transpose(0, 1)
         log_b = None if log_b is None else log_b.transpose(0, 1)
-        columns, mask, log_p = self._positives(pair_index, sample_index, features)
+        rows = None if shard is None else shard.rows
+        columns, mask, log_p = self._positives(pair_index, sample_index, features, rows)
         alpha_q = self.debias if self.debias_side in ("q", "both") else 0.0
         return self._compressed(log_a, log_b, columns, mask, log_p.to(log_a.dtype), alpha_q, shard)
 
