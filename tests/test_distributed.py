@@ -44,8 +44,15 @@ def _case(name):
     if name == "cluster_mixed":  # the batch's k-NN mixed into p, merged-columns path
         return (methods.ClusterLoss("tv", n_neighbors=3, neighbor_mix=0.5), None, x)
     if name == "cluster_merged":  # the merged-columns path, two heads, same-sample positives
-        return (
-            methods.ClusterLoss("tv", debias=0.1, debias_side="q", exclude_self=True),
+        return (  # and the batch's k-NN in p, each process searching its own rows
+            methods.ClusterLoss(
+                "tv",
+                debias=0.1,
+                debias_side="q",
+                exclude_self=True,
+                neighbor_mix=0.5,
+                n_neighbors=3,
+            ),
             None,
             x,
         )
@@ -93,7 +100,9 @@ def _loss(name, loss, model, x, rows_list):
         pair = torch.cat([torch.arange(len(p)) // 2 + 100 * i for i, p in enumerate(parts)])
         logits = model(x[index])
         heads = torch.stack([logits, 2.0 * logits.flip(1)])
-        return loss(heads, pair, heads.detach() * 0.5, sample_index=index % 4).sum()
+        return loss(
+            heads, pair, heads.detach() * 0.5, sample_index=index % 4, features=x[index]
+        ).sum()
     if name == "sne":
         index = torch.cat([torch.arange(r.start, r.stop) for r in rows_list])
         return loss(x[index, 6:], model(x[index, :6]))

@@ -465,10 +465,12 @@ def test_neighbor_mix_p_of_one_process_s_rows_equals_those_rows_of_the_whole():
 
     loss = methods.ClusterLoss("tv", neighbor_mix=w, n_neighbors=k)
     whole = dense(*loss._positives(pair, None, x))
-    rows = slice(3, 8)  # row 5 (no mate: p on its neighbours only) among them
-    columns, mask, log_p = loss._positives(pair, None, x, rows)
-    torch.testing.assert_close(dense(columns, mask, log_p)[rows], whole[rows], rtol=0, atol=0)
-    assert not log_p.isnan().any()
+    # row 5 has no mate: p on its neighbours only when searched, no mass at all when not
+    for rows in (slice(3, 8), slice(6, 12)):
+        columns, mask, log_p = loss._positives(pair, None, x, rows)
+        torch.testing.assert_close(dense(columns, mask, log_p)[rows], whole[rows], rtol=0, atol=0)
+        assert not log_p.isnan().any()
+    assert (log_p[5] == -math.inf).all()
     assert torch.equal(
         loss._positives(pair, None, x, slice(0, n))[2], loss._positives(pair, None, x)[2]
     )

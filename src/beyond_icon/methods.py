@@ -674,7 +674,7 @@ class ClusterLoss(IConLoss):
         k = min(self.n_neighbors, n - 1)
         searched = torch.ones(n, dtype=torch.bool, device=columns.device)
         if rows is None or (rows.start, rows.stop) == (0, n):
-            nearest = kernels.knn_indices(features, k)
+            nearest = kernels.knn_indices(features, k).to(columns.device)
         else:  # under torchrun each process searches its own rows among the whole batch
             nearest = torch.zeros(n, k, dtype=torch.int64, device=columns.device)
             nearest[rows] = kernels.knn_indices(features, k, rows=rows).to(columns.device)
