@@ -362,3 +362,6 @@ def test_sne_with_the_auto_backbone_compares_the_device_kind(tmp_path):
     specs = sweep.plan("sne", ["tv"], [0], named, tmp_path / "t")
     assert sweep.run_sweep(specs, verbose=False) == []
     assert sweep.plan("sne", ["kl"], [0], named | {"device": "cuda"}, tmp_path / "t")
+    # where p's table is cached and the evaluation's k values do not define a run either
+    other = named | {"cache_dir": str(tmp_path / "cache"), "knn_k": [5]}
+    assert sweep.plan("sne", ["kl"], [0], other, tmp_path / "t")

@@ -35,6 +35,13 @@ class SNEConfig(TaskConfig):
     (``seed`` is its ``random_state``)."""
 
     task: ClassVar[str] = "sne"
+    # not what the run is (the estimator's checkpoint leaves out the first two as well): where
+    # p's neighbour table is cached, bf16 autocast on CUDA, and the evaluation's k values
+    not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + (
+        "cache_dir",
+        "amp",
+        "knn_k",
+    )
     renamed: ClassVar[dict[str, str]] = {
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
         "clip(40 n / batch_size, 4000, 20000))"
