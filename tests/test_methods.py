@@ -451,7 +451,8 @@ def test_neighbor_mix_p_against_a_dense_construction():
 
 def test_neighbor_mix_p_of_one_process_s_rows_equals_those_rows_of_the_whole():
     """Under torchrun a process reads only its rows of p: it searches only their neighbours
-    (among the whole batch) and gets those rows exactly; no other row is NaN."""
+    (among the whole batch) and gets those rows exactly; a row outside them without a mate
+    has no mass."""
     g = torch.Generator().manual_seed(4)
     n, k, w = 12, 3, 0.4
     x = torch.randn(n, 4, generator=g, dtype=torch.float64)
@@ -469,7 +470,6 @@ def test_neighbor_mix_p_of_one_process_s_rows_equals_those_rows_of_the_whole():
     for rows in (slice(3, 8), slice(6, 12)):
         columns, mask, log_p = loss._positives(pair, None, x, rows)
         torch.testing.assert_close(dense(columns, mask, log_p)[rows], whole[rows], rtol=0, atol=0)
-        assert not log_p.isnan().any()
     assert (log_p[5] == -math.inf).all()
     assert torch.equal(
         loss._positives(pair, None, x, slice(0, n))[2], loss._positives(pair, None, x)[2]

@@ -688,8 +688,8 @@ class ClusterLoss(IConLoss):
         columns = torch.cat([columns, nearest], dim=1)
         mask = torch.cat([mask, new], dim=1)
         weights = torch.cat([weights, new.to(f64) * (mix / k)], dim=1)
-        # rows without a positive (and, unsearched, without neighbours: all -inf, never read)
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(f64).tiny)
+        # rows without a positive; an unsearched one without a mate is 0 / 0, masked just below
+        weights = weights / weights.sum(dim=1, keepdim=True)
         return columns, mask, torch.where(mask, weights.log(), -math.inf)
 
     def _merged(self, log_p: Tensor | None) -> bool:

@@ -182,7 +182,7 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     on a GPU), so the device kind is compared too.
     """
     from beyond_icon.tasks.common import config_from_dict, identity
-    from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS
+    from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS, setting_differences
 
     def resolved(config) -> dict:
         # through YAML, as config.yaml was written, so that tuples compare equal to lists
@@ -197,22 +197,21 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
         folder = path.parent
         if not any((folder / name).is_file() for name in ("metrics.json", CHECKPOINT)):
             continue  # a run that stopped before training (a bad option): nothing to mix
-        saved = yaml.safe_load(path.read_text()) or {}
-        old = {k: v for k, v in LEGACY_SETTINGS.items() if k in now}
-        saved = defaults | old | saved
+        written = yaml.safe_load(path.read_text()) or {}
+        # the identity's keys of config.yaml (it holds every field); one it lacks was added
+        # later with its default, except a legacy one (setting_differences gives its old value)
+        saved = {
+            k: written.get(k, defaults[k]) for k in now if k in written or k not in LEGACY_SETTINGS
+        }
         expected = dict(now)
         if spec.task == "cluster" and re.fullmatch(r"pmi_s-?\d+", folder.name):
             expected["loss"] = "pmi"  # a baseline run beside the divergences
-        shown = [
-            f"{k}: {saved.get(k)!r} there, {v!r} now"
-            for k, v in expected.items()
-            if k not in ("divergence", "seed") and saved.get(k) != v
-        ]
-        if sne_auto and _device_kind(saved.get("device", "auto")) != _device_kind(
+        shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
+        if sne_auto and _device_kind(written.get("device", "auto")) != _device_kind(
             spec.options.get("device", "auto")
         ):
             shown.append(
-                f"device: {saved.get('device')!r} there, {spec.options.get('device', 'auto')!r} "
+                f"device: {written.get('device')!r} there, {spec.options.get('device', 'auto')!r} "
                 "now (backbone auto: another network)"
             )
         if shown:

@@ -266,6 +266,29 @@ LEGACY_SETTINGS = {
 }
 
 
+def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """``"key: old there, new now"`` for each setting that differs between a run made earlier
+    (``saved``; a key of :data:`LEGACY_SETTINGS` it lacks takes its old behaviour) and ``now``,
+    over the keys of both but ``ignore``; the checkpoint's resume check and a sweep's share it.
+
+    Parameters
+    ----------
+    saved, now : dict
+    ignore : tuple of str
+
+    Returns
+    -------
+    list of str
+    """
+    saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in now} | saved
+    keys = sorted(set(saved) | set(now))
+    return [
+        f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
+        for k in keys
+        if k not in ignore and saved.get(k) != now.get(k)
+    ]
+
+
 def _plain(value: Any) -> Any:
     """``value`` as plain data (what ``weights_only`` loading admits); anything else as repr."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -313,16 +336,11 @@ def load_checkpoint(
         )
     saved = state.get("identity")
     if identity is not None and saved is not None:
-        saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in identity} | saved
-        keys = sorted(set(saved) | set(identity))
-        differ = [k for k in keys if saved.get(k) != identity.get(k) and k not in BUDGET_FIELDS]
+        differ = setting_differences(saved, identity, ignore=BUDGET_FIELDS)
         if differ:
-            shown = ", ".join(
-                f"{k}: {saved.get(k)!r} there, {identity.get(k)!r} now" for k in differ
-            )
             raise ValueError(
-                f"{path} belongs to a run with other settings ({shown}); resume with the same "
-                "settings, or use another --out"
+                f"{path} belongs to a run with other settings ({', '.join(differ)}); resume with "
+                "the same settings, or use another --out"
             )
         for key in BUDGET_FIELDS:
             if key in saved and saved.get(key) != identity.get(key) and verbose:
