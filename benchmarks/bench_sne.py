@@ -4,12 +4,18 @@ Each method embeds the train split and maps the test split (ours with its networ
 and UMAP with their ``transform``); the same metrics are taken on the test split: 5-NN accuracy
 (train embedding as reference), trustworthiness (k = 10, w.r.t. the PCA-50 inputs), wall time
 of fitting and of transforming the test split. One run, one table, every method on the same
-machine with the same threads. Our fit time includes the PCA and a fresh neighbour search; the
+machine with the same threads (ours on ``--device``: ``auto`` takes a GPU where there is one,
+and there the estimator's default backbone for images is the small CNN). Our fit time includes the PCA and a fresh neighbour search; the
 baselines get the PCA-50 inputs precomputed. UMAP's first transform includes numba's
 compilation.
 
     pip install -e ".[bench]"
     python benchmarks/bench_sne.py --data fashion-mnist --n-train 10000 --n-test 10000
+
+Each ``--variant "NAME=VALUE NAME=VALUE"`` adds rows of ours with those parameters on top of
+``--set`` (for the divergences of ``--variant-divergences``, the first of ``--divergences`` by
+default), after the default rows and the baselines: several settings compared in the same run.
+``--json`` is rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from sklearn.decomposition import PCA
 from beyond_icon import data, metrics
 from beyond_icon.data import as_float
 from beyond_icon.parametric_sne import ParametricSNE
+from beyond_icon.train import resolve_device
 
 
 def _regress(x_train, target, x_test, seed, steps=4000):
@@ -53,6 +60,20 @@ def _regress(x_train, target, x_test, seed, steps=4000):
         return net((xt - mean) / scale).numpy(), net((xs - mean) / scale).numpy()
 
 
+def _parse_settings(items: list[str]) -> dict:
+    """``NAME=VALUE`` items as a dict; each value JSON, else a plain string."""
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"expected NAME=VALUE, got {item!r}")
+        try:
+            settings[name] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[name] = value  # a plain string, e.g. neighbor_method=nndescent
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="digits")
@@ -66,7 +87,17 @@ def main() -> None:
         metavar="NAME=VALUE",
         help="a non-default ParametricSNE parameter (JSON value), shown in the table",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar='"NAME=VALUE ..."',
+        help="extra rows of ours with these parameters (space-separated), on top of --set",
+    )
+    parser.add_argument("--variant-divergences", default=None, help="default: the first one")
+    parser.add_argument("--device", default="auto", help="ours: auto, cpu, cuda or cuda:N")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--skip-umap", action="store_true", help="openTSNE only as baseline")
     parser.add_argument(
         "--regression-ceiling",
         action="store_true",
@@ -76,13 +107,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
-    overrides = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        try:
-            overrides[name] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name] = value  # a plain string, e.g. neighbor_method=nndescent
+    overrides = _parse_settings(args.set)
+    variants = [_parse_settings(variant.split()) for variant in args.variant]
     try:
         import openTSNE
         import umap
@@ -96,7 +122,13 @@ def main() -> None:
     x_test = as_float(dataset.x_test).reshape(len(dataset.x_test), -1)
     pca = PCA(min(50, x_train.shape[1]), random_state=0).fit(x_train)
     p_train, p_test = pca.transform(x_train), pca.transform(x_test)
-    print(f"{dataset.describe()}; torch threads {torch.get_num_threads()}\n", flush=True)
+    device = resolve_device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"{dataset.describe()}; ours on {device} ({where}); torch threads "
+        f"{torch.get_num_threads()}\n",
+        flush=True,
+    )
 
     rows = []
 
@@ -109,20 +141,22 @@ def main() -> None:
             "trustworthiness": metrics.trustworthiness(p_test, emb_test, k=10),
         }
         rows.append(row)
+        if args.json is not None:
+            args.json.write_text(json.dumps(rows, indent=2))
         print(
             f"  {name}: fit {fit_seconds:.1f} s, transform {transform_seconds:.3f} s, "
             f"5-NN {row['knn5']:.3f}, trustworthiness {row['trustworthiness']:.4f}",
             flush=True,
         )
 
-    shown = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
-    for divergence in args.divergences.split(","):
+    def ours(divergence: str, settings: dict) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
         with tempfile.TemporaryDirectory() as cache:  # every fit searches its neighbours
             est = ParametricSNE(
                 divergence=divergence,
                 random_state=args.seed,
-                device="cpu",
-                **{"cache_dir": cache, **overrides},
+                device=str(device),
+                **{"cache_dir": cache, **settings},
             )
             started = time.perf_counter()
             est.fit(dataset.x_train)  # PCA, neighbours, p and training (openTSNE: without PCA)
@@ -137,6 +171,9 @@ def main() -> None:
             est.embedding_,
             emb_test,
         )
+
+    for divergence in args.divergences.split(","):
+        ours(divergence, overrides)
 
     if not args.skip_baselines:
         started = time.perf_counter()
@@ -166,6 +203,7 @@ def main() -> None:
                 emb_test,
             )
 
+    if not args.skip_baselines and not args.skip_umap:
         started = time.perf_counter()
         reducer = umap.UMAP(n_neighbors=15, random_state=args.seed)
         emb_train = reducer.fit_transform(p_train)
@@ -175,6 +213,11 @@ def main() -> None:
         record(
             "UMAP (transform for test)", seconds, time.perf_counter() - started, emb_train, emb_test
         )
+
+    variant_divergences = (args.variant_divergences or args.divergences.split(",")[0]).split(",")
+    for variant in variants:
+        for divergence in variant_divergences:
+            ours(divergence, overrides | variant)
 
     print(
         "\n| method | fit time (s) | transform time, test split (s) | 5-NN acc (test) "
@@ -187,8 +230,6 @@ def main() -> None:
             f"{row['knn5']:.3f} | {row['trustworthiness']:.3f} |"
         )
         print(line.replace("| nan |", "| |"))
-    if args.json is not None:
-        args.json.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

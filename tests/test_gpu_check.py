@@ -3,6 +3,7 @@ machine runs is the script that CI ran."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,3 +43,29 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert out.count("== bench_loss") == 2 and "bfloat16" in out
     assert "images/s" in out and "ms per step" in out and "gpu_check: done" in out
     assert "extract (small CNN): " in out and "extract (DINOv2 ViT-S/14)" in out
+
+
+def test_gpu_sne_cluster_smoke_on_cpu(tmp_path):
+    """benchmarks/gpu_sne_cluster.sh (the GPU check of issues 10 and 11) runs end to end at tiny
+    sizes, and each stage leaves its rows in OUTDIR."""
+    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "OUTDIR": str(tmp_path)}
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_sne_cluster.sh", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert out.count(" ratio") == 2 and "mining: 2000 x 16" in out
+    assert "backbone=auto" in out and "gpu_sne_cluster: done" in out
+    for name in ("cluster_step_mix0", "cluster_step_mix0.75", "sne_10k_kl", "sne_10k_bounded"):
+        assert (tmp_path / f"{name}.json").is_file(), name
+    kl = json.loads((tmp_path / "sne_10k_kl.json").read_text())
+    assert [row["method"].split("; ")[1] for row in kl] == [
+        "n_steps=20)",
+        "n_steps=20, backbone=auto)",
+        "n_steps=20, batch_size=128)",
+    ]

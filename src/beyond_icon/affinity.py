@@ -253,11 +253,14 @@ class PerplexityAffinity:
         block = self._batch_block(indices)
         total = np.bincount(block.row, weights=block.data, minlength=block.shape[0])
         values = np.log(block.data) - np.log(total[block.row])
-        log_p = torch.full(block.shape, -math.inf, dtype=dtype)
-        log_p[torch.as_tensor(block.row), torch.as_tensor(block.col)] = torch.as_tensor(
-            values, dtype=dtype
+        # the dense (b, b) matrix is made where it is used: only the stored entries travel
+        # (at b = 8192 the dense float32 matrix is 268 MB, the entries about 9 MB)
+        rows, cols = (
+            torch.as_tensor(v, dtype=torch.long).to(device) for v in (block.row, block.col)
         )
-        return log_p.to(device)
+        log_p = torch.full(block.shape, -math.inf, dtype=dtype, device=device)
+        log_p[rows, cols] = torch.as_tensor(values, dtype=dtype).to(device)
+        return log_p
 
     def batch_mass(self, indices: np.ndarray | Tensor) -> np.ndarray:
         """Fraction of each batch row's global mass ``sum_j p(j|i)`` that lies in the batch."""
