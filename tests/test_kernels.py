@@ -344,6 +344,27 @@ def _listed_reference(la: torch.Tensor, columns: torch.Tensor, mask: torch.Tenso
     return out
 
 
+@pytest.mark.parametrize(
+    ("device", "n", "k", "path"),
+    [  # the fastest path measured at each shape (10 heads, s = 21, forward and backward)
+        ("cpu", 512, 20, "dense"),
+        ("cpu", 512, 1000, "sampled"),
+        ("cpu", 8192, 1000, "sampled"),
+        ("cuda", 512, 1000, "dense"),
+        ("cuda", 2048, 1000, "dense"),
+        ("cuda", 8192, 20, "gathered"),
+        ("cuda", 8192, 200, "gathered"),
+        ("cuda", 8192, 1000, "sampled"),  # H200: 19.0 ms against gathered 104, dense 134
+    ],
+)
+def test_listed_path_picks_the_measured_fastest(device, n, k, path):
+    """The evaluation path of the listed products at the shapes benchmarks/bench_listed_paths.py
+    measured (the CPU's on 2 cores, CUDA's on an H200); one or two listed columns take the
+    exact log-sum-exp."""
+    assert kernels._listed_path(torch.device(device), n, 21, k) == path
+    assert kernels._listed_path(torch.device(device), n, 2, k) == "logsumexp"
+
+
 @pytest.mark.parametrize("path", ["logsumexp", "dense", "sampled", "gathered"])
 @pytest.mark.parametrize("scale", [1.0, 400.0])  # 400: products far below float32's range
 def test_clusters_at_listed_columns_exact_with_underflow(path, scale, monkeypatch):

@@ -16,6 +16,7 @@ import pytest
 
 from beyond_icon import divergences, sweep
 from beyond_icon.cli import main
+from beyond_icon.parametric_sne import ParametricSNE
 
 TINY = [
     "--data",
@@ -352,12 +353,16 @@ def test_pmi_is_a_baseline_not_a_divergence(tmp_path, capsys):
 
 def test_sne_with_the_auto_backbone_compares_the_device_kind(tmp_path):
     """backbone auto trains an MLP on the CPU and the CNN for images on a GPU: a sweep started on
-    one is not continued on the other; with the backbone named, the device does not matter."""
+    one is not continued on the other, while auto on the CPU and the default mlp are the same
+    run; with the backbone named, the device does not matter."""
     options = {"data": "digits", "n_train": 240, "n_test": 80, "n_steps": 6, "device": "cpu"}
-    specs = sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    auto = options | {"backbone": "auto"}
+    specs = sweep.plan("sne", ["tv"], [0], auto, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == []
-    with pytest.raises(ValueError, match=r"device: 'cpu' there, 'cuda' now \(backbone auto"):
-        sweep.plan("sne", ["kl"], [0], options | {"device": "cuda"}, tmp_path / "s")
+    with pytest.raises(ValueError, match=r"backbone: 'mlp' there, 'auto \(cuda\)' now"):
+        sweep.plan("sne", ["kl"], [0], auto | {"device": "cuda"}, tmp_path / "s")
+    assert sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")  # the default: mlp
+    assert ParametricSNE().backbone == "mlp"
     named = options | {"backbone": "mlp"}
     specs = sweep.plan("sne", ["tv"], [0], named, tmp_path / "t")
     assert sweep.run_sweep(specs, verbose=False) == []

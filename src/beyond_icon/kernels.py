@@ -679,19 +679,23 @@ def _listed_path(device: torch.device, n: int, s: int, k: int) -> str:
     ``logsumexp``: one exact log-sum-exp per listed column (a pair-mate or two; s <= 3, where
     it beats the products: 1.7 against 4.3 ms at n = 512, k = 20, s = 1).
     ``dense``: the whole product, then a gather (two matmuls backward); best while ``n`` is a
-    small multiple of ``s``. Beyond it, on the CPU ``sampled``: ``torch.sparse.sampled_addmm``,
-    only the listed dot products (O(r s k), nothing materialised); on other devices
-    ``gathered``: the listed rows of the second factor gathered, then a broadcast product
-    (O(r s k) memory traffic, which accelerators serve well; sampled_addmm is not relied on
-    there). Crossovers measured on 2 CPU cores (10 heads, forward and backward, s = 21): dense
-    wins up to n ~ 35 s for k = 20 to 100, and sampled from n = 512 for k = 1000; at
-    n = 8192, k = 1000 sampled takes 4.7 s, gathered 49 s.
+    small multiple of ``s``. Beyond it ``sampled``: ``torch.sparse.sampled_addmm``, only the
+    listed dot products (O(r s k), nothing materialised); on a GPU first ``gathered``: the
+    listed rows of the second factor gathered, then a broadcast product (O(r s k) memory
+    traffic), while ``n s k`` stays below 4e7. Crossovers measured on 2 CPU cores (10 heads,
+    forward and backward, s = 21): dense wins up to n ~ 35 s for k = 20 to 100, and sampled
+    from n = 512 for k = 1000; at n = 8192, k = 1000 sampled takes 4.7 s, gathered 49 s. On
+    an H200 (``benchmarks/bench_listed_paths.py``, same shapes): dense 0.6 to 6.5 ms up to
+    n = 2048; at n = 8192 gathered 1.2 ms for k = 20 and 11.4 ms for k = 200 (sampled 15.2
+    and 14.2), sampled 19.0 ms for k = 1000 (gathered 104, dense 134).
     """
     if s <= 3:
         return "logsumexp"
     if device.type == "cpu":
         return "dense" if n <= 32 * s and k <= 200 else "sampled"
-    return "dense" if n <= s * min(1.5 * k, 256) else "gathered"
+    if n <= s * min(1.5 * k, 256):
+        return "dense"
+    return "gathered" if n * s * k <= 4e7 else "sampled"
 
 
 def _sampled_products(ea: Tensor, eb: Tensor, columns: Tensor, mask: Tensor) -> Tensor:
