@@ -137,6 +137,22 @@ def test_batch_scope_weights_every_point_once(fitted):
         affinity.negative_log_weights(batch, scope="local")
 
 
+def test_batch_matrices_are_made_on_the_requested_device(fitted):
+    """get_batch and negative_log_weights build their (b, b) matrices where they are used (only
+    the stored entries travel): on the meta device nothing is computed, yet the result lives
+    there with the CPU result's shape and dtype."""
+    _, affinity = fitted
+    batch = np.arange(0, 40, 2)
+    for make in (
+        lambda device: affinity.get_batch(batch, device=device),
+        lambda device: affinity.negative_log_weights(batch, 2.0, device=device),
+    ):
+        here, there = make("cpu"), make("meta")
+        assert there.device.type == "meta"
+        assert there.shape == here.shape == (len(batch), len(batch))
+        assert there.dtype == here.dtype == torch.float32
+
+
 def test_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path):
     x = _points(80)
     first = PerplexityAffinity(perplexity=5.0, cache_dir=tmp_path).fit(x)

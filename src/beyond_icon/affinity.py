@@ -349,7 +349,11 @@ class PerplexityAffinity:
             log_weight = np.full(b, -math.log(exaggeration))
         else:
             log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
-        out = torch.as_tensor(log_weight, dtype=dtype)[:, None].repeat(1, b)
-        out[torch.as_tensor(block.row), torch.as_tensor(block.col)] = 0.0
+        # made on the target device, as get_batch's matrix: b weights and the entries travel
+        out = torch.as_tensor(log_weight, dtype=dtype).to(device)[:, None].expand(b, b).clone()
+        rows, cols = (
+            torch.as_tensor(v, dtype=torch.long).to(device) for v in (block.row, block.col)
+        )
+        out[rows, cols] = 0.0
         out.fill_diagonal_(0.0)
-        return out.to(device)
+        return out
