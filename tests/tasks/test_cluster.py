@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import run_task
 
 from beyond_icon.cli import main
@@ -179,6 +180,10 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
         ({"debias": 2.0}, "debias must be a number in [0, 1]"),
         ({"neighbor_mix": 0.5, "batch_neighbors": 512}, "batch_neighbors must be in [1, 511]"),
         ({"batch_neighbors": 20.0}, "batch_neighbors must be in [1, 511]"),
+        ({"self_label_steps": -1}, "self_label_steps must be a non-negative integer"),
+        ({"self_label_steps": True}, "self_label_steps must be a non-negative integer"),
+        ({"self_label_threshold": 1.0}, "self_label_threshold must be in (0, 1)"),
+        ({"self_label_lr": 0.0}, "self_label_lr must be positive"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
@@ -208,3 +213,49 @@ def test_several_positives_per_anchor(tmp_path):
     # rounded up to whole passes over the anchors
     assert 40 <= result.metrics["n_steps"] < 40 + 64, result.metrics
     assert result.metrics["acc"] > 0.9, result.metrics
+
+
+def test_self_labelling_is_off_by_default_and_scored_apart(tmp_path):
+    """The SCAN-style stage runs only when asked, leaves the trained head's scores as they are,
+    and writes its own: on a well-separated mixture it keeps the recovered clusters. (After
+    75 steps this head is not yet confident to 0.99 anywhere: the threshold is lowered so that
+    the stage trains.)"""
+    path = _mixture(tmp_path)
+    base = {"data": f"embeddings:{path}", "n_steps": 75, "batch_size": 64, "kmeans_init": 0}
+    off = cluster.run(cluster.ClusterConfig(**base, device="cpu"), verbose=False)
+    assert not any(key.startswith("selflabel") for key in off.metrics)
+    out = tmp_path / "run"
+    on = cluster.run(
+        cluster.ClusterConfig(**base, self_label_steps=30, self_label_threshold=0.5, device="cpu"),
+        out=out,
+        verbose=False,
+    )
+    assert on.metrics["acc"] == off.metrics["acc"]  # the trained head is not touched
+    assert on.metrics["selflabel_acc"] > 0.95, on.metrics
+    assert 0.5 < on.metrics["selflabel_confident_start"] <= 1.0
+    assert 0.0 <= on.metrics["selflabel_confident_end"] <= 1.0
+    saved = np.load(out / "assignments.npz")
+    assert saved["selflabel"].shape == saved["clusters"].shape
+
+
+def test_self_labelling_without_confident_points_leaves_the_head(tmp_path):
+    """A head trained for one step is nowhere near the threshold: no pseudo-labels, so the
+    self-labelled assignments are the trained head's."""
+    path = _mixture(tmp_path)
+    config = cluster.ClusterConfig(
+        data=f"embeddings:{path}", n_steps=1, kmeans_init=0, self_label_steps=20, device="cpu"
+    )
+    result = cluster.run(config, verbose=False)
+    assert result.metrics["selflabel_confident_start"] == 0.0
+    assert result.metrics["selflabel_acc"] == result.metrics["acc"]
+    assert result.metrics["selflabel_nmi"] == result.metrics["nmi"]
+
+
+def test_self_labelling_weights_classes_by_inverse_count():
+    """Each pseudo-label class weighs the inverse of its count (every present class the same
+    total, an absent one nothing, 1 per label on average), so that a large cluster does not
+    absorb the small ones."""
+    labels = torch.tensor([0] * 6 + [1] * 2 + [3])
+    weight = cluster._balanced_weights(labels, 4)
+    torch.testing.assert_close(weight, torch.tensor([0.5, 1.5, 0.0, 3.0]))
+    assert float(weight[labels].mean()) == pytest.approx(1.0)

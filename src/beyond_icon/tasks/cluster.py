@@ -22,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from beyond_icon import metrics, report
 from beyond_icon.data import as_float
@@ -108,6 +109,18 @@ class ClusterConfig(TaskConfig):
     optimizer: str = option("adam", "adam or adamw (decoupled weight decay, TEMI's)")
     weight_decay: float = option(0.0, "weight decay of the optimiser")
     kmeans_init: int = option(10, "k-means restarts of the baseline (0: no k-means baseline)")
+    self_label_steps: int = option(
+        0,
+        "steps of SCAN-style self-labelling after training (0: off): the evaluated head is "
+        "trained by class-balanced cross-entropy on its own confident assignments; scored apart "
+        "as selflabel_*",
+    )
+    self_label_lr: float = option(
+        1e-3, "Adam learning rate of self-labelling (the training's lr 1e-2 lowered results)"
+    )
+    self_label_threshold: float = option(
+        0.99, "confidence (largest soft assignment) above which a point is a pseudo-label"
+    )
 
 
 @dataclass
@@ -183,6 +196,18 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError(f"n_heads must be >= 1, got {config.n_heads}")
     if config.ema_teacher is not None and not 0.0 <= config.ema_teacher < 1.0:
         raise ValueError(f"ema_teacher momentum must be in [0, 1), got {config.ema_teacher}")
+    if isinstance(config.self_label_steps, bool) or not (
+        isinstance(config.self_label_steps, int) and config.self_label_steps >= 0
+    ):
+        raise ValueError(
+            f"self_label_steps must be a non-negative integer, got {config.self_label_steps!r}"
+        )
+    if not config.self_label_lr > 0:
+        raise ValueError(f"self_label_lr must be positive, got {config.self_label_lr}")
+    if not 0.0 < config.self_label_threshold < 1.0:
+        raise ValueError(
+            f"self_label_threshold must be in (0, 1), got {config.self_label_threshold}"
+        )
     _icon_loss(config, n_train)  # the preset checks its own options (p's), before the mining
 
 
@@ -331,16 +356,94 @@ class _HeadTrainer:
         return int(torch.argmin(self.head_losses / self.head_steps))
 
     @torch.no_grad()
-    def assign(self, x: np.ndarray, head: int) -> np.ndarray:
-        """Hard cluster assignments of ``x`` by one head, in blocks of rows."""
-        self.model.eval()
-        logits = [
-            self.model(torch.from_numpy(np.asarray(x[i : i + 8192], np.float32)).to(self.device))[
-                head
-            ].cpu()
+    def probabilities(self, x: np.ndarray, head: int, model: nn.Module | None = None) -> Tensor:
+        """Soft assignments of ``x`` by one head (of ``model``, default the trained one), (n, K)
+        on the CPU, in blocks of rows."""
+        model = self.model if model is None else model
+        model.eval()
+        blocks = [
+            model(torch.from_numpy(np.asarray(x[i : i + 8192], np.float32)).to(self.device))[head]
+            .float()
+            .softmax(-1)
+            .cpu()
             for i in range(0, len(x), 8192)
         ]
-        return torch.cat(logits).argmax(1).numpy()
+        return torch.cat(blocks)
+
+    def assign(self, x: np.ndarray, head: int, model: nn.Module | None = None) -> np.ndarray:
+        """Hard cluster assignments of ``x`` by one head, in blocks of rows."""
+        return self.probabilities(x, head, model).argmax(1).numpy()
+
+    def self_label(self, head: int, verbose: bool) -> tuple[nn.Module, dict]:
+        """SCAN's self-labelling stage on frozen features, without augmentations.
+
+        A copy of the model, whose ``head`` is trained for ``self_label_steps`` Adam steps
+        (``self_label_lr``, batches of ``batch_size``) by cross-entropy towards its own
+        assignments, on the points it assigns with confidence above ``self_label_threshold``
+        only, each class weighted by the inverse of its count among them (so that large
+        clusters do not absorb the rest). The pseudo-labels are taken again at every pass over
+        the confident points, which may grow.
+
+        Returns
+        -------
+        model : nn.Module
+            The self-labelled copy (the trained model is left as it was).
+        stats : dict
+            ``selflabel_confident_start`` / ``_end``: the confident fraction of the training
+            points before and after.
+
+        References
+        ----------
+        Van Gansbeke et al., "SCAN: Learning to Classify Images without Labels", ECCV 2020.
+        """
+        config = self.config
+        model = copy.deepcopy(self.model).requires_grad_(True)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.self_label_lr)
+        generator = torch.Generator().manual_seed(config.seed)
+        train_x = self.x if isinstance(self.x, np.memmap) else self.x.cpu().numpy()
+        first = None
+        step = 0
+        bar = tqdm(total=config.self_label_steps, desc="self-label", disable=not verbose)
+        while step < config.self_label_steps:
+            probabilities = self.probabilities(train_x, head, model)
+            confidence, labels = probabilities.max(1)
+            keep = (confidence > config.self_label_threshold).nonzero().flatten()
+            first = len(keep) / self.n if first is None else first
+            if len(keep) == 0:
+                break  # nothing confident: the model stays as trained
+            weight = _balanced_weights(labels[keep], probabilities.shape[1]).to(self.device)
+            model.train()
+            order = keep[torch.randperm(len(keep), generator=generator)]
+            for start in range(0, len(order), self.batch):
+                if step >= config.self_label_steps:
+                    break
+                index = order[start : start + self.batch]
+                logits = model(self.rows(index))[head].float()
+                target = labels[index].to(self.device)
+                loss = nn.functional.cross_entropy(logits, target, weight=weight)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step += 1
+                bar.update(1)
+        bar.close()
+        confidence = self.probabilities(train_x, head, model).max(1).values
+        end = float((confidence > config.self_label_threshold).float().mean())
+        return model, {
+            "selflabel_confident_start": float(first or 0.0),
+            "selflabel_confident_end": end,
+        }
+
+
+def _balanced_weights(labels: Tensor, k: int) -> Tensor:
+    """Class weights ``w_c = m / (m_c * c_present)`` for ``m`` labels of which ``m_c`` are
+    ``c``: every present class carries the same total weight ``m / c_present``, an absent one
+    0, and the mean weight per label is 1."""
+    counts = torch.bincount(labels, minlength=k).float()
+    present = counts > 0
+    weight = torch.zeros_like(counts)
+    weight[present] = len(labels) / (counts[present] * int(present.sum()))
+    return weight
 
 
 def _mine(config: ClusterConfig, train_x: np.ndarray, device, verbose: bool):
@@ -423,11 +526,20 @@ def run(
     best_head = trainer.best_head()
     assignments = trainer.assign(eval_x, best_head)
     baseline, kmeans_assign = _kmeans(config, standardize, train_x, eval_x, eval_y, k)
+    self_labelled, self_assign = {}, np.zeros(0, dtype=np.int64)
+    if config.self_label_steps > 0:
+        model, self_labelled = trainer.self_label(best_head, verbose)
+        self_assign = trainer.assign(eval_x, best_head, model)
+        self_labelled |= _scores("selflabel_", eval_y, self_assign)
+        self_labelled["selflabel_cluster_size_entropy"] = metrics.cluster_size_entropy(
+            self_assign, k
+        )
     epochs_run = max(h["epoch"] for h in history) + 1
     seconds = history[-1]["time"]  # the loop's clock, carried across --resume segments
     result = {
         **_scores("", eval_y, assignments),
         **baseline,
+        **self_labelled,
         "clusters_used": int(len(np.unique(assignments))),
         "cluster_size_entropy": metrics.cluster_size_entropy(assignments, k),
         "best_head": best_head,
@@ -443,7 +555,13 @@ def run(
 
     def write(out: Path) -> None:
         write_csv(history, out / "history.csv")
-        np.savez(out / "assignments.npz", clusters=assignments, labels=eval_y, kmeans=kmeans_assign)
+        np.savez(
+            out / "assignments.npz",
+            clusters=assignments,
+            labels=eval_y,
+            kmeans=kmeans_assign,
+            selflabel=self_assign,
+        )
         title = f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}"
         report.plot_confusion(eval_y, assignments, dataset.classes, out / "confusion.png", title)
 
