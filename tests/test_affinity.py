@@ -138,19 +138,37 @@ def test_batch_scope_weights_every_point_once(fitted):
 
 
 def test_batch_matrices_are_made_on_the_requested_device(fitted):
-    """get_batch and negative_log_weights build their (b, b) matrices where they are used (only
-    the stored entries travel): on the meta device nothing is computed, yet the result lives
-    there with the CPU result's shape and dtype."""
+    """get_batch and negative_log_weights build their (b, b) matrices where they are used: asked
+    for the meta device, no (b, b) tensor is ever made on the CPU (only the stored entries and
+    the b weights travel), and the result has the CPU result's shape and dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     _, affinity = fitted
     batch = np.arange(0, 40, 2)
+    b = len(batch)
+
+    class SquareOnCpu(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.shape == (b, b) and t.device.type == "cpu":
+                    self.made.append(str(func))
+            return out
+
     for make in (
         lambda device: affinity.get_batch(batch, device=device),
         lambda device: affinity.negative_log_weights(batch, 2.0, device=device),
     ):
-        here, there = make("cpu"), make("meta")
+        here = make("cpu")
+        with SquareOnCpu() as watch:
+            there = make("meta")
+        assert watch.made == []
         assert there.device.type == "meta"
-        assert there.shape == here.shape == (len(batch), len(batch))
-        assert there.dtype == here.dtype == torch.float32
+        assert there.shape == here.shape == (b, b) and there.dtype == here.dtype == torch.float32
 
 
 def test_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path):

@@ -167,14 +167,6 @@ def _device_kind(device: str) -> str:
     return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
-def _sne_network(backbone: str | None, device: str) -> str | None:
-    """The SNE network a ``backbone`` setting trains on ``device``: ``auto`` is the MLP on a CPU
-    and, on a GPU, the CNN for images (``"auto (cuda)"``)."""
-    if backbone != "auto":
-        return backbone
-    return "mlp" if _device_kind(device) == "cpu" else "auto (cuda)"
-
-
 def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     """Refuse a sweep folder whose runs were made with other settings, defaults included.
 
@@ -187,8 +179,9 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     :data:`train.LEGACY_SETTINGS` records the old behaviour. The divergence and seed differ by
     design; so does ``loss`` for the cluster task's ``pmi`` baseline runs. For SNE with
     ``backbone="auto"`` the device decides the network (an MLP on the CPU, the CNN for images
-    on a GPU): ``auto`` on a CPU compares as ``mlp`` (the default since), and on a GPU as the
-    device-dependent choice it is.
+    on a GPU), so the device kind is compared too. (The default backbone became ``mlp`` after
+    ``auto``: a sweep begun under ``auto`` is continued with ``--backbone auto``, as any
+    changed default asks.)
     """
     from beyond_icon.tasks.common import config_from_dict, identity
     from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS, setting_differences
@@ -201,8 +194,7 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     # the settings of a divergence's run (a pmi baseline spec would carry loss: pmi)
     now = resolved(config_from_dict(cls, dict(spec.options, seed=spec.seed)))
     defaults = resolved(cls())
-    if spec.task == "sne":
-        now["backbone"] = _sne_network(now.get("backbone"), spec.options.get("device", "auto"))
+    sne_auto = spec.task == "sne" and now.get("backbone") == "auto"
     for path in sorted((out / "runs").glob("*/config.yaml")):
         folder = path.parent
         if not any((folder / name).is_file() for name in ("metrics.json", CHECKPOINT)):
@@ -216,9 +208,14 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
         expected = dict(now)
         if spec.task == "cluster" and re.fullmatch(r"pmi_s-?\d+", folder.name):
             expected["loss"] = "pmi"  # a baseline run beside the divergences
-        if spec.task == "sne" and "backbone" in saved:
-            saved["backbone"] = _sne_network(saved["backbone"], written.get("device", "auto"))
         shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
+        if sne_auto and _device_kind(written.get("device", "auto")) != _device_kind(
+            spec.options.get("device", "auto")
+        ):
+            shown.append(
+                f"device: {written.get('device')!r} there, {spec.options.get('device', 'auto')!r} "
+                "now (backbone auto: another network)"
+            )
         if shown:
             raise ValueError(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "

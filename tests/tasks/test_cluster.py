@@ -217,23 +217,24 @@ def test_several_positives_per_anchor(tmp_path):
 
 def test_self_labelling_is_off_by_default_and_scored_apart(tmp_path):
     """The SCAN-style stage runs only when asked, leaves the trained head's scores as they are,
-    and writes its own: on a well-separated mixture it keeps the recovered clusters. (After
-    75 steps this head is not yet confident to 0.99 anywhere: the threshold is lowered so that
-    the stage trains.)"""
+    and writes its own: on a well-separated mixture it keeps the recovered clusters and makes
+    the head more confident. (After 75 steps this head is confident to 0.99 nowhere and to
+    0.95 on 70% of the points: the threshold is lowered so that the stage trains.)"""
     path = _mixture(tmp_path)
     base = {"data": f"embeddings:{path}", "n_steps": 75, "batch_size": 64, "kmeans_init": 0}
     off = cluster.run(cluster.ClusterConfig(**base, device="cpu"), verbose=False)
     assert not any(key.startswith("selflabel") for key in off.metrics)
     out = tmp_path / "run"
     on = cluster.run(
-        cluster.ClusterConfig(**base, self_label_steps=30, self_label_threshold=0.5, device="cpu"),
+        cluster.ClusterConfig(**base, self_label_steps=30, self_label_threshold=0.95, device="cpu"),
         out=out,
         verbose=False,
     )
     assert on.metrics["acc"] == off.metrics["acc"]  # the trained head is not touched
     assert on.metrics["selflabel_acc"] > 0.95, on.metrics
-    assert 0.5 < on.metrics["selflabel_confident_start"] <= 1.0
-    assert 0.0 <= on.metrics["selflabel_confident_end"] <= 1.0
+    # the stage trained: the head's confident share grew
+    start, end = on.metrics["selflabel_confident_start"], on.metrics["selflabel_confident_end"]
+    assert 0.5 < start < end <= 1.0, on.metrics
     saved = np.load(out / "assignments.npz")
     assert saved["selflabel"].shape == saved["clusters"].shape
 
@@ -259,3 +260,21 @@ def test_self_labelling_weights_classes_by_inverse_count():
     weight = cluster._balanced_weights(labels, 4)
     torch.testing.assert_close(weight, torch.tensor([0.5, 1.5, 0.0, 3.0]))
     assert float(weight[labels].mean()) == pytest.approx(1.0)
+
+
+def test_self_labelling_can_be_added_to_a_finished_run(tmp_path):
+    """Self-labelling is evaluation, not part of the run's identity: --resume of a finished run
+    with --self-label-steps trains no further and adds the selflabel_* scores."""
+    path = _mixture(tmp_path)
+    out = tmp_path / "run"
+    base = {"data": f"embeddings:{path}", "n_steps": 75, "batch_size": 64, "kmeans_init": 0}
+    first = cluster.run(cluster.ClusterConfig(**base, device="cpu"), out=out, verbose=False)
+    again = cluster.run(
+        cluster.ClusterConfig(**base, self_label_steps=10, self_label_threshold=0.5, device="cpu"),
+        out=out,
+        resume=True,
+        verbose=False,
+    )
+    assert len(again.history) == len(first.history)  # nothing trained again
+    assert again.metrics["acc"] == first.metrics["acc"]
+    assert "selflabel_acc" in again.metrics and "selflabel_acc" not in first.metrics

@@ -56,7 +56,14 @@ class ClusterConfig(TaskConfig):
     """Settings of one ``beyond-icon cluster`` run."""
 
     task: ClassVar[str] = "cluster"
-    not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + ("kmeans_init",)
+    # evaluation only: the k-means baseline, and self-labelling (a stage after the training,
+    # scored apart), which may be added to a finished run with --resume
+    not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + (
+        "kmeans_init",
+        "self_label_steps",
+        "self_label_lr",
+        "self_label_threshold",
+    )
     renamed: ClassVar[dict[str, str]] = {
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
         "max(2000, 30 n / batch_size))",
@@ -356,21 +363,25 @@ class _HeadTrainer:
         return int(torch.argmin(self.head_losses / self.head_steps))
 
     @torch.no_grad()
-    def probabilities(self, x: np.ndarray, head: int, model: nn.Module | None = None) -> Tensor:
-        """Soft assignments of ``x`` by one head (of ``model``, default the trained one), (n, K)
-        on the CPU, in blocks of rows."""
+    def probabilities(
+        self, x: np.ndarray | Tensor, head: int, model: nn.Module | None = None
+    ) -> Tensor:
+        """Soft assignments of ``x`` (an array, or a tensor already on the device) by one head
+        (of ``model``, default the trained one), (n, K) on the CPU, in blocks of rows."""
         model = self.model if model is None else model
         model.eval()
-        blocks = [
-            model(torch.from_numpy(np.asarray(x[i : i + 8192], np.float32)).to(self.device))[head]
-            .float()
-            .softmax(-1)
-            .cpu()
-            for i in range(0, len(x), 8192)
-        ]
+
+        def block(i: int) -> Tensor:
+            if isinstance(x, Tensor):
+                return x[i : i + 8192].float()
+            return torch.from_numpy(np.asarray(x[i : i + 8192], np.float32)).to(self.device)
+
+        blocks = [model(block(i))[head].float().softmax(-1).cpu() for i in range(0, len(x), 8192)]
         return torch.cat(blocks)
 
-    def assign(self, x: np.ndarray, head: int, model: nn.Module | None = None) -> np.ndarray:
+    def assign(
+        self, x: np.ndarray | Tensor, head: int, model: nn.Module | None = None
+    ) -> np.ndarray:
         """Hard cluster assignments of ``x`` by one head, in blocks of rows."""
         return self.probabilities(x, head, model).argmax(1).numpy()
 
@@ -400,7 +411,7 @@ class _HeadTrainer:
         model = copy.deepcopy(self.model).requires_grad_(True)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.self_label_lr)
         generator = torch.Generator().manual_seed(config.seed)
-        train_x = self.x if isinstance(self.x, np.memmap) else self.x.cpu().numpy()
+        train_x = self.x  # a memory-mapped table, or the features on the device
         first = None
         step = 0
         bar = tqdm(total=config.self_label_steps, desc="self-label", disable=not verbose)
