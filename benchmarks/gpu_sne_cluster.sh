@@ -40,7 +40,7 @@ BUDGET=${BUDGET:-480}
 if [ "${1:-}" = "--smoke" ]; then
     BATCHES="32,64"; CLUSTERS="5,10"; REPEATS=2; MINE_N=2000; MINE_D=16
     SNE_DATA="--data digits --n-train 300 --n-test 100"; SNE_SET="--set n_steps=20"
-    SNE_BASELINES="--skip-baselines"; VARIANTS=("backbone=auto" "batch_size=128")
+    SNE_BASELINES="--skip-baselines"; VARIANTS=("backbone=cnn" "batch_size=128")
     LARGE_DATA="--data digits --n-train 400 --n-test 100"; LARGE_NEEDS=0
     TEXT_N=600
 else

@@ -60,12 +60,12 @@ def test_gpu_sne_cluster_smoke_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.count(" ratio") == 2 and "mining: 2000 x 16" in out
-    assert "backbone=auto" in out and "gpu_sne_cluster: done" in out
+    assert "backbone=cnn" in out and "gpu_sne_cluster: done" in out
     for name in ("cluster_step_mix0", "cluster_step_mix0.75", "sne_10k_kl", "sne_10k_bounded"):
         assert (tmp_path / f"{name}.json").is_file(), name
     kl = json.loads((tmp_path / "sne_10k_kl.json").read_text())
     assert [row["method"].split("; ")[1] for row in kl] == [
         "n_steps=20)",
-        "n_steps=20, backbone=auto)",
+        "n_steps=20, backbone=cnn)",
         "n_steps=20, batch_size=128)",
     ]

@@ -6,6 +6,7 @@ import inspect
 
 import numpy as np
 import pytest
+import torch
 from sklearn.exceptions import NotFittedError
 
 import beyond_icon as bi
@@ -102,6 +103,21 @@ def test_images_vectors_and_raw_inputs(digits):
     assert raw.projection_ is None and raw.embedding_.shape == (300, 3)
     cnn = ParametricSNE(backbone="cnn", **{**FAST, "n_steps": 2}).fit(images)
     assert np.isfinite(cnn.embedding_).all()
+
+
+def test_auto_backbone_is_the_mlp_for_images_on_any_device(digits):
+    """auto (the default) builds the MLP on the PCA features for images on a GPU too (the CNN
+    was measured not to pay there); cnn builds the CNN. Built, not run: no GPU is needed."""
+    from beyond_icon.parametric_sne import MLP
+
+    images = torch.as_tensor(digits.x_train.reshape(-1, 1, 8, 8), dtype=torch.float32)
+    est = ParametricSNE(**FAST)
+    projection, _ = est._input_space(images.reshape(len(images), -1))
+    for device in ("cpu", "cuda"):
+        network = est._network(images, projection, torch.device(device))
+        assert isinstance(network[2], MLP), device
+    cnn = ParametricSNE(backbone="cnn", **FAST)._network(images, projection, torch.device("cuda"))
+    assert not isinstance(cnn[2], MLP)
 
 
 def test_training_lowers_the_loss(digits):

@@ -158,15 +158,6 @@ def plan(
     return specs
 
 
-def _device_kind(device: str) -> str:
-    """``cpu`` or ``cuda``: what a run's ``device`` setting ran on (``auto`` as on this machine)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if str(device).startswith("cuda") else "cpu"
-
-
 def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     """Refuse a sweep folder whose runs were made with other settings, defaults included.
 
@@ -177,11 +168,7 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     the data sit, evaluation-only fields such as ``kmeans_init``) may differ. A key that a run's
     ``config.yaml`` lacks was added later, with that run's behaviour as its default, unless
     :data:`train.LEGACY_SETTINGS` records the old behaviour. The divergence and seed differ by
-    design; so does ``loss`` for the cluster task's ``pmi`` baseline runs. For SNE with
-    ``backbone="auto"`` the device decides the network (an MLP on the CPU, the CNN for images
-    on a GPU), so the device kind is compared too. (The default backbone became ``mlp`` after
-    ``auto``: a sweep begun under ``auto`` is continued with ``--backbone auto``, as any
-    changed default asks.)
+    design; so does ``loss`` for the cluster task's ``pmi`` baseline runs.
     """
     from beyond_icon.tasks.common import config_from_dict, identity
     from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS, setting_differences
@@ -194,7 +181,6 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     # the settings of a divergence's run (a pmi baseline spec would carry loss: pmi)
     now = resolved(config_from_dict(cls, dict(spec.options, seed=spec.seed)))
     defaults = resolved(cls())
-    sne_auto = spec.task == "sne" and now.get("backbone") == "auto"
     for path in sorted((out / "runs").glob("*/config.yaml")):
         folder = path.parent
         if not any((folder / name).is_file() for name in ("metrics.json", CHECKPOINT)):
@@ -209,13 +195,6 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
         if spec.task == "cluster" and re.fullmatch(r"pmi_s-?\d+", folder.name):
             expected["loss"] = "pmi"  # a baseline run beside the divergences
         shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
-        if sne_auto and _device_kind(written.get("device", "auto")) != _device_kind(
-            spec.options.get("device", "auto")
-        ):
-            shown.append(
-                f"device: {written.get('device')!r} there, {spec.options.get('device', 'auto')!r} "
-                "now (backbone auto: another network)"
-            )
         if shown:
             raise ValueError(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "

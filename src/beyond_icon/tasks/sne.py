@@ -68,8 +68,7 @@ class SNEConfig(TaskConfig):
         0.3, "std of the Gaussian noise on the network's standardised inputs while training"
     )
     backbone: str = option(
-        "mlp",
-        "mlp (on the PCA features), auto (the MLP; the CNN for images on a GPU), cnn, resnet18",
+        "auto", "auto (the MLP on the PCA features, for images too), mlp, cnn, resnet18"
     )
     n_steps: int | None = option(
         None, "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))"
