@@ -17,3 +17,21 @@ def test_quick_demo_writes_the_report(tmp_path):
         if line.startswith("!["):
             figure = line.split("(", 1)[1].rstrip(")")
             assert (tmp_path / figure).is_file(), figure
+
+
+def test_demo_sets_aside_runs_made_under_other_defaults(tmp_path, capsys):
+    """A demo folder from an earlier version (its runs made under a default that changed since)
+    is moved aside, not mixed into the report and not deleted; the demo starts that task anew."""
+    import yaml
+
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    config = next((tmp_path / "cluster" / "runs").glob("*/config.yaml"))
+    saved = yaml.safe_load(config.read_text())
+    saved["neighbor_mix"] = 0.0  # the cluster task's default before 0.75
+    config.write_text(yaml.safe_dump(saved))
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    aside = list(tmp_path.glob("cluster.before-*"))
+    assert len(aside) == 1 and (aside[0] / "runs").is_dir()
+    assert "moved to" in capsys.readouterr().out
+    assert "## cluster" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "cluster" / "sweep.yaml").is_file()

@@ -73,7 +73,16 @@ def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: i
         folder = out / task
         if verbose:
             print(f"\n== {task}: {', '.join(DIVERGENCES)} x seeds {SEEDS}")
-        specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
+        try:
+            specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
+        except sweep.SettingsChanged as error:
+            # a demo folder from an earlier version (a default changed since): kept beside,
+            # not mixed into this report and not deleted
+            aside = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            if verbose:
+                print(f"{error}\n-> the earlier runs were moved to {aside}; starting {task} anew")
+            specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
         failed = sweep.run_sweep(specs, jobs=jobs, verbose=verbose)
         if failed:
             raise RuntimeError(f"{len(failed)} {task} run(s) failed; rerun the demo to retry them")

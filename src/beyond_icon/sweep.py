@@ -196,11 +196,15 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
             expected["loss"] = "pmi"  # a baseline run beside the divergences
         shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
         if shown:
-            raise ValueError(
+            raise SettingsChanged(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "
                 f"{folder.name}); their results would mix with these in one table: use a new "
                 "--out, or pass the earlier values"
             )
+
+
+class SettingsChanged(ValueError):
+    """A sweep folder holds runs made with other settings (a changed default included)."""
 
 
 class RunBusy(RuntimeError):
