@@ -30,8 +30,18 @@ def test_demo_sets_aside_runs_made_under_other_defaults(tmp_path, capsys):
     saved["neighbor_mix"] = 0.0  # the cluster task's default before 0.75
     config.write_text(yaml.safe_dump(saved))
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
-    aside = list(tmp_path.glob("cluster.before-*"))
-    assert len(aside) == 1 and (aside[0] / "runs").is_dir()
+    aside = list(tmp_path.glob("*.before-*"))
+    assert [p.name.split(".")[0] for p in aside] == ["cluster"]  # supcon and sne stay
+    assert (aside[0] / "runs").is_dir()
     assert "moved to" in capsys.readouterr().out
     assert "## cluster" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "cluster" / "sweep.yaml").is_file()
+    # a setting the demo itself chooses (--quick's n_steps against a full demo's) is not a
+    # changed default: refused as before, nothing moved
+    config = next((tmp_path / "cluster" / "runs").glob("*/config.yaml"))
+    saved = yaml.safe_load(config.read_text())
+    saved["n_steps"] = 3000
+    config.write_text(yaml.safe_dump(saved))
+    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
+    assert "holds runs made with other settings (n_steps" in capsys.readouterr().err
+    assert len(list(tmp_path.glob("*.before-*"))) == 1

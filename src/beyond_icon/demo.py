@@ -8,7 +8,9 @@ interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +63,26 @@ DEMO = [
 ]
 
 
+def _set_aside(folder: Path, task: str, error: Exception, verbose: bool) -> None:
+    """Move a demo task's folder whose runs were made under since-changed defaults (an older
+    version's) to ``TASK.before-DATE-PID``: kept, not mixed into the new report. Refused while
+    another process works on one of its runs."""
+    with contextlib.ExitStack() as locks:  # a sweep busy in the folder keeps it in place
+        for run in sorted((folder / "runs").glob("*/")):
+            try:
+                locks.enter_context(sweep.run_lock(run))
+            except sweep.RunBusy:
+                raise sweep.RunBusy(
+                    f"{error} (and {run.name} is being run by another process: "
+                    "rerun the demo once it has finished)"
+                ) from None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = folder.with_name(f"{folder.name}.before-{stamp}-{os.getpid()}")
+        folder.rename(aside)
+    if verbose:
+        print(f"{error}\n-> the earlier runs were moved to {aside}; starting {task} anew")
+
+
 def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: int = 1) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,12 +98,9 @@ def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: i
         try:
             specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
         except sweep.SettingsChanged as error:
-            # a demo folder from an earlier version (a default changed since): kept beside,
-            # not mixed into this report and not deleted
-            aside = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
-            folder.rename(aside)
-            if verbose:
-                print(f"{error}\n-> the earlier runs were moved to {aside}; starting {task} anew")
+            if set(error.keys) & (set(options) | set(quick_options)):
+                raise  # the demo's own settings differ (--quick against a full demo's folder)
+            _set_aside(folder, task, error, verbose)
             specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
         failed = sweep.run_sweep(specs, jobs=jobs, verbose=verbose)
         if failed:

@@ -199,12 +199,18 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
             raise SettingsChanged(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "
                 f"{folder.name}); their results would mix with these in one table: use a new "
-                "--out, or pass the earlier values"
+                "--out, or pass the earlier values",
+                keys=[line.split(":", 1)[0] for line in shown],
             )
 
 
 class SettingsChanged(ValueError):
-    """A sweep folder holds runs made with other settings (a changed default included)."""
+    """A sweep folder holds runs made with other settings (a changed default included);
+    ``keys`` names the settings that differ."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = list(keys)
 
 
 class RunBusy(RuntimeError):
