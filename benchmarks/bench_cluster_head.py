@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
@@ -25,21 +24,8 @@ from beyond_icon import data as data_registry
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead
 from beyond_icon.neighbors import cached_neighbors
+from beyond_icon.profiling import step_time
 from beyond_icon.train import resolve_device
-
-
-def _step_time(step, repeats: int, device: torch.device) -> float:
-    def wait() -> None:  # CUDA runs asynchronously: time finished work only
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step()  # warm-up
-    wait()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    wait()
-    return (time.perf_counter() - started) / repeats
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
                     loss.backward()
                     optimizer.step()
 
-                times[name] = _step_time(step, args.repeats, device)
+                times[name] = step_time(step, args.repeats, device)
             ratio = times["icon"] / times["pmi"]
             rows.append(
                 {"batch": batch, "k": k, "icon_s": times["icon"], "pmi_s": times["pmi"]}

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
 from beyond_icon.kernels import _listed_path, _listed_products
+from beyond_icon.profiling import step_time
 from beyond_icon.train import resolve_device
 
 PATHS = ("dense", "gathered", "sampled")
@@ -81,17 +81,7 @@ def time_path(path, heads, n, k, s, device, repeats) -> float:
         out.sum().backward()
         ea.grad = eb.grad = None
 
-    def wait():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step()
-    wait()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    wait()
-    return (time.perf_counter() - started) / repeats
+    return step_time(step, repeats, device)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,14 +21,8 @@
 set -euo pipefail
 
 DEVICE=${DEVICE:-cuda}
-# the project's environment where there is one, else the machine's python (a GPU machine has its
-# own CUDA torch) with the sources on the path
-if [ -z "${PY:-}" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-if ! "$PY" -c "import beyond_icon" 2>/dev/null; then
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# shellcheck source=benchmarks/_python.sh
+source "$(dirname "$0")/_python.sh"
 CIFAR=${CIFAR:-../shared/data/cifar10-jpeg.tar.gz}
 if [ "${1:-}" = "--smoke" ]; then
     LOSS_SIZES="256"; LARGE_SIZES="512"; LARGE_CHUNK=128

@@ -27,12 +27,8 @@
 set -euo pipefail
 
 DEVICE=${DEVICE:-cuda}
-if [ -z "${PY:-}" ]; then
-    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-if ! "$PY" -c "import beyond_icon" 2>/dev/null; then
-    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# shellcheck source=benchmarks/_python.sh
+source "$(dirname "$0")/_python.sh"
 export PYTHONUNBUFFERED=1
 OUTDIR=${OUTDIR:-$(mktemp -d)}
 mkdir -p "$OUTDIR"

@@ -201,3 +201,22 @@ def test_bad_input(tmp_path):
         fitted.get_batch(np.array([0, 30]))
     with pytest.raises(ValueError, match="1-D integer"):
         fitted.get_batch(np.array([0.0, 1.0]))
+
+
+def test_a_batch_s_entries_travel_once_and_the_cache_is_not_pickled(fitted):
+    """p and q of one batch share the slice of P and its entries' positions on the device (sent
+    once, not once per matrix); a pickled affinity leaves that cache behind and still works."""
+    import pickle
+
+    _, affinity = fitted
+    batch = np.arange(1, 41, 2)  # a batch no other test asked for
+    log_p = affinity.get_batch(batch)
+    log_c = affinity.negative_log_weights(batch, 2.0)
+    cached = affinity._last_batch[2]
+    assert list(cached) == ["cpu"]
+    rows, cols = cached["cpu"]
+    assert affinity._batch_entries(batch, "cpu")[1] is rows  # the same tensors, not new ones
+    assert torch.isfinite(log_p[rows, cols]).all() and (log_c[rows, cols] == 0).all()
+    copy = pickle.loads(pickle.dumps(affinity))
+    assert copy._last_batch is None
+    torch.testing.assert_close(copy.get_batch(batch), log_p)

@@ -15,6 +15,20 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _smoke(script: str, **env: str) -> str:
+    """Run ``benchmarks/SCRIPT --smoke`` on the CPU with this interpreter; its stdout."""
+    done = subprocess.run(
+        ["bash", f"benchmarks/{script}", "--smoke"],
+        cwd=ROOT,
+        env={**os.environ, "DEVICE": "cpu", "PY": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_gpu_check_smoke_on_cpu(tmp_path):
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("test", 6)):
@@ -24,22 +38,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
             for i in range(n):
                 pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.jpg")
-    env = {
-        **os.environ,
-        "DEVICE": "cpu",
-        "PY": sys.executable,
-        "CIFAR": str(tmp_path / "images"),
-    }
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    out = _smoke("gpu_check.sh", CIFAR=str(tmp_path / "images"))
     assert out.count("== bench_loss") == 2 and "bfloat16" in out
     assert "images/s" in out and "ms per step" in out and "gpu_check: done" in out
     assert "extract (small CNN): " in out and "extract (DINOv2 ViT-S/14)" in out
@@ -48,17 +47,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
 def test_gpu_sne_cluster_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_sne_cluster.sh (the GPU check of issues 10 and 11) runs end to end at tiny
     sizes, and each stage leaves its rows in OUTDIR."""
-    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "OUTDIR": str(tmp_path)}
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_sne_cluster.sh", "--smoke"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    out = _smoke("gpu_sne_cluster.sh", OUTDIR=str(tmp_path))
     assert out.count(" ratio") == 2 and "mining: 2000 x 16" in out
     assert "backbone=cnn" in out and "gpu_sne_cluster: done" in out
     for name in ("cluster_step_mix0", "cluster_step_mix0.75", "sne_10k_kl", "sne_10k_bounded"):

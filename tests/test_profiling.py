@@ -59,3 +59,20 @@ def test_fitted_tsne_step_makes_no_host_sync_without_value_checks(tmp_path):
         value.backward()
     assert syncs.count == 0, syncs.calls
     torch.testing.assert_close(value, expected)
+
+
+def test_step_time_warms_up_then_averages_the_timed_calls():
+    """One warm-up call, then ``repeats`` timed ones; the mean covers each call's work."""
+    import time
+
+    from beyond_icon.profiling import step_time
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.01)
+
+    seconds = step_time(step, 3)
+    assert len(calls) == 4
+    assert 0.01 <= seconds < 1.0

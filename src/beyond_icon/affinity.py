@@ -194,8 +194,13 @@ class PerplexityAffinity:
         self.n_nonzero_ = np.diff(joint.indptr)
         self._cumulative = np.cumsum(joint.data)
         self.n_samples_ = n
-        self._last_batch: tuple[bytes, np.ndarray] | None = None
+        self._last_batch: tuple[bytes, sp.coo_matrix, dict] | None = None
         return self
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_last_batch"] = None  # a cache, with tensors on whatever device used it
+        return state
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "P_"):
@@ -219,8 +224,22 @@ class PerplexityAffinity:
         indices = self._indices(indices)
         key = indices.tobytes()
         if self._last_batch is None or self._last_batch[0] != key:
-            self._last_batch = (key, self.P_[indices][:, indices].tocoo())
+            self._last_batch = (key, self.P_[indices][:, indices].tocoo(), {})
         return self._last_batch[1]
+
+    def _batch_entries(
+        self, indices: np.ndarray | Tensor, device: str | torch.device
+    ) -> tuple[sp.coo_matrix, Tensor, Tensor]:
+        """The batch's block and its entries' rows and columns as long tensors on ``device``,
+        sent there once for p and q of the batch."""
+        block = self._batch_block(indices)
+        sent = self._last_batch[2]
+        where = str(torch.device(device))
+        if where not in sent:
+            sent[where] = tuple(
+                torch.as_tensor(v, dtype=torch.long).to(device) for v in (block.row, block.col)
+            )
+        return (block, *sent[where])
 
     def dense_batch(self, indices: np.ndarray | Tensor) -> np.ndarray:
         """``P_ij`` for ``i, j`` in the batch, a dense (b, b) float64 array."""
@@ -250,14 +269,11 @@ class PerplexityAffinity:
             (:func:`beyond_icon.icon_loss` leaves it out of the mean). The logarithms are
             taken in float64 on the stored entries only.
         """
-        block = self._batch_block(indices)
+        block, rows, cols = self._batch_entries(indices, device)
         total = np.bincount(block.row, weights=block.data, minlength=block.shape[0])
         values = np.log(block.data) - np.log(total[block.row])
         # the dense (b, b) matrix is made where it is used: only the stored entries travel
         # (at b = 8192 the dense float32 matrix is 268 MB, the entries about 9 MB)
-        rows, cols = (
-            torch.as_tensor(v, dtype=torch.long).to(device) for v in (block.row, block.col)
-        )
         log_p = torch.full(block.shape, -math.inf, dtype=dtype, device=device)
         log_p[rows, cols] = torch.as_tensor(values, dtype=dtype).to(device)
         return log_p
@@ -341,7 +357,7 @@ class PerplexityAffinity:
         if scope not in Q_SCOPES:
             raise ValueError(f"scope must be one of {Q_SCOPES}, got {scope!r}")
         indices = self._indices(indices)
-        block = self._batch_block(indices)
+        block, rows, cols = self._batch_entries(indices, device)
         b = block.shape[0]
         others = b - 1 - np.bincount(block.row, minlength=b)  # P has no diagonal entries
         represented = self.n_samples_ - 1 - self.n_nonzero_[indices]
@@ -351,9 +367,6 @@ class PerplexityAffinity:
             log_weight = np.log(np.maximum(represented, 1) / np.maximum(others, 1) / exaggeration)
         # made on the target device, as get_batch's matrix: b weights and the entries travel
         out = torch.as_tensor(log_weight, dtype=dtype).to(device)[:, None].expand(b, b).clone()
-        rows, cols = (
-            torch.as_tensor(v, dtype=torch.long).to(device) for v in (block.row, block.col)
-        )
         out[rows, cols] = 0.0
         out.fill_diagonal_(0.0)
         return out

@@ -1,17 +1,18 @@
-"""Peak memory of a computation and the host syncs it makes, for benchmarks and tests."""
+"""Peak memory, time and host syncs of a computation, for benchmarks and tests."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["HostSyncCounter", "peak_memory"]
+__all__ = ["HostSyncCounter", "peak_memory", "step_time"]
 
 
 @contextlib.contextmanager
@@ -26,6 +27,41 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def step_time(
+    step: Callable[[], object], repeats: int, device: str | torch.device = "cpu"
+) -> float:
+    """Mean seconds of ``step()`` over ``repeats`` calls after one warm-up; on CUDA the clock
+    stops only once the queued work has finished.
+
+    Parameters
+    ----------
+    step : callable
+        One unit of work (e.g. a training step).
+    repeats : int
+        Timed calls, at least 1.
+    device : str or torch.device
+        Where the work runs.
+
+    Returns
+    -------
+    float
+        Seconds per call.
+    """
+    device = torch.device(device)
+
+    def wait() -> None:  # CUDA runs asynchronously: time finished work only
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()
+    wait()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    wait()
+    return (time.perf_counter() - started) / repeats
 
 
 def peak_memory(fn: Callable[[], object], device: str | torch.device = "cpu") -> int:
