@@ -96,8 +96,8 @@ def free_embedding(
 
 
 def regress(x_train, x_test, target, hidden, noise, steps, lr, seed=0):
-    """The estimator's network fitted to ``target`` (n, 2) by least squares; returns its
-    embeddings of the train and test points."""
+    """The estimator's plain MLP (its PCA layer, no cells) fitted to ``target`` (n, 2) by
+    least squares; returns its embeddings of the train and test points."""
     torch.manual_seed(seed)
     estimator = parametric_sne.ParametricSNE()
     x = torch.as_tensor(x_train, dtype=torch.float32)
@@ -198,15 +198,25 @@ def main() -> None:
         overrides[name] = json.loads(value)
     if args.hidden or args.batch_norm:
         widths = tuple(int(v) for v in (args.hidden or "256,256").split(","))
-        original_mlp = parametric_sne.MLP
-        parametric_sne.MLP = lambda width, hidden=None, batch_norm=False: original_mlp(
-            width, hidden=widths, batch_norm=args.batch_norm
-        )
+
+        class WideMLP(parametric_sne.MLP):  # subclasses: the estimator checks isinstance(MLP)
+            def __init__(self, width, hidden=None, batch_norm=False):
+                super().__init__(width, hidden=widths, batch_norm=args.batch_norm)
+
+        class WideCellMLP(parametric_sne.CellMLP):
+            def __init__(self, width, landmarks, hidden=None, batch_norm=False):
+                super().__init__(width, landmarks, hidden=widths, batch_norm=args.batch_norm)
+
+        parametric_sne.MLP, parametric_sne.CellMLP = WideMLP, WideCellMLP
     if args.output_scale:
         original_network = parametric_sne.ParametricSNE._network
-        parametric_sne.ParametricSNE._network = lambda self, *a: torch.nn.Sequential(
-            original_network(self, *a), _Scale(args.output_scale)
-        )
+
+        def scaled_network(self, *a):  # stem, noise, body, last layer, then the factor
+            network = original_network(self, *a)
+            network.append(_Scale(args.output_scale))
+            return network
+
+        parametric_sne.ParametricSNE._network = scaled_network
     fit_x, transform_x = x_train, x_test
     if args.cnn_width and ("backbone" in overrides or args.hidden or args.batch_norm):
         parser.error("--cnn-width trains the CNN: drop --set backbone, --hidden and --batch-norm")

@@ -77,3 +77,61 @@ def test_backbone_errors():
         models.build_backbone("vit", (3, 32, 32))
     with pytest.raises(ValueError, match="needs images"):
         models.build_backbone("resnet18", (64,))
+
+
+def _cell_mlp(m: int = 7, d: int = 5, seed: int = 0) -> tuple[models.CellMLP, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    landmarks = torch.randn(m, d, generator=g)
+    landmarks[-1] = 100.0  # a cell no test point falls in
+    torch.manual_seed(seed)
+    net = models.CellMLP(d, landmarks, hidden=(6, 4))
+    assert not net.offsets.weight.any() and net.offset_scale == 0.2 * m**0.5  # the plain MLP
+    with torch.no_grad():
+        net.offsets.weight.normal_(generator=g)
+    return net, landmarks
+
+
+def test_cell_mlp_cells_are_the_nearest_landmarks():
+    net, landmarks = _cell_mlp()
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(1))
+    reference = torch.cdist(x.double(), landmarks.double()).argmin(1)
+    assert torch.equal(net.cells(x), reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # looked up in float32 under autocast
+        assert torch.equal(net.cells(x), reference)
+
+
+def test_cell_mlp_is_an_mlp_on_the_inputs_and_a_scaled_one_hot_of_the_cell():
+    """h1 = relu(W x + b + s e_c), s = 0.2 sqrt(m): the same as a linear layer on
+    [x, s onehot(c)] whose extra columns are the offsets; values and gradients."""
+    net, landmarks = _cell_mlp()
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(2))
+    out = net(x)
+    first = net.net[0]
+    wide = torch.nn.Linear(5 + 7, 6)
+    with torch.no_grad():
+        wide.weight.copy_(torch.cat([first.weight, net.offsets.weight.T], 1))
+        wide.bias.copy_(first.bias)
+    onehot = torch.nn.functional.one_hot(torch.cdist(x, landmarks).argmin(1), 7).float()
+    reference = net.net[1:](wide(torch.cat([x, 0.2 * 7**0.5 * onehot], 1)))
+    torch.testing.assert_close(out, reference)
+    out.sum().backward()
+    reference.sum().backward()
+    torch.testing.assert_close(net.offsets.weight.grad, wide.weight.grad[:, 5:].T)
+    torch.testing.assert_close(first.weight.grad, wide.weight.grad[:, :5])
+    unused = sorted(set(range(7)) - set(net.cells(x).tolist()))
+    assert (
+        unused and not net.offsets.weight.grad[unused].any()
+    )  # a cell no point falls in is not moved
+
+
+def test_cell_mlp_state_dict_round_trip_and_errors():
+    net, _ = _cell_mlp()
+    copy, _ = _cell_mlp(seed=1)
+    copy.load_state_dict(net.state_dict())
+    x = torch.randn(9, 5)
+    torch.testing.assert_close(copy(x), net(x))
+    assert "cells=7" in repr(net)
+    with pytest.raises(ValueError, match="landmarks must be"):
+        models.CellMLP(5, torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="landmarks must be"):
+        models.CellMLP(5, torch.zeros(4, 3))

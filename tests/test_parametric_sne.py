@@ -120,6 +120,28 @@ def test_auto_backbone_is_the_mlp_for_images_on_any_device(digits):
     assert not isinstance(cnn[2], MLP)
 
 
+def test_default_cells_of_the_mlp_input(digits):
+    """The default MLP carries n / 5 k-means cells of its inputs (at most MAX_CELLS); n_cells=0
+    is the plain MLP; the CNN has none; data with fewer distinct points get fewer cells."""
+    from beyond_icon.models import MLP, CellMLP
+    from beyond_icon.parametric_sne import MAX_CELLS
+
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    body = est.model_[2]
+    assert isinstance(body, CellMLP) and len(body.landmarks) == 60  # 300 / 5
+    features = torch.as_tensor(est.input_features(digits.x_train)) / est.projection_.scale
+    centres = body.landmarks
+    cells = torch.cdist(features, centres).argmin(1)  # every cell holds training points
+    assert set(cells.tolist()) == set(range(60))
+    assert ParametricSNE()._cells(10**6) == MAX_CELLS and ParametricSNE()._cells(9) == 0
+    plain = ParametricSNE(n_cells=0, **FAST).fit(digits.x_train)
+    assert type(plain.model_[2]) is MLP
+    assert ParametricSNE(backbone="cnn")._cells(300) == 0
+    x = np.repeat(np.eye(3, 4, dtype=np.float32), 10, axis=0)  # 3 distinct points
+    few = ParametricSNE(n_cells=6, **{**FAST, "perplexity": 3.0}).fit(x)
+    assert len(few.model_[2].landmarks) == 3
+
+
 def test_training_lowers_the_loss(digits):
     est = ParametricSNE(divergence="tv", **{**FAST, "n_steps": 90, "exaggeration": 1.0})
     est.fit(digits.x_train)
@@ -147,6 +169,11 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"q_scope": "local"}, "q_scope"),
         (np.zeros((20, 4)), {"divergence": "nope"}, "unknown divergence"),
         (np.zeros((20, 4)), {"n_steps": 0}, "n_steps"),
+        (np.zeros((20, 4)), {"n_cells": -1}, "n_cells must be an integer >= 0"),
+        (np.zeros((20, 4)), {"n_cells": 2.5}, "n_cells must be an integer >= 0"),
+        (np.zeros((20, 4)), {"n_cells": True}, "n_cells must be an integer >= 0"),
+        (np.zeros((20, 4)), {"n_cells": 21}, "more than the 20 training points"),
+        (np.zeros((20, 4, 1, 1)), {"n_cells": 4, "backbone": "cnn"}, "n_cells applies to the MLP"),
         (np.zeros((20, 4)), {"input_noise": -1.0}, "input_noise"),
         (np.zeros((20, 4)), {"exaggeration_fraction": 2.0}, "exaggeration_fraction"),
         (np.zeros(20), {}, "Expected 2D array"),
@@ -195,3 +222,40 @@ def test_perplexity_below_one_is_named():
     x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
     with pytest.raises(ValueError, match="perplexity must be >= 1"):
         ParametricSNE(perplexity=0.5, n_steps=1).fit(x)
+
+
+def test_cells_k_means_on_a_sample_of_large_data(monkeypatch):
+    """Beyond POINTS_PER_CELL rows per centroid the k-means of the cells fits a random sample
+    (the same for a seed); its centres are still the data's clusters."""
+    from sklearn.cluster import KMeans
+
+    import beyond_icon.parametric_sne as module
+
+    monkeypatch.setattr(module, "POINTS_PER_CELL", 32)
+    rows, real_fit = [], KMeans.fit
+    monkeypatch.setattr(KMeans, "fit", lambda self, x: (rows.append(len(x)), real_fit(self, x))[1])
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    z = torch.as_tensor(centres[rng.integers(0, 4, 2000)] + rng.normal(size=(2000, 2)) * 0.1)
+    fitted = module._kmeans_centres(z.float(), 4, seed=0)
+    assert fitted.shape == (4, 2) and rows == [128]  # 32 rows per centroid, not 2,000
+    found = sorted(map(tuple, np.round(fitted.numpy()).astype(int).tolist()))
+    assert found == [(0, 0), (0, 10), (10, 0), (10, 10)]
+    torch.testing.assert_close(module._kmeans_centres(z.float(), 4, seed=0), fitted)
+
+
+def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):
+    """Seeds beyond scikit-learn's 32 bits (the tasks allow up to 2^63) reach the k-means of
+    the cells; an estimator pickled before n_cells existed loads as the plain MLP it was."""
+    import pickle
+
+    est = ParametricSNE(**{**FAST, "n_steps": 2, "random_state": 2**40}).fit(digits.x_train)
+    assert np.isfinite(est.embedding_).all()
+    state = est.__getstate__()
+    del state["n_cells"]
+    old = ParametricSNE.__new__(ParametricSNE)
+    old.__setstate__(state)
+    assert old.get_params()["n_cells"] == 0
+    np.testing.assert_allclose(
+        pickle.loads(pickle.dumps(old)).transform(digits.x_test), est.transform(digits.x_test)
+    )

@@ -155,6 +155,23 @@ def test_sweep_compares_settings_resolved_not_as_passed(tmp_path, capsys):
     assert sweep.plan("cluster", ["kl"], [1], options | {"neighbor_mix": 0.75}, tmp_path / "t")
 
 
+def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_path):
+    """n_cells came with a new default (the cells); a run whose config.yaml lacks it trained the
+    plain MLP (n_cells 0), so the default's sweep refuses it and --n-cells 0 continues it."""
+    import yaml
+
+    options = {"data": "simplex:3", "n_steps": 2}
+    specs = sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    config = Path(specs[0].folder) / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved["n_cells"]  # as written before the option existed
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(sweep.SettingsChanged, match=r"n_cells: 0 there, None now, in kl_s0"):
+        sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.plan("sne", ["tv"], [0], options | {"n_cells": 0}, tmp_path / "s")
+
+
 def _tiny_cluster_sweep(out, divergences=("tv",), **extra):
     options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0} | extra
     specs = sweep.plan("cluster", list(divergences), [0], options, out)

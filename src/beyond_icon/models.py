@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "BACKBONES",
+    "CellMLP",
     "ClusterHead",
     "MLP",
     "ProjectionHead",
@@ -106,6 +107,73 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.reshape(len(x), -1))
+
+
+class CellMLP(MLP):
+    """An :class:`MLP` whose first layer also adds a learned vector for the cell of the input:
+    the nearest of ``m`` fixed landmarks (the k-means centroids of the training inputs).
+
+    ``h_1 = relu(W x + b + s e_{c(x)})``, ``c(x) = argmin_l |x - mu_l|``, then the MLP's
+    other layers. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
+    so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
+    ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
+    is as smooth as the MLP. The cell of a point is looked up in one matmul with the
+    landmarks, so it stays a single forward pass. Under Adam, ``s`` sets how fast the cells'
+    vectors move against the weights'.
+
+    Parameters
+    ----------
+    in_dim : int
+    landmarks : (m, in_dim) tensor
+        Fixed cell centres (a buffer, saved with the state dict), ``m >= 2``.
+    hidden : tuple of int
+    batch_norm : bool
+    offset_scale : float, optional
+        ``s``; default ``0.2 sqrt(m)``. On Fashion-MNIST 10k with ParametricSNE (2,000
+        cells), ``sqrt(m)`` and random starting vectors tore TV's test embedding into islands
+        (trustworthiness 0.923 against 0.986 with the default; KL 0.990 against 0.989).
+
+    References
+    ----------
+    Moody, J. and Darken, C. (1989). Fast learning in networks of locally-tuned processing
+    units. Neural Computation 1(2). (Landmark features of k-means centres.)
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        landmarks: Tensor,
+        hidden: tuple[int, ...] = (256, 256),
+        batch_norm: bool = False,
+        offset_scale: float | None = None,
+    ):
+        super().__init__(in_dim, hidden=hidden, batch_norm=batch_norm)
+        if landmarks.dim() != 2 or landmarks.shape[1] != in_dim or len(landmarks) < 2:
+            raise ValueError(f"landmarks must be (m >= 2, {in_dim}), got {tuple(landmarks.shape)}")
+        if not hidden:
+            raise ValueError("CellMLP needs at least one hidden layer")
+        m = len(landmarks)
+        landmarks = landmarks.detach().float()
+        self.register_buffer("landmarks", landmarks)
+        self.register_buffer("landmark_sq", landmarks.pow(2).sum(1))
+        self.offsets = nn.Embedding(m, hidden[0])
+        nn.init.zeros_(self.offsets.weight)  # it starts as the plain MLP
+        self.offset_scale = 0.2 * math.sqrt(m) if offset_scale is None else float(offset_scale)
+
+    @torch.no_grad()
+    def cells(self, x: Tensor) -> Tensor:
+        """Index of the nearest landmark of each row of ``x`` (float32, even under autocast)."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.reshape(len(x), -1).float()
+            return torch.addmm(self.landmark_sq, x, self.landmarks.T, alpha=-2.0).argmin(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(len(x), -1)
+        h = self.net[0](x) + self.offset_scale * self.offsets(self.cells(x))
+        return self.net[1:](h)
+
+    def extra_repr(self) -> str:
+        return f"cells={len(self.landmarks)}"
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

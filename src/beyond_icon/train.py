@@ -263,6 +263,7 @@ BUDGET_FIELDS = ("epochs", "n_steps")  # may differ on resume: the run is extend
 LEGACY_SETTINGS = {
     "q_scope": "global",  # parametric SNE: q over the whole train split
     "neighbor_mix": 0.0,  # cluster task: p on the pair-mate only
+    "n_cells": 0,  # parametric SNE: the plain MLP, no cells
 }
 
 

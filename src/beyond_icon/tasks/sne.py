@@ -70,6 +70,11 @@ class SNEConfig(TaskConfig):
     backbone: str = option(
         "auto", "auto (the MLP on the PCA features, for images too), mlp, cnn, resnet18"
     )
+    n_cells: int | None = option(
+        None,
+        "k-means cells of the MLP's input, each with a learned offset in its first layer "
+        "(none: n / 5, at most 2048; 0: the plain MLP)",
+    )
     n_steps: int | None = option(
         None, "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))"
     )
