@@ -6,8 +6,9 @@
 #   2. neighbour mining: the exact cosine 20-NN of 100k random 384-d points on the device;
 #   3. bench_sne.py on Fashion-MNIST 10k / 10k with ours on the device: KL with default settings,
 #      openTSNE on the machine's CPUs as the same run's reference (UMAP left out: its fit and
-#      transform took 142 s there), then KL with batches of 4,096 anchors (more negatives, the
-#      lever 2 CPU cores cannot afford), then TV, JSD and Hellinger;
+#      transform took 142 s there), then KL with the plain MLP (n_cells=0: what the cells cost
+#      and gain on a GPU), KL with batches of 4,096 anchors (more negatives, the lever 2 CPU
+#      cores cannot afford), then TV, JSD and Hellinger;
 #   4. while BUDGET seconds allow: the same on the full 60k / 10k, KL only.
 # Every stage writes its rows to OUTDIR as it goes, so a run cut short keeps what it measured.
 #
@@ -43,7 +44,7 @@ else
     BATCHES="256,4096"; CLUSTERS="20,1000"; REPEATS=10; MINE_N=100000; MINE_D=384
     SNE_DATA="--data fashion-mnist --n-train 10000 --n-test 10000"; SNE_SET=""
     SNE_BASELINES="--skip-umap"
-    VARIANTS=("batch_size=4096")
+    VARIANTS=("n_cells=0" "batch_size=4096")
     LARGE_DATA="--data fashion-mnist"; LARGE_NEEDS=200
     TEXT_N=20000
 fi
