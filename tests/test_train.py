@@ -137,6 +137,30 @@ def test_foreign_or_broken_checkpoints_are_one_line_errors(tmp_path, content):
     assert "\n" not in str(info.value)
 
 
+def test_fused_adam_is_the_same_update(monkeypatch):
+    """TrainConfig(fused=True) takes Adam's fused kernel on the CPU; its step equals the default
+    (for-each) Adam's to rounding (one step: later ones amplify rounding where Adam divides a
+    near-zero gradient by its own scale)."""
+    built = []
+    real = torch.optim.Adam.__init__
+
+    def spy(self, params, **kwargs):
+        built.append(kwargs.get("fused"))
+        real(self, params, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", spy)
+    weights = []
+    for fused in (False, True):
+        model, batches, loss_fn = _setup()
+        config = TrainConfig(epochs=1, lr=1e-2, seed=5, fused=fused)
+        one = lambda generator, batches=batches: batches(generator)[:1]  # noqa: E731
+        fit(model, one, loss_fn, config, device=torch.device("cpu"), verbose=False)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert built == [None, True]
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
     _train_two_epochs(tmp_path, identity={"divergence": "kl", "lr": 0.01, "n_steps": 10})
     with pytest.raises(ValueError, match=r"divergence: 'kl' there, 'tv' now"):
@@ -146,7 +170,8 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "key, before, default", [("q_scope", "global", "batch"), ("neighbor_mix", 0.0, 0.75)]
+    "key, before, default",
+    [("q_scope", "global", "batch"), ("neighbor_mix", 0.0, 0.75), ("n_cells", 0, None)],
 )
 def test_resume_a_checkpoint_from_before_a_setting_existed(tmp_path, key, before, default):
     """A checkpoint whose identity lacks a setting added later ran with that setting's old

@@ -165,7 +165,11 @@ class CellMLP(MLP):
         """Index of the nearest landmark of each row of ``x`` (float32, even under autocast)."""
         with torch.autocast(x.device.type, enabled=False):
             x = x.reshape(len(x), -1).float()
-            return torch.addmm(self.landmark_sq, x, self.landmarks.T, alpha=-2.0).argmin(1)
+            # argmax_l x.mu_l - |mu_l|^2 / 2 in one matmul: [x, 1] against [mu_l, -|mu_l|^2 / 2]
+            # (no (n, m) broadcast of the norms, a third of the step's time on 2 CPU cores)
+            ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+            scores = torch.cat([self.landmarks, -0.5 * self.landmark_sq[:, None]], 1)
+            return (torch.cat([x, ones], 1) @ scores.T).argmax(1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.reshape(len(x), -1)

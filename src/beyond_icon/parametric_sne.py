@@ -517,7 +517,12 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
         epochs = math.ceil(n_steps / steps_per_epoch)
         config = TrainConfig(
-            epochs=epochs, lr=self.lr, schedule=self.schedule, amp=self.amp, seed=self.random_state
+            epochs=epochs,
+            lr=self.lr,
+            schedule=self.schedule,
+            amp=self.amp,
+            fused=True,  # the cells' table makes the optimiser step count
+            seed=self.random_state,
         )
         self.history_ = fit(
             self.model_,
