@@ -186,10 +186,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         smooth within them; the cell of a new point is its nearest centroid, so ``transform``
         stays one forward pass. Default (None): ``CELLS_PER_POINT`` of the training points,
         at most ``MAX_CELLS`` (n / 5, at most 2,048); 0 or 1: the plain MLP. On Fashion-MNIST
-        (``benchmarks/bench_sne.py``, KL / JSD, test 5-NN) the cells lift 10k from 0.716 to
-        0.775 / 0.782 and 60k from 0.733 to 0.797 / 0.805 (openTSNE: 0.788 and 0.816), at
-        1.5 to 1.7 times the plain MLP's fit and 3 to 5 times its transform time on 2 CPU
-        cores.
+        (``benchmarks/bench_sne.py``, test 5-NN, one run) the cells lift KL from 0.719 to
+        0.775 at 10k and from 0.735 to 0.793 at 60k; the best divergence reaches 0.788
+        (Hellinger) and 0.806 (TV) against openTSNE's 0.788 and 0.816. They cost 1.5 to 1.7
+        times the plain MLP's fit and 2 to 3.4 times its transform time on 2 CPU cores.
     n_steps : int, optional
         Optimiser steps; default ``clip(40 * n / batch_size, 4000, 20000)``: at least 4,000
         steps (a floor for small data), 40 passes of the anchors over the data from ~25k
