@@ -134,19 +134,25 @@ def test_sweep_rejects_other_options_in_same_folder(tmp_path, capsys):
     assert "other settings (kernel: 'student_t' there, 'gaussian' now, in kl_s0)" in err
 
 
+def _written_before(spec, key: str) -> None:
+    """Rewrite a finished run's config.yaml as a version before ``key`` existed wrote it."""
+    import yaml
+
+    config = Path(spec.folder) / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    del saved[key]
+    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
 def test_sweep_compares_settings_resolved_not_as_passed(tmp_path, capsys):
     """A run made before a default changed (its config.yaml has no neighbor_mix: the
     pair-only p) is not mixed with runs of the new default, although the options passed are the
     same; passing the old value continues the sweep, and spelling out a default is no change."""
-    import yaml
 
     options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0}
     specs = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == []
-    config = Path(specs[0].folder) / "config.yaml"
-    saved = yaml.safe_load(config.read_text())
-    del saved["neighbor_mix"]  # as written before the option existed
-    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    _written_before(specs[0], "neighbor_mix")
     with pytest.raises(ValueError, match=r"neighbor_mix: 0.0 there, 0.75 now, in tv_s0"):
         sweep.plan("cluster", ["kl"], [0], options, tmp_path / "s")
     assert sweep.plan("cluster", ["kl"], [0], options | {"neighbor_mix": 0.0}, tmp_path / "s")
@@ -158,15 +164,11 @@ def test_sweep_compares_settings_resolved_not_as_passed(tmp_path, capsys):
 def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_path):
     """n_cells came with a new default (the cells); a run whose config.yaml lacks it trained the
     plain MLP (n_cells 0), so the default's sweep refuses it and --n-cells 0 continues it."""
-    import yaml
 
     options = {"data": "simplex:3", "n_steps": 2}
     specs = sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == []
-    config = Path(specs[0].folder) / "config.yaml"
-    saved = yaml.safe_load(config.read_text())
-    del saved["n_cells"]  # as written before the option existed
-    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    _written_before(specs[0], "n_cells")
     with pytest.raises(sweep.SettingsChanged, match=r"n_cells: 0 there, None now, in kl_s0"):
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
     assert sweep.plan("sne", ["tv"], [0], options | {"n_cells": 0}, tmp_path / "s")
@@ -182,13 +184,9 @@ def _tiny_cluster_sweep(out, divergences=("tv",), **extra):
 def test_sweep_fills_a_key_an_old_run_lacks_with_its_default(tmp_path):
     """A setting added after a run was made (not in LEGACY_SETTINGS) had its default's
     behaviour there: another value now is a different method, the default is not."""
-    import yaml
 
     options, specs = _tiny_cluster_sweep(tmp_path / "s")
-    config = Path(specs[0].folder) / "config.yaml"
-    saved = yaml.safe_load(config.read_text())
-    del saved["optimizer"]
-    config.write_text(yaml.safe_dump(saved, sort_keys=False))
+    _written_before(specs[0], "optimizer")
     before = (tmp_path / "s" / "sweep.yaml").read_text()
     with pytest.raises(ValueError, match=r"optimizer: 'adam' there, 'adamw' now, in tv_s0"):
         sweep.plan("cluster", ["kl"], [0], options | {"optimizer": "adamw"}, tmp_path / "s")
