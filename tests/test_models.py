@@ -100,6 +100,36 @@ def test_cell_mlp_cells_are_the_nearest_landmarks():
         assert torch.equal(net.cells(x), reference)
 
 
+def test_cell_mlp_lookup_in_blocks_and_among_candidates(monkeypatch):
+    """The blocked lookup (rows beyond LOOKUP_ROWS) is the one-block lookup; the nearest among
+    each row's candidates is the nearest overall whenever they hold it, and the nearest of
+    the candidates otherwise; forward with given cells is forward with looked-up ones."""
+    g = torch.Generator().manual_seed(3)
+    landmarks = torch.randn(40, 5, generator=g)
+    net = models.CellMLP(5, landmarks, hidden=(6,))
+    x = torch.randn(301, 5, generator=g)
+    reference = torch.cdist(x.double(), landmarks.double()).argmin(1)
+    monkeypatch.setattr(models.CellMLP, "LOOKUP_ROWS", 64)
+    assert torch.equal(net.cells(x), reference)
+    assert net.cells(x[:0]).shape == (0,) and net(x[:0]).shape == (0, 6)
+    near = net.neighbouring_cells(8)
+    assert near.shape == (40, 8) and torch.equal(near[:, 0], torch.arange(40))
+    order = torch.cdist(landmarks.double(), landmarks.double()).argsort(1)[:, :8]
+    assert torch.equal(near.sort(1).values, order.sort(1).values)
+    assert torch.equal(net.nearest_among(x, torch.arange(40).expand(301, 40)), reference)
+    candidates = near[reference.roll(1)]  # another row's neighbourhood: the true cell or not
+    found = net.nearest_among(x, candidates)
+    distances = torch.cdist(x.double(), landmarks.double())
+    best = distances.gather(1, candidates).min(1).values
+    torch.testing.assert_close(distances.gather(1, found[:, None]).squeeze(1), best)
+    assert (found != reference).any() and (found == reference).any()
+    with torch.no_grad():
+        net.offsets.weight.normal_(generator=g)
+    torch.testing.assert_close(net(x, cells=net.cells(x)), net(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast
+        assert torch.equal(net.nearest_among(x, near[reference]), reference)
+
+
 def test_cell_mlp_is_an_mlp_on_the_inputs_and_a_scaled_one_hot_of_the_cell():
     """h1 = relu(W x + b + s e_c), s = 0.2 sqrt(m): the same as a linear layer on
     [x, s onehot(c)] whose extra columns are the offsets; values and gradients."""

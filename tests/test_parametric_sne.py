@@ -124,11 +124,13 @@ def test_default_cells_of_the_mlp_input(digits):
     """The default MLP carries n / 5 k-means cells of its inputs (at most MAX_CELLS); n_cells=0
     is the plain MLP; the CNN has none; data with fewer distinct points get fewer cells."""
     from beyond_icon.models import MLP, CellMLP
-    from beyond_icon.parametric_sne import MAX_CELLS
+    from beyond_icon.parametric_sne import HIDDEN_CELLS, HIDDEN_PLAIN, MAX_CELLS
 
     est = ParametricSNE(**FAST).fit(digits.x_train)
     body = est.model_[2]
     assert isinstance(body, CellMLP) and len(body.landmarks) == 60  # 300 / 5
+    widths = [layer.out_features for layer in body.net if isinstance(layer, torch.nn.Linear)]
+    assert tuple(widths) == HIDDEN_CELLS
     features = torch.as_tensor(est.input_features(digits.x_train)) / est.projection_.scale
     centres = body.landmarks
     cells = torch.cdist(features, centres).argmin(1)  # every cell holds training points
@@ -136,10 +138,37 @@ def test_default_cells_of_the_mlp_input(digits):
     assert ParametricSNE()._cells(10**6) == MAX_CELLS and ParametricSNE()._cells(9) == 0
     plain = ParametricSNE(n_cells=0, **FAST).fit(digits.x_train)
     assert type(plain.model_[2]) is MLP
+    widths = [layer.out_features for layer in plain.model_[2].net if hasattr(layer, "weight")]
+    assert tuple(widths) == HIDDEN_PLAIN
     assert ParametricSNE(backbone="cnn")._cells(300) == 0
     x = np.repeat(np.eye(3, 4, dtype=np.float32), 10, axis=0)  # 3 distinct points
     few = ParametricSNE(n_cells=6, **{**FAST, "perplexity": 3.0}).fit(x)
     assert len(few.model_[2].landmarks) == 3
+
+
+def test_training_looks_cells_up_among_the_clean_cells_neighbours(digits, monkeypatch):
+    """While training, a noisy input's cell is searched among the NEAR_CELLS cells nearest
+    its clean input's cell. Without noise the clean cell itself is the answer, so even with
+    NEAR_CELLS = 2 training is the same as with the full lookup; with noise it is the full
+    lookup wherever the candidates hold the nearest cell."""
+    import beyond_icon.parametric_sne as module
+    from beyond_icon.models import CellMLP
+
+    monkeypatch.setattr(module, "NEAR_CELLS", 2)
+    quiet = {**FAST, "input_noise": 0.0}
+    near = ParametricSNE(**quiet).fit(digits.x_train).embedding_
+    searched = []
+    real = CellMLP.nearest_among
+
+    def full(self, x, candidates):
+        searched.append(candidates.shape[1])
+        found = real(self, x, candidates)
+        assert torch.equal(found, self.cells(x))  # no noise: the clean cell is a candidate
+        return self.cells(x)
+
+    monkeypatch.setattr(CellMLP, "nearest_among", full)
+    np.testing.assert_array_equal(ParametricSNE(**quiet).fit(digits.x_train).embedding_, near)
+    assert searched == [2] * FAST["n_steps"]
 
 
 def test_training_lowers_the_loss(digits):

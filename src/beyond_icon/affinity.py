@@ -34,7 +34,7 @@ Q_SCOPES = ("global", "batch")
 
 
 def calibrate_perplexity(
-    sq_distances: np.ndarray | Tensor, perplexity: float, n_iter: int = 64
+    sq_distances: np.ndarray | Tensor, perplexity: float, n_iter: int = 64, tol: float = 1e-10
 ) -> np.ndarray:
     """Per-row Gaussian conditionals over given neighbours, calibrated to a perplexity.
 
@@ -45,13 +45,26 @@ def calibrate_perplexity(
     perplexity : float
         Target ``exp(H(p(.|i)))`` (natural log) of every row, ``1 <= perplexity <= k``.
     n_iter : int
-        Bisection steps on ``log beta_i`` (64 exhaust float64's resolution in [-50, 50]).
+        At most this many steps on ``u_i = log beta_i`` (64 bisections exhaust float64's
+        resolution in [-50, 50]).
+    tol : float
+        A row is done when its entropy is within ``tol`` nats of ``log(perplexity)`` (or when
+        its bracket on ``u`` is narrower than 1e-12, e.g. a row of equal distances).
 
     Returns
     -------
     (n, k) float64 array
-        ``p(j|i) = exp(-beta_i d_ij) / sum_l exp(-beta_i d_il)`` with ``beta_i`` found by
-        bisection so that each row's perplexity equals ``perplexity``.
+        ``p(j|i) = exp(-beta_i d_ij) / sum_l exp(-beta_i d_il)`` with ``beta_i`` such that
+        each row's perplexity equals ``perplexity``.
+
+    Notes
+    -----
+    Safeguarded Newton on ``u = log beta``: the entropy ``H(u)`` falls as ``u`` grows, with
+    ``dH/du = -beta^2 Var_p(d)``; each step narrows a bracket ``[lo, hi]`` (from ``[-50,
+    50]``) by the sign of ``H - log(perplexity)`` and takes the Newton step where it lands
+    inside the bracket and at least halves the last step, the bisection otherwise (Press et al.,
+    Numerical Recipes, ``rtsafe``). On Fashion-MNIST 60k (90 neighbours) every
+    row met ``tol`` in a handful of steps, where plain bisection took 64.
     """
     d2 = torch.as_tensor(np.asarray(sq_distances), dtype=torch.float64)
     if d2.dim() != 2 or d2.shape[1] < 1:
@@ -61,20 +74,37 @@ def calibrate_perplexity(
             f"perplexity {perplexity:g} needs at least as many neighbours; got k = {d2.shape[1]}"
         )
     # shift by the nearest and scale by the median neighbour: entropy is shift-invariant and
-    # beta absorbs the scale, so beta ~ 1 is a sensible start whatever the data's units
+    # beta absorbs the scale, so beta ~ 1 (u = 0) is a sensible start whatever the data's units
     d2 = d2 - d2.min(dim=1, keepdim=True).values
     d2 = d2 / d2.median(dim=1, keepdim=True).values.clamp_min(1e-12)
     target = math.log(perplexity)
     lo = torch.full((d2.shape[0], 1), -50.0, dtype=torch.float64)
     hi = torch.full_like(lo, 50.0)
+    u = torch.zeros_like(lo)
+    last = hi - lo  # each row's last step
     for _ in range(n_iter):
-        mid = (lo + hi) / 2
-        log_p = torch.log_softmax(-mid.exp() * d2, dim=1)
-        entropy = -(log_p.exp() * log_p).sum(1, keepdim=True)
-        too_flat = entropy > target  # entropy falls as beta grows
-        lo = torch.where(too_flat, mid, lo)
-        hi = torch.where(too_flat, hi, mid)
-    return torch.softmax(-((lo + hi) / 2).exp() * d2, dim=1).numpy()
+        beta = u.exp()
+        log_p = torch.log_softmax(-beta * d2, dim=1)
+        p = log_p.exp()
+        gap = -(p * log_p).sum(1, keepdim=True) - target
+        done = (gap.abs() <= tol) | (hi - lo <= 1e-12)  # hit, or as close as beta allows
+        if bool(done.all()):
+            break
+        too_flat = gap > 0  # entropy falls as beta grows: raise u
+        lo = torch.where(too_flat, u, lo)
+        hi = torch.where(too_flat, hi, u)
+        mean = (p * d2).sum(1, keepdim=True)
+        variance = (p * (d2 - mean).pow(2)).sum(1, keepdim=True)
+        slope = -beta.pow(2) * variance
+        step = gap / torch.where(slope < 0, slope, -1.0)
+        newton = u - step
+        # Newton where it stays inside the bracket and at least halves the last step (no
+        # two-cycles), else bisection (Press et al., Numerical Recipes, rtsafe)
+        take = (slope < 0) & (newton > lo) & (newton < hi) & (2 * step.abs() < last.abs())
+        bisection = (lo + hi) / 2
+        last = torch.where(take, step, u - bisection)
+        u = torch.where(done, u, torch.where(take, newton, bisection))
+    return torch.softmax(-u.exp() * d2, dim=1).numpy()
 
 
 class PerplexityAffinity:

@@ -46,7 +46,7 @@ class Standardize(nn.Module):
             mean = x.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
             std = x.std(dim=(0, 2, 3)).view(1, -1, 1, 1)
         else:
-            x = x.reshape(len(x), -1)
+            x = x.flatten(1)
             mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True)
         return cls(mean, std)
 
@@ -71,7 +71,7 @@ class Standardize(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mean.dim() == 2:
-            x = x.reshape(len(x), -1)
+            x = x.flatten(1)
         return (x - self.mean) / self.std
 
 
@@ -79,7 +79,7 @@ class L2Normalize(nn.Module):
     """Each row scaled to unit Euclidean norm (flattened first)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x.reshape(len(x), -1), dim=1)
+        return F.normalize(x.flatten(1), dim=1)
 
 
 class MLP(nn.Module):
@@ -106,7 +106,7 @@ class MLP(nn.Module):
         self.feature_dim = width
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.reshape(len(x), -1))
+        return self.net(x.flatten(1))
 
 
 class CellMLP(MLP):
@@ -139,6 +139,8 @@ class CellMLP(MLP):
     units. Neural Computation 1(2). (Landmark features of k-means centres.)
     """
 
+    LOOKUP_ROWS = 1024
+
     def __init__(
         self,
         in_dim: int,
@@ -159,21 +161,62 @@ class CellMLP(MLP):
         nn.init.zeros_(self.offsets.weight)  # it starts as the plain MLP
         self.offset_scale = 0.2 * math.sqrt(m) if offset_scale is None else float(offset_scale)
 
+    def _scores(self) -> Tensor:
+        """``[mu_l, -|mu_l|^2 / 2]`` per landmark: ``argmax_l [x, 1] . scores_l`` is the
+        nearest landmark (one matmul, no (n, m) broadcast of the norms)."""
+        norms = self.landmarks.pow(2).sum(1, keepdim=True)
+        return torch.cat([self.landmarks, -0.5 * norms], 1)
+
+    @staticmethod
+    def _with_ones(x: Tensor) -> Tensor:
+        x = x.flatten(1).float()
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+
     @torch.no_grad()
     def cells(self, x: Tensor) -> Tensor:
         """Index of the nearest landmark of each row of ``x`` (float32, even under autocast)."""
         with torch.autocast(x.device.type, enabled=False):
-            x = x.reshape(len(x), -1).float()
-            # argmax_l x.mu_l - |mu_l|^2 / 2 in one matmul: [x, 1] against [mu_l, -|mu_l|^2 / 2]
-            # (no (n, m) broadcast of the norms: a step of 512 rows, 5.4 -> 4.4 ms on 2 cores)
-            ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
-            norms = self.landmarks.pow(2).sum(1, keepdim=True)
-            scores = torch.cat([self.landmarks, -0.5 * norms], 1)
-            return (torch.cat([x, ones], 1) @ scores.T).argmax(1)
+            # one matmul (a step of 512 rows, 5.4 -> 4.4 ms on 2 cores against a broadcast)
+            scores, x = self._scores().T.contiguous(), self._with_ones(x)
+            # blocks of rows whose (rows, m) scores stay in cache: 10k rows and 2,048 cells,
+            # 37 -> 17 ms on 2 cores (one block on a GPU)
+            rows = max(1, len(x) if x.is_cuda else self.LOOKUP_ROWS)
+            if len(x) <= rows:
+                return (x @ scores).argmax(1)
+            return torch.cat([(x[s : s + rows] @ scores).argmax(1) for s in range(0, len(x), rows)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.reshape(len(x), -1)
-        h = self.net[0](x) + self.offset_scale * self.offsets(self.cells(x))
+    @torch.no_grad()
+    def nearest_among(self, x: Tensor, candidates: Tensor) -> Tensor:
+        """The nearest landmark of each row of ``x`` among that row's candidates.
+
+        Parameters
+        ----------
+        x : (n, in_dim) tensor
+        candidates : (n, K) integer tensor
+            Landmark indices per row.
+
+        Returns
+        -------
+        (n,) tensor of landmark indices; ``cells(x)`` wherever a row's candidates hold it.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            # (n, K, d + 1) gathered rows against each x: K = 32 of 2,048 cells and 512 rows,
+            # 0.3 ms where the full matmul and its argmax take 0.9 ms on 2 cores
+            scores = (self._scores()[candidates] * self._with_ones(x)[:, None, :]).sum(-1)
+            return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+
+    def neighbouring_cells(self, k: int) -> Tensor:
+        """(m, min(k, m)) indices of each landmark's ``k`` nearest landmarks, itself first."""
+        distances = torch.cdist(self.landmarks, self.landmarks)
+        distances.fill_diagonal_(-1.0)  # itself first, even among duplicates
+        return distances.topk(min(k, len(distances)), dim=1, largest=False).indices
+
+    def forward(self, x: Tensor, cells: Tensor | None = None) -> Tensor:
+        """``relu(W x + b + s e_c)`` then the other layers, with ``c = cells(x)`` unless the
+        cells are given (:meth:`nearest_among`)."""
+        x = x.flatten(1)
+        cells = self.cells(x) if cells is None else cells
+        h = self.net[0](x) + self.offset_scale * self.offsets(cells)
         return self.net[1:](h)
 
     def extra_repr(self) -> str:

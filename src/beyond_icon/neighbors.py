@@ -135,6 +135,10 @@ def mine_neighbors(
     first, last = (0, n) if queries is None else queries.indices(n)[:2]
     out = torch.empty(last - first, k, dtype=torch.long)
     out_values = torch.empty(last - first, k, dtype=torch.float32)
+    # one buffer for every block of similarities: a fresh (4096 x 60k) float32 matrix per block
+    # is a new mapping filled page by page, which made the CPU matmul take twice as long
+    # (Fashion-MNIST 60k: 0.39 -> 0.20 s a block)
+    buffer = torch.empty(min(query_block, n) * min(key_block, n), device=device)
     for start in tqdm(
         range(first, last, query_block), desc="mining neighbours", disable=not verbose, leave=False
     ):
@@ -144,12 +148,13 @@ def mine_neighbors(
         best_idx = torch.zeros((len(query), k), dtype=torch.long, device=device)
         for key_start in range(0, n, key_block):
             block = rows_of(key_start, min(key_start + key_block, n))
+            sims = buffer[: len(query) * len(block)].view(len(query), len(block))
             if metric == "euclidean":  # larger is nearer: -|b|^2 + 2 a.b (|a|^2 is per row),
                 # one matmul with the norms as its bias (a pass over the block saved)
                 key_norms = key_sq[key_start : key_start + len(block)][None, :]
-                sims = torch.addmm(key_norms, query, block.T, beta=-1.0, alpha=2.0)
+                torch.addmm(key_norms, query, block.T, beta=-1.0, alpha=2.0, out=sims)
             else:
-                sims = query @ block.T
+                torch.mm(query, block.T, out=sims)
             cols = torch.arange(key_start, key_start + len(block), device=device)
             # the self matches lie on one diagonal of the block: O(block) to write, where a
             # boolean mask costs two passes over it (empty when the block holds none)
