@@ -3,9 +3,10 @@
 Fits ParametricSNE on Fashion-MNIST 10k (the bench_sne split) and prints the leave-one-out
 5-NN accuracy of the train embedding beside the test 5-NN accuracy (test points mapped by the
 network, train embedding as reference). ``--openTSNE`` adds openTSNE's figures, ``--inputs``
-those of the PCA-50 inputs. Two patches not exposed as estimator parameters can be tried:
-``--hidden 512,512,512`` (the MLP's widths), ``--batch-norm`` and ``--output-scale 10`` (a
-fixed factor on the network's output, i.e. a larger step in the embedding). ``--cnn-width W``
+those of the PCA-50 inputs. ``--hidden 512,512,512`` sets the MLP's widths (the estimator's
+``hidden``); two patches not exposed as estimator parameters can be tried: ``--batch-norm``
+and ``--output-scale 10`` (a fixed factor on the network's output, i.e. a larger step in the
+embedding). ``--cnn-width W``
 trains the estimator's small CNN (``backbone="cnn"``) on the 28 x 28 images with W channels in
 its first stage (the estimator's is 32, for a GPU; 8 or 16 fit 2 CPU cores), p still on PCA-50.
 Each ``--set NAME=VALUE`` is a ParametricSNE parameter (JSON value).
@@ -178,7 +179,8 @@ def main() -> None:
             flush=True,
         )
         if args.regress_free:
-            hidden = tuple(int(v) for v in (args.hidden or "256,256").split(","))
+            default = ",".join(map(str, parametric_sne.ParametricSNE().hidden))
+            hidden = tuple(int(v) for v in (args.hidden or default).split(","))
             noise = float(json.loads(settings.get("input_noise", "0.3")))
             started = time.perf_counter()
             train, test = regress(
@@ -196,18 +198,19 @@ def main() -> None:
     for item in args.set:
         name, _, value = item.partition("=")
         overrides[name] = json.loads(value)
-    if args.hidden or args.batch_norm:
-        widths = tuple(int(v) for v in (args.hidden or "256,256").split(","))
+    if args.hidden:
+        overrides["hidden"] = [int(v) for v in args.hidden.split(",")]
+    if args.batch_norm:
 
-        class WideMLP(parametric_sne.MLP):  # subclasses: the estimator checks isinstance(MLP)
-            def __init__(self, width, hidden=None, batch_norm=False):
-                super().__init__(width, hidden=widths, batch_norm=args.batch_norm)
+        class NormMLP(parametric_sne.MLP):  # subclasses: the estimator checks isinstance(MLP)
+            def __init__(self, width, hidden=(128, 128), batch_norm=False):
+                super().__init__(width, hidden=hidden, batch_norm=True)
 
-        class WideCellMLP(parametric_sne.CellMLP):
-            def __init__(self, width, landmarks, hidden=None, batch_norm=False):
-                super().__init__(width, landmarks, hidden=widths, batch_norm=args.batch_norm)
+        class NormCellMLP(parametric_sne.CellMLP):
+            def __init__(self, width, landmarks, hidden=(128, 128), batch_norm=False):
+                super().__init__(width, landmarks, hidden=hidden, batch_norm=True)
 
-        parametric_sne.MLP, parametric_sne.CellMLP = WideMLP, WideCellMLP
+        parametric_sne.MLP, parametric_sne.CellMLP = NormMLP, NormCellMLP
     if args.output_scale:
         original_network = parametric_sne.ParametricSNE._network
 
@@ -240,7 +243,6 @@ def main() -> None:
     label = ", ".join(
         [f"{k}={v}" for k, v in overrides.items()]
         + ([f"CNN width {args.cnn_width}"] if args.cnn_width else [])
-        + ([f"hidden={args.hidden}"] if args.hidden else [])
         + (["BatchNorm"] if args.batch_norm else [])
         + ([f"output x {args.output_scale:g}"] if args.output_scale else [])
     )

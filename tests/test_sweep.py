@@ -174,6 +174,22 @@ def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_p
     assert sweep.plan("sne", ["tv"], [0], options | {"n_cells": 0}, tmp_path / "s")
 
 
+def test_an_sne_run_made_with_the_wider_mlp_is_not_taken_for_the_new_default(tmp_path):
+    """hidden came when the default MLP narrowed to 128-128; a run whose config.yaml lacks it
+    trained 256-256, so the default's sweep refuses it (the demo then sets its folder aside)
+    and --hidden 256,256 continues it."""
+    options = {"data": "simplex:3", "n_steps": 2}
+    specs = sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    _written_before(specs[0], "hidden")
+    with pytest.raises(
+        sweep.SettingsChanged, match=r"hidden: \[256, 256\] there, \[128, 128\] now, in kl_s0"
+    ) as error:
+        sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert error.value.keys == ["hidden"]
+    assert sweep.plan("sne", ["tv"], [0], options | {"hidden": [256, 256]}, tmp_path / "s")
+
+
 def _tiny_cluster_sweep(out, divergences=("tv",), **extra):
     options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0} | extra
     specs = sweep.plan("cluster", list(divergences), [0], options, out)

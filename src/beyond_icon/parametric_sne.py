@@ -45,17 +45,12 @@ CELLS_PER_POINT = 0.2
 # at most this many cells: on Fashion-MNIST 60k (one run each, 128-wide MLP) 4,096 cells gave
 # Hellinger 0.811 and KL 0.791 test 5-NN against 0.801 and 0.783 for 2,048
 MAX_CELLS = 4096
-# hidden widths of the MLP: with cells, two layers of 128 reached the test 5-NN of 256 at
-# Fashion-MNIST 10k (KL 0.775 against 0.776, Hellinger 0.780 against 0.778) in 4/5 of the fit
-# time, at 60k (2,048 cells) Hellinger 0.801 against 0.802, KL 0.783 against 0.790; the plain
-# MLP (n_cells=0) keeps 256
-HIDDEN_CELLS = (128, 128)
-HIDDEN_PLAIN = (256, 256)
 # while training, the cell of a noisy input is the nearest among the NEAR_CELLS cells nearest
 # its clean input's cell: on Fashion-MNIST (input noise 0.3, 2,000 and 2,048 cells) that is the
 # nearest of all cells for 99.6% of the noisy inputs at 10k and 99.2% at 60k, and a step takes
 # 0.5 ms less (6.0 against 6.6 ms, 2 cores)
 NEAR_CELLS = 32
+STEPS_FLOOR = 3000  # the least default number of steps (see n_steps)
 POINTS_PER_CELL = 128  # the k-means of the cells sees at most this many rows per centroid
 SEEDS_PER_CELL = 2  # k-means++ picks its starting centroids among this many rows per centroid
 LLOYD_STEPS = 10  # then at most this many Lloyd iterations
@@ -198,10 +193,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         points it stands for, so q estimates the whole training set's normaliser, or every
         point weighted 1, q normalised over the batch (see above).
     backbone : {"auto", "mlp", "cnn", "resnet18"}
-        ``auto`` (default): the library's choice, the MLP (two hidden layers of 256) on the PCA
-        features, for vectors and images alike, on any device; ``mlp`` names it. Until the
-        measurements below, ``auto`` took the small CNN for images on a GPU (``cnn`` still
-        does). The CNN was measured not to pay on Fashion-MNIST 10k (KL, test 5-NN): on an H200 the
+        ``auto`` (default): the library's choice, the MLP (``hidden``) on the PCA features,
+        for vectors and images alike, on any device; ``mlp`` names it. Until the measurements below,
+        ``auto`` took the small CNN for images on a GPU (``cnn`` still does). The CNN was measured not to pay on Fashion-MNIST 10k (KL, test 5-NN): on an H200 the
         full-width CNN gave 0.720 against the MLP's 0.717 at twice the fit time (51 s against
         24 s) and a transform 9 times slower (0.041 s against 0.0045 s for 10k points, only 53
         times faster than openTSNE's, short of the 100 the MLP clears); with batches of 1,024
@@ -214,17 +208,30 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         (:class:`beyond_icon.models.CellMLP`), so that the map can be sharp between cells and
         smooth within them; the cell of a new point is its nearest centroid, so ``transform``
         stays one forward pass. Default (None): ``CELLS_PER_POINT`` of the training points,
-        at most ``MAX_CELLS`` (n / 5, at most 2,048); 0 or 1: the plain MLP. On Fashion-MNIST
+        at most ``MAX_CELLS`` (n / 5, at most 4,096); 0 or 1: the plain MLP. While training,
+        the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
+        clean input's cell (the nearest of all cells for 99.2 to 99.6% of the noisy inputs on
+        Fashion-MNIST). On Fashion-MNIST
         (``benchmarks/bench_sne.py``, test 5-NN, one run) the cells lift KL from 0.719 to
         0.775 at 10k and from 0.735 to 0.793 at 60k; the best divergence reaches 0.788
         (Hellinger) and 0.806 (TV) against openTSNE's 0.788 and 0.816. They cost 1.5 to 1.7
         times the plain MLP's fit and 2 to 3.4 times its transform time on 2 CPU cores.
+    hidden : tuple of int
+        Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
+        128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
+        Fashion-MNIST 10k (KL 0.775 against 0.776, Hellinger 0.780 against 0.778) in 4/5 of
+        the fit time; at 60k with 2,048 cells, Hellinger 0.801 against 0.802 and KL 0.783
+        against 0.790 (one run each). The default was (256, 256) before the cells' recipe
+        changed (a run made then is continued with ``hidden=(256, 256)``).
     n_steps : int, optional
-        Optimiser steps; default ``clip(40 * n / batch_size, 4000, 20000)``: at least 4,000
-        steps (a floor for small data), 40 passes of the anchors over the data from ~25k
+        Optimiser steps; default ``clip(40 * n / batch_size, 3000, 20000)``: at least 3,000
+        steps (a floor for small data), 40 passes of the anchors over the data from ~19k
         points, at most 20,000 steps; rounded up to whole passes of the anchors (an epoch, the
-        unit of checkpoints). On Fashion-MNIST 10k, 4,000 steps at lr 4e-3 gave test
-        5-NN 0.723 against 0.708 for 6,000 steps at 1e-3 and 0.724 for 6,000 at 2e-3 (KL, with
+        unit of checkpoints). On Fashion-MNIST 10k with the cells (one run each), 3,000 steps
+        gave test 5-NN 0.767 (KL) and 0.781 (Hellinger) in 17 to 18 s against 0.773 and
+        0.782 for the earlier floor of 4,000 in 23 to 26 s (openTSNE 0.788 in 21.6 s; lr 6e-3
+        gave 0.770 and 0.780). Before the cells, 4,000 steps at lr 4e-3 gave 0.723 against
+        0.708 for 6,000 steps at 1e-3 and 0.724 for 6,000 at 2e-3 (KL, with
         ``q_scope="global"``, the default then).
     batch_size : int
         Anchors per batch (``affinity="global"``; ``n // batch_size`` equal chunks of a
@@ -296,6 +303,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         q_scope: str = "batch",
         backbone: str = "auto",
         n_cells: int | None = None,
+        hidden: tuple[int, ...] = (128, 128),
         n_steps: int | None = None,
         batch_size: int = 256,
         lr: float = 4e-3,
@@ -322,6 +330,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         self.q_scope = q_scope
         self.backbone = backbone
         self.n_cells = n_cells
+        self.hidden = hidden
         self.n_steps = n_steps
         self.batch_size = batch_size
         self.lr = lr
@@ -361,6 +370,13 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         positive_int("batch_size", self.batch_size)
         if self.n_steps is not None:
             positive_int("n_steps", self.n_steps)
+        widths = self.hidden if isinstance(self.hidden, (tuple, list)) else None
+        if not widths or any(
+            isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in widths
+        ):
+            raise ValueError(
+                f"hidden must be a non-empty sequence of positive integers, got {self.hidden!r}"
+            )
         if self.n_cells is not None:
             if isinstance(self.n_cells, bool) or not isinstance(self.n_cells, (int, np.integer)):
                 raise ValueError(f"n_cells must be an integer >= 0, got {self.n_cells!r}")
@@ -416,7 +432,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     def _steps(self, n: int) -> int:
         if self.n_steps is not None:
             return int(self.n_steps)
-        return int(np.clip(40 * n / self.batch_size, 4000, 20000))
+        return int(np.clip(40 * n / self.batch_size, STEPS_FLOOR, 20000))
 
     # ------------------------------------------------------------------------------- fitting
     def _input_space(self, flat: Tensor) -> tuple[nn.Module | None, Tensor]:
@@ -450,9 +466,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                     z = torch.cat([stem(flat[s : s + 16384]) for s in range(0, len(flat), 16384)])
                 landmarks = _kmeans_centres(z, m, self.random_state)
             if m and len(landmarks) >= 2:
-                body = CellMLP(width, landmarks, hidden=HIDDEN_CELLS, batch_norm=False)
+                body = CellMLP(width, landmarks, hidden=tuple(self.hidden), batch_norm=False)
             else:
-                body = MLP(width, hidden=HIDDEN_PLAIN, batch_norm=False)
+                body = MLP(width, hidden=tuple(self.hidden), batch_norm=False)
         else:
             stem, body = Standardize.fit(xf), build_backbone(name, tuple(xf.shape[1:]))
         noise = InputNoise(self.input_noise)
@@ -639,6 +655,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     def __setstate__(self, state: dict) -> None:
         # an estimator pickled before n_cells existed trained the plain MLP
         state.setdefault("n_cells", 0)
+        state.setdefault("hidden", (256, 256))  # and before hidden existed, 256-256
         super().__setstate__(state)
 
     def __sklearn_tags__(self):

@@ -167,7 +167,7 @@ class TrainConfig:
     fused : bool
         Adam's fused kernel on the CPU and CUDA (the same update in one kernel instead of a
         loop of element-wise ops, equal to rounding; the update of ParametricSNE's 2,048 x 256
-        table of cell vectors took about 1 ms instead of 1.5 in a micro-benchmark on 2 CPU
+        table of cell vectors (its default before the 4,096 x 128 table) took about 1 ms instead of 1.5 in a micro-benchmark on 2 CPU
         cores). Other devices, and torch before 2.4 on the CPU: the default. A run resumed
         from a checkpoint of the default Adam keeps that (the same update).
     seed : int
@@ -271,6 +271,7 @@ LEGACY_SETTINGS = {
     "q_scope": "global",  # parametric SNE: q over the whole train split
     "neighbor_mix": 0.0,  # cluster task: p on the pair-mate only
     "n_cells": 0,  # parametric SNE: the plain MLP, no cells
+    "hidden": [256, 256],  # parametric SNE: the MLP's widths
 }
 
 

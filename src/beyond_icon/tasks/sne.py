@@ -44,7 +44,7 @@ class SNEConfig(TaskConfig):
     )
     renamed: ClassVar[dict[str, str]] = {
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
-        "clip(40 n / batch_size, 4000, 20000))"
+        "clip(40 n / batch_size, 3000, 20000))"
     }
     divergence: str = option(
         "kl", "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name"
@@ -73,10 +73,15 @@ class SNEConfig(TaskConfig):
     n_cells: int | None = option(
         None,
         "k-means cells of the MLP's input, each with a learned offset in its first layer "
-        "(none: n / 5, at most 2048; 0: the plain MLP)",
+        "(none: n / 5, at most 4096; 0: the plain MLP)",
+    )
+    hidden: list[int] = option(
+        default_factory=lambda: [128, 128],
+        help="widths of the MLP's hidden layers, comma separated (256,256 before the cells' "
+        "recipe changed)",
     )
     n_steps: int | None = option(
-        None, "optimiser steps (none: clip(40 n / batch_size, 4000, 20000))"
+        None, "optimiser steps (none: clip(40 n / batch_size, 3000, 20000))"
     )
     batch_size: int = option(
         256,
