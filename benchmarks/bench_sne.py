@@ -37,8 +37,9 @@ from beyond_icon.train import resolve_device
 
 
 def _regress(x_train, target, x_test, seed, steps=4000):
-    """The previous default of ParametricSNE (``n_cells=0, hidden=(256, 256)``: MLP 256-256 on globally scaled PCA-50, input
-    noise 0.3) fitted to ``target`` by mean squared error with Adam."""
+    """ParametricSNE's plain MLP of before the cells (``n_cells=0, hidden=(256, 256)``: MLP
+    256-256 on globally scaled PCA-50, input noise 0.3) fitted to ``target`` by mean squared
+    error with Adam."""
     from beyond_icon.models import MLP
 
     torch.manual_seed(seed)

@@ -126,6 +126,8 @@ def test_cell_mlp_lookup_in_blocks_and_among_candidates(monkeypatch):
     with torch.no_grad():
         net.offsets.weight.normal_(generator=g)
     torch.testing.assert_close(net(x, cells=net.cells(x)), net(x))
+    other = (net.cells(x) + 1) % 40  # given cells are the ones used
+    assert not torch.allclose(net(x, cells=other), net(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under autocast
         assert torch.equal(net.nearest_among(x, near[reference]), reference)
 

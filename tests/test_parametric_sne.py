@@ -170,6 +170,11 @@ def test_training_looks_cells_up_among_the_clean_cells_neighbours(digits, monkey
     monkeypatch.setattr(CellMLP, "nearest_among", full)
     np.testing.assert_array_equal(ParametricSNE(**quiet).fit(digits.x_train).embedding_, near)
     assert searched == [2] * FAST["n_steps"]
+    seen = []  # with noise, the noisy inputs are looked up, among their clean cells' neighbours
+    monkeypatch.setattr(CellMLP, "nearest_among", lambda s, x, c: seen.append(x) or real(s, x, c))
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    clean = torch.as_tensor(est.input_features(digits.x_train)) / est.projection_.scale
+    assert len(seen) == FAST["n_steps"] and torch.cdist(seen[0], clean).min(1).values.min() > 0.1
 
 
 def test_training_lowers_the_loss(digits):

@@ -174,20 +174,32 @@ def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_p
     assert sweep.plan("sne", ["tv"], [0], options | {"n_cells": 0}, tmp_path / "s")
 
 
-def test_an_sne_run_made_with_the_wider_mlp_is_not_taken_for_the_new_default(tmp_path):
-    """hidden came when the default MLP narrowed to 128-128; a run whose config.yaml lacks it
-    trained 256-256, so the default's sweep refuses it (the demo then sets its folder aside)
-    and --hidden 256,256 continues it."""
+def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_path):
+    """recipe and hidden came with the 128-128 MLP and the other changes of recipe 2; a run
+    whose config.yaml lacks them was made by recipe 1 (256-256), which no option reproduces:
+    the sweep refuses it whatever is passed (the demo then sets its folder aside). A run's
+    config.yaml, recipe included, still loads as --config."""
+    import yaml
+
+    from beyond_icon.tasks.common import config_from_dict
+    from beyond_icon.tasks.sne import SNEConfig
+
     options = {"data": "simplex:3", "n_steps": 2}
     specs = sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == []
+    written = yaml.safe_load((Path(specs[0].folder) / "config.yaml").read_text())
+    assert written["recipe"] == SNEConfig.recipe == 2
+    assert config_from_dict(SNEConfig, written).hidden == [128, 128]
     _written_before(specs[0], "hidden")
-    with pytest.raises(
-        sweep.SettingsChanged, match=r"hidden: \[256, 256\] there, \[128, 128\] now, in kl_s0"
-    ) as error:
+    _written_before(specs[0], "recipe")
+    with pytest.raises(sweep.SettingsChanged, match="an earlier recipe") as error:
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
-    assert error.value.keys == ["hidden"]
-    assert sweep.plan("sne", ["tv"], [0], options | {"hidden": [256, 256]}, tmp_path / "s")
+    message = str(error.value)
+    assert "hidden: [256, 256] there, [128, 128] now" in message
+    assert "recipe: 1 there, 2 now" in message and set(error.value.keys) == {"hidden", "recipe"}
+    with pytest.raises(sweep.SettingsChanged, match="recipe: 1 there, 2 now") as error:
+        sweep.plan("sne", ["tv"], [0], options | {"hidden": [256, 256]}, tmp_path / "s")
+    assert error.value.keys == ["recipe"]
 
 
 def _tiny_cluster_sweep(out, divergences=("tv",), **extra):

@@ -41,14 +41,19 @@ KERNELS = ("student_t", "gaussian")
 AFFINITIES = ("global", "batch")
 
 
+# the version of the recipe beyond the parameters, stored with every run and checkpoint (a run
+# of another recipe is not resumed): 1 before it was recorded (the cells' MLP 256-256, at most
+# 2,048 cells, at least 4,000 steps, k-means++ over all rows, the full cell lookup while
+# training); 2 the current one
+RECIPE = 2
 CELLS_PER_POINT = 0.2
 # at most this many cells: on Fashion-MNIST 60k (one run each, 128-wide MLP) 4,096 cells gave
 # Hellinger 0.811 and KL 0.791 test 5-NN against 0.801 and 0.783 for 2,048
 MAX_CELLS = 4096
 # while training, the cell of a noisy input is the nearest among the NEAR_CELLS cells nearest
-# its clean input's cell: on Fashion-MNIST (input noise 0.3, 2,000 and 2,048 cells) that is the
-# nearest of all cells for 99.6% of the noisy inputs at 10k and 99.2% at 60k, and a step takes
-# 0.5 ms less (6.0 against 6.6 ms, 2 cores)
+# its clean input's cell: on Fashion-MNIST (input noise 0.3) that is the nearest of all cells
+# for 99.6% of the noisy inputs at 10k (2,000 cells) and 98.5% at 60k (4,096 cells), and a
+# 10k step took 0.5 ms less (6.0 against 6.6 ms, 2 cores)
 NEAR_CELLS = 32
 STEPS_FLOOR = 3000  # the least default number of steps (see n_steps)
 POINTS_PER_CELL = 128  # the k-means of the cells sees at most this many rows per centroid
@@ -194,8 +199,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         point weighted 1, q normalised over the batch (see above).
     backbone : {"auto", "mlp", "cnn", "resnet18"}
         ``auto`` (default): the library's choice, the MLP (``hidden``) on the PCA features,
-        for vectors and images alike, on any device; ``mlp`` names it. Until the measurements below,
-        ``auto`` took the small CNN for images on a GPU (``cnn`` still does). The CNN was measured not to pay on Fashion-MNIST 10k (KL, test 5-NN): on an H200 the
+        for vectors and images alike, on any device; ``mlp`` names it. Until the measurements
+        below, ``auto`` took the small CNN for images on a GPU (``cnn`` still does). The CNN
+        was measured not to pay on Fashion-MNIST 10k (KL, test 5-NN): on an H200 the
         full-width CNN gave 0.720 against the MLP's 0.717 at twice the fit time (51 s against
         24 s) and a transform 9 times slower (0.041 s against 0.0045 s for 10k points, only 53
         times faster than openTSNE's, short of the 100 the MLP clears); with batches of 1,024
@@ -210,19 +216,20 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         stays one forward pass. Default (None): ``CELLS_PER_POINT`` of the training points,
         at most ``MAX_CELLS`` (n / 5, at most 4,096); 0 or 1: the plain MLP. While training,
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
-        clean input's cell (the nearest of all cells for 99.2 to 99.6% of the noisy inputs on
+        clean input's cell (the nearest of all cells for 98.5 to 99.6% of the noisy inputs on
         Fashion-MNIST). On Fashion-MNIST
-        (``benchmarks/bench_sne.py``, test 5-NN, one run) the cells lift KL from 0.719 to
-        0.775 at 10k and from 0.735 to 0.793 at 60k; the best divergence reaches 0.788
-        (Hellinger) and 0.806 (TV) against openTSNE's 0.788 and 0.816. They cost 1.5 to 1.7
-        times the plain MLP's fit and 2 to 3.4 times its transform time on 2 CPU cores.
+        (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP) the
+        cells lift KL from 0.717 to 0.767 at 10k and from 0.731 to 0.794 at 60k; the best
+        divergence reaches 0.781 (Hellinger) and 0.811 (TV; Hellinger 0.808) against
+        openTSNE's 0.788 and 0.816. The fits took 1.2 to 1.4 and 1.1 to 1.2 times the plain
+        MLP's, and the transforms 1.6 to 1.7 and 2.9 to 4.9 times, on 2 CPU cores.
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
         Fashion-MNIST 10k (KL 0.775 against 0.776, Hellinger 0.780 against 0.778) in 4/5 of
         the fit time; at 60k with 2,048 cells, Hellinger 0.801 against 0.802 and KL 0.783
-        against 0.790 (one run each). The default was (256, 256) before the cells' recipe
-        changed (a run made then is continued with ``hidden=(256, 256)``).
+        against 0.790 (one run each). It was (256, 256) in the earlier recipe (``RECIPE``),
+        whose runs are not resumed.
     n_steps : int, optional
         Optimiser steps; default ``clip(40 * n / batch_size, 3000, 20000)``: at least 3,000
         steps (a floor for small data), 40 passes of the anchors over the data from ~19k
@@ -555,13 +562,17 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         body = self.model_[2]
         if isinstance(body, CellMLP):
             # a noisy input's cell is looked up among the NEAR_CELLS cells nearest its clean
-            # input's cell, not among all m
-            near, clean = body.neighbouring_cells(NEAR_CELLS), body.cells(inputs)
-            noise, head = self.model_[1], self.model_[3]
+            # input's cell, not among all m; both found at the first step, after a --resume
+            # has restored the landmarks
+            noise, head, cells = self.model_[1], self.model_[3:], {}
 
             def network(index: Tensor) -> Tensor:
+                if not cells:
+                    cells["near"] = body.neighbouring_cells(NEAR_CELLS)
+                    cells["clean"] = body.cells(inputs)
                 x = noise(inputs[index])
-                return head(body(x, cells=body.nearest_among(x, near[clean[index]])))
+                candidates = cells["near"][cells["clean"][index]]
+                return head(body(x, cells=body.nearest_among(x, candidates)))
         else:
 
             def network(index: Tensor) -> Tensor:
@@ -599,7 +610,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 for k, v in self.get_params().items()
                 if k not in ("verbose", "cache_dir", "device", "amp")
             }
-            | {"n_samples": n},
+            | {"n_samples": n, "recipe": RECIPE},
         )
         self.n_steps_ = len(self.history_)
         self.embedding_ = self.transform(x)

@@ -196,11 +196,16 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
             expected["loss"] = "pmi"  # a baseline run beside the divergences
         shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
         if shown:
+            keys = [line.split(":", 1)[0] for line in shown]
+            remedy = (
+                "use a new --out (an earlier recipe of the method cannot be run again)"
+                if "recipe" in keys
+                else "use a new --out, or pass the earlier values"
+            )
             raise SettingsChanged(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "
-                f"{folder.name}); their results would mix with these in one table: use a new "
-                "--out, or pass the earlier values",
-                keys=[line.split(":", 1)[0] for line in shown],
+                f"{folder.name}); their results would mix with these in one table: {remedy}",
+                keys=keys,
             )
 
 

@@ -166,10 +166,11 @@ class TrainConfig:
         bf16 autocast on CUDA (ignored on the CPU).
     fused : bool
         Adam's fused kernel on the CPU and CUDA (the same update in one kernel instead of a
-        loop of element-wise ops, equal to rounding; the update of ParametricSNE's 2,048 x 256
-        table of cell vectors (its default before the 4,096 x 128 table) took about 1 ms instead of 1.5 in a micro-benchmark on 2 CPU
-        cores). Other devices, and torch before 2.4 on the CPU: the default. A run resumed
-        from a checkpoint of the default Adam keeps that (the same update).
+        loop of element-wise ops, equal to rounding; the update of ParametricSNE's 2,048 x
+        256 table of cell vectors, its recipe 1, took about 1 ms instead of 1.5 in a
+        micro-benchmark on 2 CPU cores). Other devices, and torch before 2.4 on the CPU: the
+        default. A run resumed from a checkpoint of the default Adam keeps that (the same
+        update).
     seed : int
         Epoch ``e`` draws its batches from ``epoch_generator(seed, e)``.
     extra : dict
@@ -272,6 +273,7 @@ LEGACY_SETTINGS = {
     "neighbor_mix": 0.0,  # cluster task: p on the pair-mate only
     "n_cells": 0,  # parametric SNE: the plain MLP, no cells
     "hidden": [256, 256],  # parametric SNE: the MLP's widths
+    "recipe": 1,  # a task's method before its recipe was versioned (TaskConfig.recipe)
 }
 
 
@@ -347,9 +349,14 @@ def load_checkpoint(
     if identity is not None and saved is not None:
         differ = setting_differences(saved, identity, ignore=BUDGET_FIELDS)
         if differ:
+            remedy = (
+                "it was made by an earlier recipe of the method and cannot be resumed: run "
+                "without --resume, or use another --out"
+                if any(line.startswith("recipe:") for line in differ)
+                else "resume with the same settings, or use another --out"
+            )
             raise ValueError(
-                f"{path} belongs to a run with other settings ({', '.join(differ)}); resume with "
-                "the same settings, or use another --out"
+                f"{path} belongs to a run with other settings ({', '.join(differ)}); {remedy}"
             )
         for key in BUDGET_FIELDS:
             if key in saved and saved.get(key) != identity.get(key) and verbose:

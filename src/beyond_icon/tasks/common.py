@@ -84,6 +84,10 @@ class TaskConfig:
     renamed: ClassVar[dict[str, str]] = {}
     # fields that may differ when a run is resumed (where the data sit, which device runs it)
     not_identity: ClassVar[tuple[str, ...]] = ("data_dir", "download", "device")
+    # the version of the task's method beyond its options (widths, step budgets, search
+    # details): stored with every run as ``recipe``, so that a run of an earlier recipe is
+    # neither resumed nor mixed into a sweep's table; None: not versioned
+    recipe: ClassVar[int | None] = None
     data: str = option(
         "digits",
         "dataset spec: digits, fashion-mnist, cifar10, imagefolder:PATH, embeddings:PATH, simplex:K",
@@ -111,7 +115,12 @@ def identity(config: TaskConfig) -> dict:
     dict
     """
     values = dataclasses.asdict(config)
-    return {k: v for k, v in values.items() if k not in config.not_identity} | {"task": config.task}
+    kept = {k: v for k, v in values.items() if k not in config.not_identity}
+    return kept | {"task": config.task} | _recipe(config)
+
+
+def _recipe(config: TaskConfig) -> dict:
+    return {} if config.recipe is None else {"recipe": config.recipe}
 
 
 def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
@@ -278,7 +287,8 @@ def write_config(config: Any, out: Path) -> None:
         return
     fields = dataclasses.asdict(config)
     tmp = out / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump({"task": type(config).task, **fields}, sort_keys=False))
+    written = {"task": type(config).task, **_recipe(config), **fields}
+    tmp.write_text(yaml.safe_dump(written, sort_keys=False))
     tmp.replace(out / "config.yaml")
 
 
@@ -298,7 +308,9 @@ def config_from_dict(cls: type, values: dict) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for old in sorted(set(values) & set(cls.renamed)):
         raise ValueError(f"{cls.task} has no option {old!r} any more: {cls.renamed[old]}")
-    unknown = sorted(set(values) - names - {"task"})
+    # a run's config.yaml also names its task and recipe: not options (a run of another recipe
+    # given as --config starts anew under the current one)
+    unknown = sorted(set(values) - names - {"task", "recipe"})
     if unknown:
         raise ValueError(
             f"unknown {cls.task} option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"

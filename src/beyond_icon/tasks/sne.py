@@ -19,7 +19,7 @@ import numpy as np
 
 from beyond_icon import metrics, report
 from beyond_icon.distributed import is_main
-from beyond_icon.parametric_sne import KERNELS, ParametricSNE
+from beyond_icon.parametric_sne import KERNELS, RECIPE, ParametricSNE
 from beyond_icon.tasks.common import TaskConfig, begin, finish, option
 from beyond_icon.train import SCHEDULE_HELP, write_csv
 
@@ -35,6 +35,7 @@ class SNEConfig(TaskConfig):
     (``seed`` is its ``random_state``)."""
 
     task: ClassVar[str] = "sne"
+    recipe: ClassVar[int] = RECIPE
     # not what the run is (the estimator's checkpoint leaves out the first two as well): where
     # p's neighbour table is cached, bf16 autocast on CUDA, and the evaluation's k values
     not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + (
@@ -77,8 +78,7 @@ class SNEConfig(TaskConfig):
     )
     hidden: list[int] = option(
         default_factory=lambda: [128, 128],
-        help="widths of the MLP's hidden layers, comma separated (256,256 before the cells' "
-        "recipe changed)",
+        help="widths of the MLP's hidden layers, comma separated",
     )
     n_steps: int | None = option(
         None, "optimiser steps (none: clip(40 n / batch_size, 3000, 20000))"
