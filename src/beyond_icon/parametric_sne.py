@@ -217,9 +217,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         at most ``MAX_CELLS`` (n / 5, at most 4,096); 0 or 1: the plain MLP. While training,
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
         clean input's cell (the nearest of all cells for 98.5 to 99.6% of the noisy inputs on
-        Fashion-MNIST). On Fashion-MNIST
-        (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP) the
-        cells lift KL from 0.717 to 0.767 at 10k and from 0.731 to 0.794 at 60k; the best
+        Fashion-MNIST). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
+        against the plain 256-256 MLP) the cells lift KL from 0.717 to 0.767 at 10k and from 0.731 to 0.794 at 60k; the best
         divergence reaches 0.781 (Hellinger) and 0.811 (TV; Hellinger 0.808) against
         openTSNE's 0.788 and 0.816. The fits took 1.2 to 1.4 and 1.1 to 1.2 times the plain
         MLP's, and the transforms 1.6 to 1.7 and 2.9 to 4.9 times, on 2 CPU cores.
