@@ -80,7 +80,7 @@ def _kmeans_centres(z: Tensor, m: int, seed: int) -> Tensor:
     seed %= 2**32  # scikit-learn's seeds are 32-bit; the tasks' may be up to 2^63
     rng = np.random.default_rng(seed)
     points = z.detach().cpu().numpy().astype(np.float32, copy=False)
-    if len(points) > POINTS_PER_CELL * m:  # 262k rows for 2,048 cells: minutes, not hours
+    if len(points) > POINTS_PER_CELL * m:  # 524k rows for 4,096 cells: minutes, not hours
         rows = rng.choice(len(points), POINTS_PER_CELL * m, replace=False)
         points = points[np.sort(rows)]
     seeds = points
