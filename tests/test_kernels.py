@@ -422,3 +422,68 @@ def test_clusters_at_listed_columns_float32_under_autocast_and_mixed_dtypes(path
     mixed = kernels.clusters_at(la, columns, mask, teacher)[..., :-1]
     assert mixed.dtype == torch.float64
     torch.testing.assert_close(mixed[listed], want[listed], rtol=1e-5, atol=1e-5)
+
+
+def _chain(z, block, dof, sigma, log_weights, exclude_self):
+    """The kernels as autograd's chain of elementary ops (what the fused function replaces)."""
+    centred = z - z.detach().mean(0, keepdim=True)
+    a = centred[block]
+    sq = (a[:, None, :] - centred[None, :, :]).pow(2).sum(-1)
+    logits = -sq / (2 * sigma**2) if dof is None else -0.5 * (dof + 1) * torch.log1p(sq / dof)
+    if log_weights is not None:
+        logits = logits + log_weights
+    if exclude_self:
+        eye = torch.zeros_like(logits, dtype=torch.bool)
+        eye.diagonal(offset=block.start).fill_(True)
+        logits = logits.masked_fill(eye, -math.inf)
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("dof", [None, 1.0, 3.5])
+@pytest.mark.parametrize("block", [slice(0, 11), slice(3, 8)])
+@pytest.mark.parametrize("weighted, exclude_self", [(False, True), (True, True), (True, False)])
+def test_distance_kernels_values_and_gradients_match_autograd_in_float64(
+    rng, dof, block, weighted, exclude_self
+):
+    """The fused Student-t / Gaussian kernel (a written-out backward) against autograd's chain
+    of elementary ops and torch's gradcheck, in float64: any row block, weights, self entries."""
+    z = torch.tensor(rng.normal(size=(11, 3)) * 2.0, requires_grad=True)
+    rows = block.stop - block.start
+    log_w = torch.tensor(rng.normal(size=(rows, 11))) if weighted else None
+    sigma = 0.8
+
+    def fused(z):
+        if dof is None:
+            return kernels.gaussian(
+                z, sigma, rows=block, exclude_self=exclude_self, log_weights=log_w
+            )
+        return kernels.student_t(z, dof, rows=block, exclude_self=exclude_self, log_weights=log_w)
+
+    got = fused(z)
+    want = _chain(z, block, dof, sigma, log_w, exclude_self)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    weight = torch.tensor(rng.normal(size=(rows, 11)))
+    finite = torch.isfinite(want)  # a loss reads the finite entries (p is 0 at the self ones)
+    (g_got,) = torch.autograd.grad((got.where(finite, 0) * weight).sum(), z)
+    (g_want,) = torch.autograd.grad((want.where(finite, 0) * weight).sum(), z)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: fused(z).where(finite, 0), (z,))
+
+
+def test_distance_kernels_learned_weights_and_half_precision(rng):
+    """Weights that need a gradient go through autograd's chain; float16 embeddings are
+    computed in float32 and get a float16 gradient; autocast does not reach the distances."""
+    z = torch.tensor(rng.normal(size=(7, 2)), dtype=torch.float32, requires_grad=True)
+    log_w = torch.zeros(7, 7, requires_grad=True)
+    kernels.student_t(z, 1.0, log_weights=log_w).diagonal(1).sum().backward()
+    assert log_w.grad is not None and log_w.grad.abs().sum() > 0
+    half = z.detach().half().requires_grad_()
+    out = kernels.gaussian(half)
+    assert out.dtype == torch.float32
+    out.diagonal(1).sum().backward()
+    assert half.grad.dtype == torch.float16 and torch.isfinite(half.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = kernels.student_t(z * 10.0)
+    torch.testing.assert_close(inside, kernels.student_t(z * 10.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="block's shape"):
+        kernels.student_t(z, log_weights=torch.zeros(3, 7))

@@ -139,7 +139,7 @@ def test_chunked_memory_is_bounded():
 
         return peak_memory(step) / (n * n * 4)  # in units of one n x n float32 matrix
 
-    assert peak(None, 1024) > 4
+    assert peak(None, 1024) > 2  # the whole n x n matrices (2.5 of them with the fused kernel)
     small, large = peak(64, 1024), peak(64, 2048)
     assert small < 1.0
     assert large < 0.6 * small  # relative to n^2 it halves as n doubles: O(chunk x n)

@@ -145,6 +145,91 @@ def _check_pairwise(z: Tensor, name: str) -> None:
     check_features(z, name, min_rows=2)
 
 
+class _DistanceKernel(torch.autograd.Function):
+    """``log_softmax_j(g(|c_i - c_j|^2) + log w_ij)`` over a block of rows in one function,
+    with ``c = z - mean(z)`` (the mean held fixed, as :func:`_block_distances` does), the self
+    entries ``-inf`` when asked, and ``g(s) = -(dof + 1) / 2 log(1 + s / dof)`` (Student-t) or
+    ``-s / (2 sigma^2)`` (Gaussian, ``dof=None``).
+
+    Its backward is written out: with ``G`` the gradient of the log-probabilities, ``S = (G -
+    q rowsum(G)) g'(s)`` on the block (zero on the self entries) and ``dL/dc_i = 2 (rowsum(S)_i
+    c_i - (S c)_i) + 2 (colsum(S)_i c_i - (S^T c_B)_i)``. Autograd's chain of the same ops keeps
+    about twice the (rows, n) tensors: a 512-point batch's Student-t forward and backward took
+    2.0 ms on 2 cores through autograd and TODO ms here. The clamp of rounding-negative squared
+    distances at 0 is not differentiated (its gradient is taken as 1 there).
+    """
+
+    @staticmethod
+    def forward(ctx, z, start, stop, dof, sigma, log_weights, exclude_self):  # noqa: D102
+        with _autocast_off(z):
+            centred = z - z.mean(dim=0, keepdim=True)
+            block = centred[start:stop]
+            norms = centred.pow(2).sum(-1)
+            sq = torch.addmm(norms[None, :], block, centred.T, alpha=-2.0)
+            sq.add_(norms[start:stop, None]).clamp_min_(0.0)
+            if dof is None:
+                slope = None
+                logits = sq.mul_(-0.5 / (sigma * sigma))
+            else:
+                scaled = sq.div_(dof)
+                slope = scaled.add(1.0).reciprocal_()  # g'(s) dof / (-(dof + 1) / 2)
+                logits = scaled.log1p_().mul_(-0.5 * (dof + 1.0))
+            if log_weights is not None:
+                logits.add_(log_weights.to(logits.dtype))
+            if exclude_self:
+                logits.diagonal(offset=start).fill_(-math.inf)
+            log_q = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(centred, log_q, slope)
+        ctx.block = (start, stop, dof, sigma, exclude_self)
+        return log_q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        centred, log_q, slope = ctx.saved_tensors
+        start, stop, dof, sigma, exclude_self = ctx.block
+        with _autocast_off(centred):
+            grad = grad.to(log_q.dtype)
+            total = grad.sum(dim=-1, keepdim=True)
+            s = torch.addcmul(grad, log_q.exp(), total, value=-1.0)  # through the log-softmax
+            if exclude_self:
+                s.diagonal(offset=start).zero_()
+            if slope is None:
+                s.mul_(-0.5 / (sigma * sigma))
+            else:
+                s.mul_(slope).mul_(-0.5 * (dof + 1.0) / dof)
+            block = centred[start:stop]
+            grad_z = centred * s.sum(dim=0)[:, None] - s.T @ block
+            grad_z[start:stop] += block * s.sum(dim=-1)[:, None] - s @ centred
+            grad_z.mul_(2.0)
+        return grad_z, None, None, None, None, None, None
+
+
+def _distance_kernel(
+    z: Tensor,
+    block: slice,
+    dof: float | None,
+    sigma: float,
+    log_weights: Tensor | None,
+    exclude_self: bool,
+) -> Tensor:
+    z = _at_least_float32(z)
+    if log_weights is not None:
+        expected = (block.stop - block.start, z.shape[0])
+        if tuple(log_weights.shape) != expected:
+            raise ValueError(
+                f"log_weights must have the block's shape {expected}, "
+                f"got {tuple(log_weights.shape)}"
+            )
+        if log_weights.requires_grad:  # a learned weight: autograd's chain, which covers it
+            if dof is None:
+                logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
+            else:
+                logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(z, block) / dof)
+            return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
+    return _DistanceKernel.apply(z, block.start, block.stop, dof, sigma, log_weights, exclude_self)
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels on embeddings (learned q, or p from input space)
 # --------------------------------------------------------------------------------------------
@@ -203,8 +288,7 @@ def gaussian(
     _check_pairwise(z, "z")
     sigma = check_positive(sigma, "sigma")
     block = _row_slice(z.shape[0], rows)
-    logits = _block_distances(_at_least_float32(z), block) / (-2.0 * sigma * sigma)
-    return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
+    return _distance_kernel(z, block, None, sigma, log_weights, exclude_self)
 
 
 def student_t(
@@ -246,8 +330,9 @@ def student_t(
     _check_pairwise(z, "z")
     dof = check_positive(dof, "dof")
     block = _row_slice(z.shape[0], rows)
-    logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(_at_least_float32(z), block) / dof)
-    return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
+    return _distance_kernel(
+        z, block, float(dof), sigma=1.0, log_weights=log_weights, exclude_self=exclude_self
+    )
 
 
 def cosine(

@@ -203,7 +203,10 @@ class CellMLP(MLP):
         with torch.autocast(x.device.type, enabled=False):
             # (n, K, d + 1) gathered rows against each x: K = 32 of 2,048 cells and 512 rows,
             # 0.3 ms where the full matmul and its argmax take 0.9 ms on 2 cores
-            scores = (self._scores()[candidates] * self._with_ones(x)[:, None, :]).sum(-1)
+            # (index_select: 0.05 ms where candidates-as-index takes 0.17 ms for those rows)
+            gathered = self._scores().index_select(0, candidates.flatten())
+            gathered = gathered.view(*candidates.shape, -1)
+            scores = (gathered * self._with_ones(x)[:, None, :]).sum(-1)
             return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
 
     def neighbouring_cells(self, k: int) -> Tensor:

@@ -45,7 +45,7 @@ class SNEConfig(TaskConfig):
     )
     renamed: ClassVar[dict[str, str]] = {
         "epochs": "the budget is counted in optimiser steps, use n_steps (--n-steps; default "
-        "clip(40 n / batch_size, 3000, 20000))"
+        "clip(32 n / batch_size, 3000, 20000))"
     }
     divergence: str = option(
         "kl", "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name"
@@ -81,7 +81,7 @@ class SNEConfig(TaskConfig):
         help="widths of the MLP's hidden layers, comma separated",
     )
     n_steps: int | None = option(
-        None, "optimiser steps (none: clip(40 n / batch_size, 3000, 20000))"
+        None, "optimiser steps (none: clip(32 n / batch_size, 3000, 20000))"
     )
     batch_size: int = option(
         256,
