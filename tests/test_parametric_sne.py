@@ -265,8 +265,7 @@ def test_perplexity_below_one_is_named():
 
 def test_cells_k_means_on_a_sample_of_large_data(monkeypatch):
     """Beyond POINTS_PER_CELL rows per centroid the k-means of the cells fits a random sample
-    (the same for a seed): the coarse level, then each coarse cell's rows, then all the
-    centroids together on the whole sample; its centres are still the data's clusters."""
+    (the same for a seed); its centres are still the data's clusters."""
     from sklearn.cluster import KMeans
 
     import beyond_icon.parametric_sne as module
@@ -278,36 +277,10 @@ def test_cells_k_means_on_a_sample_of_large_data(monkeypatch):
     centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     z = torch.as_tensor(centres[rng.integers(0, 4, 2000)] + rng.normal(size=(2000, 2)) * 0.1)
     fitted = module._kmeans_centres(z.float(), 4, seed=0)
-    # 32 rows per centroid, not 2,000: 2 coarse centroids, their rows, then all 128 together
-    assert fitted.shape == (4, 2) and rows[0] == rows[-1] == 128 and sum(rows[1:-1]) == 128
+    assert fitted.shape == (4, 2) and rows == [128]  # 32 rows per centroid, not 2,000
     found = sorted(map(tuple, np.round(fitted.numpy()).astype(int).tolist()))
     assert found == [(0, 0), (0, 10), (10, 0), (10, 10)]
     torch.testing.assert_close(module._kmeans_centres(z.float(), 4, seed=0), fitted)
-
-
-def test_cells_tree_shares_follow_the_rows(monkeypatch):
-    """Each coarse cell gets one centroid plus a share of the other m - G in proportion to
-    its rows (largest remainders), never more than its rows; m centroids in all."""
-    import beyond_icon.parametric_sne as module
-
-    calls, real = [], module._kmeans
-    monkeypatch.setattr(
-        module,
-        "_kmeans",
-        lambda p, k, *a, **kw: (calls.append((len(p), k)), real(p, k, *a, **kw))[1],
-    )
-    rng = np.random.default_rng(1)
-    blobs = np.array([[0.0, 0.0], [50.0, 0.0], [0.0, 50.0]])
-    labels = np.repeat([0, 1, 2], [600, 300, 100])  # uneven coarse cells
-    z = torch.as_tensor(blobs[labels] + rng.normal(size=(1000, 2)), dtype=torch.float32)
-    fitted = module._kmeans_centres(z, 9, seed=0)  # G = 3 coarse centroids
-    coarse, *groups, polish = calls
-    assert coarse == (1000, 3) and polish == (1000, 9) and len(fitted) == 9
-    assert sorted(groups, reverse=True) == [(600, 5), (300, 3), (100, 1)]  # 1 + 6 (rows - 1) / 997
-    few = torch.as_tensor(np.repeat(blobs, [40, 1, 1], axis=0), dtype=torch.float32)
-    calls.clear()
-    module._kmeans_centres(few, 9, seed=0)  # a coarse cell of one row gets one centroid
-    assert sorted(calls[1:-1]) == [(1, 1), (1, 1), (40, 7)]
 
 
 def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):

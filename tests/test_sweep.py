@@ -191,7 +191,7 @@ def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_pa
     written = yaml.safe_load((Path(specs[0].folder) / "config.yaml").read_text())
     assert written["recipe"] == SNEConfig.recipe == 3
     assert config_from_dict(SNEConfig, written).hidden == [128, 128]
-    config = Path(specs[0].folder) / "config.yaml"  # recipe 2 (40 passes, the flat k-means)
+    config = Path(specs[0].folder) / "config.yaml"  # recipe 2 (40 passes)
     config.write_text(yaml.safe_dump(written | {"recipe": 2}, sort_keys=False))
     with pytest.raises(sweep.SettingsChanged, match="recipe: 2 there, 3 now") as error:
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")

@@ -44,9 +44,8 @@ AFFINITIES = ("global", "batch")
 # the version of the recipe beyond the parameters, stored with every run and checkpoint (a run
 # of another recipe is not resumed): 1 before it was recorded (the cells' MLP 256-256, at most
 # 2,048 cells, at least 4,000 steps, k-means++ over all rows, the full cell lookup while
-# training); 2 (the MLP 128-128, at most 4,096 cells, at least 3,000 steps, 40 passes, the
-# cells by k-means++ among 2 rows per cell and 10 Lloyd iterations); 3 the current one (the
-# cells' k-means from a two-level start, 32 passes)
+# training); 2 (the MLP 128-128, at most 4,096 cells, at least 3,000 steps, 40 passes); 3 the
+# current one (32 passes)
 RECIPE = 3
 # passes of the anchors over the data by default (see n_steps): on Fashion-MNIST 60k (one run
 # each) 32 passes gave Hellinger 0.810 and KL 0.786 test 5-NN against 0.811 and 0.794 for 40
@@ -63,67 +62,41 @@ NEAR_CELLS = 32
 STEPS_FLOOR = 3000  # the least default number of steps (see n_steps)
 POINTS_PER_CELL = 128  # the k-means of the cells sees at most this many rows per centroid
 SEEDS_PER_CELL = 2  # k-means++ picks its starting centroids among this many rows per centroid
-LLOYD_STEPS = 10  # then at most this many Lloyd iterations (each level of the tree)
-POLISH_STEPS = 5  # and at most this many over all the cells together
-
-
-def _kmeans(points: np.ndarray, k: int, seed: int, steps: int, start: np.ndarray | None = None):
-    """At most ``steps`` of Lloyd's iterations (scikit-learn) on the rows of ``points``, from
-    ``start`` or from k-means++ centroids chosen among ``SEEDS_PER_CELL * k`` of the rows;
-    the (k, d) centroids."""
-    import warnings
-
-    from sklearn.cluster import KMeans, kmeans_plusplus
-    from sklearn.exceptions import ConvergenceWarning
-
-    with warnings.catch_warnings():  # fewer distinct points than k: duplicates dropped later
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if start is None:
-            seeds = points
-            if len(points) > SEEDS_PER_CELL * k:
-                rows = np.random.default_rng(seed).choice(
-                    len(points), SEEDS_PER_CELL * k, replace=False
-                )
-                seeds = points[np.sort(rows)]
-            start, _ = kmeans_plusplus(seeds, k, random_state=seed)
-        kmeans = KMeans(k, init=start, n_init=1, max_iter=steps, random_state=seed)
-        return kmeans.fit(points).cluster_centers_.astype(np.float32)
+LLOYD_STEPS = 10  # then at most this many Lloyd iterations
 
 
 def _kmeans_centres(z: Tensor, m: int, seed: int) -> Tensor:
     """At most ``m`` distinct k-means centroids of the rows of ``z``; fewer when the rows hold
     fewer distinct points.
 
-    The k-means runs on at most ``POINTS_PER_CELL * m`` rows drawn at random. It starts from a
-    two-level tree of centroids: ``G = round(sqrt(m))`` coarse ones, then, for the rows
-    nearest each coarse centroid, one centroid plus a share of the other ``m - G`` in
-    proportion to those rows (largest remainders); every level is :func:`_kmeans` with
-    ``LLOYD_STEPS`` iterations. Then ``POLISH_STEPS`` Lloyd iterations over all the rows move
-    the ``m`` centroids together. On the 60k Fashion-MNIST PCA inputs, 4,096 cells took 1.7 s
-    (2 cores) to an inertia 1.5% above the 4.7 s of k-means++ among 2 rows per cell and 10
-    Lloyd iterations (the previous recipe); k-means++ alone took 2.4 s of those.
+    At most ``LLOYD_STEPS`` of Lloyd's iterations (scikit-learn) run on at most
+    ``POINTS_PER_CELL * m`` rows drawn at random, from k-means++ centroids chosen among
+    ``SEEDS_PER_CELL * m`` of them. On the 60k Fashion-MNIST PCA inputs, 4,096 cells took 6.0 s
+    (2 cores) to an inertia 0.8% above that of k-means++ among 4 rows per cell and 20
+    iterations (11.4 s); k-means++ over all 60k rows took 9 of the 12 s of a k-means of 2,048
+    cells to convergence.
     """
+    import warnings
+
+    from sklearn.cluster import KMeans, kmeans_plusplus
+    from sklearn.exceptions import ConvergenceWarning
+
     seed %= 2**32  # scikit-learn's seeds are 32-bit; the tasks' may be up to 2^63
     rng = np.random.default_rng(seed)
     points = z.detach().cpu().numpy().astype(np.float32, copy=False)
     if len(points) > POINTS_PER_CELL * m:  # 524k rows for 4,096 cells: minutes, not hours
-        points = points[np.sort(rng.choice(len(points), POINTS_PER_CELL * m, replace=False))]
-    coarse = _kmeans(points, max(1, min(m, round(math.sqrt(m)))), seed, LLOYD_STEPS)
-    x = torch.as_tensor(points)
-    label = torch.cdist(x, torch.as_tensor(coarse)).argmin(1).numpy()
-    rows = np.bincount(label, minlength=len(coarse))
-    groups = np.flatnonzero(rows)  # a coarse centroid without rows gets no share
-    extra = (m - len(groups)) * (rows[groups] - 1) / max(len(points) - len(groups), 1)
-    share = np.floor(extra).astype(int)
-    left = max(m - len(groups) - int(share.sum()), 0)
-    share[np.argsort(share - extra, kind="stable")[:left]] += 1  # largest remainders
-    start = np.concatenate(
-        [
-            _kmeans(points[label == g], 1 + int(extra_g), seed + 1 + g, LLOYD_STEPS)
-            for g, extra_g in zip(groups, share)
-        ]
-    )
-    centres = _kmeans(points, len(start), seed, POLISH_STEPS, start=start)
+        rows = rng.choice(len(points), POINTS_PER_CELL * m, replace=False)
+        points = points[np.sort(rows)]
+    seeds = points
+    if len(points) > SEEDS_PER_CELL * m:
+        seeds = points[np.sort(rng.choice(len(points), SEEDS_PER_CELL * m, replace=False))]
+    with warnings.catch_warnings():  # fewer distinct points than m: duplicates dropped below
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        start, _ = kmeans_plusplus(seeds, m, random_state=seed)
+        kmeans = KMeans(m, init=start, n_init=1, max_iter=LLOYD_STEPS, random_state=seed).fit(
+            points
+        )
+    centres = kmeans.cluster_centers_
     scale = float(np.abs(points).max()) or 1.0  # centres equal up to rounding are one cell
     _, first = np.unique(np.round(centres / scale, 5), axis=0, return_index=True)
     return torch.as_tensor(centres[np.sort(first)], dtype=torch.float32)
