@@ -47,8 +47,7 @@ AFFINITIES = ("global", "batch")
 # training); 2 (the MLP 128-128, at most 4,096 cells, at least 3,000 steps, 40 passes); 3 the
 # current one (32 passes)
 RECIPE = 3
-# passes of the anchors over the data by default (see n_steps): on Fashion-MNIST 60k (one run
-# each) 32 passes gave Hellinger 0.810 and KL 0.786 test 5-NN against 0.811 and 0.794 for 40
+# passes of the anchors over the data by default (see n_steps)
 PASSES = 32
 CELLS_PER_POINT = 0.2
 # at most this many cells: on Fashion-MNIST 60k (one run each, 128-wide MLP) 4,096 cells gave
@@ -222,10 +221,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
         clean input's cell (the nearest of all cells for 98.5 to 99.6% of the noisy inputs on
         Fashion-MNIST). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
-        against the plain 256-256 MLP) the cells lift KL from 0.717 to 0.767 at 10k and from 0.731 to 0.794 at 60k; the best
-        divergence reaches 0.781 (Hellinger) and 0.811 (TV; Hellinger 0.808) against
-        openTSNE's 0.788 and 0.816. The fits took 1.2 to 1.4 and 1.1 to 1.2 times the plain
-        MLP's, and the transforms 1.6 to 1.7 and 2.9 to 4.9 times, on 2 CPU cores.
+        against the plain 256-256 MLP) the cells lift KL from 0.713 to 0.768 at 10k and from
+        0.724 to 0.788 at 60k; the best divergence reaches 0.780 (JSD) and 0.809 (JSD;
+        Hellinger 0.808) against openTSNE's 0.788 and 0.816. The fits took 0.97 to 1.13 and 1.2
+        to 1.3 times the plain MLP's, and the transforms 1.7 to 2.1 and 3.1 to 5.5 times, on
+        2 CPU cores.
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
@@ -237,12 +237,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         Optimiser steps; default ``clip(32 * n / batch_size, 3000, 20000)``: at least 3,000
         steps (a floor for small data), 32 passes (``PASSES``) of the anchors over the data
         from 24k points, at most 20,000 steps; rounded up to whole passes of the anchors (an
-        epoch, the unit of checkpoints). On Fashion-MNIST 60k (one run each), 32, 36 and 40
-        passes gave Hellinger test 5-NN 0.810, 0.808 and 0.811 (trustworthiness 0.9876,
-        0.9888, 0.9892) and KL 0.786, 0.796 and 0.794; 40 passes was the earlier recipe. On Fashion-MNIST 10k with the cells (one run each), 3,000 steps
-        gave test 5-NN 0.767 (KL) and 0.781 (Hellinger) in 17 to 18 s against 0.773 and
-        0.782 for the earlier floor of 4,000 in 23 to 26 s (openTSNE 0.788 in 21.6 s; lr 6e-3
-        gave 0.770 and 0.780). Before the cells, 4,000 steps at lr 4e-3 gave 0.723 against
+        epoch, the unit of checkpoints). On Fashion-MNIST 60k (one run each, probes with the
+        cells' k-means started from a tree), 32, 36 and 40 passes gave Hellinger test 5-NN
+        0.810, 0.808 and 0.811 (trustworthiness 0.9876, 0.9888, 0.9892) and KL 0.786, 0.796
+        and 0.794; the default's bench run, 32 passes, Hellinger 0.808 / 0.9867 in 52 s
+        (openTSNE 0.816 / 0.9907 in 59 s). 40 passes was the earlier recipe (``RECIPE``).
+        On Fashion-MNIST 10k with the cells (one run each), 3,000 steps gave test 5-NN 0.767
+        (KL) and 0.781 (Hellinger) in 17 to 18 s against 0.773 and 0.782 for the earlier
+        floor of 4,000 in 23 to 26 s (openTSNE 0.788 in 21.6 s; lr 6e-3 gave 0.770 and
+        0.780). Before the cells, 4,000 steps at lr 4e-3 gave 0.723 against
         0.708 for 6,000 steps at 1e-3 and 0.724 for 6,000 at 2e-3 (KL, with
         ``q_scope="global"``, the default then).
     batch_size : int
