@@ -441,7 +441,9 @@ def _chain(z, block, dof, sigma, log_weights, exclude_self):
 
 @pytest.mark.parametrize("dof", [None, 1.0, 3.5])
 @pytest.mark.parametrize("block", [slice(0, 11), slice(3, 8)])
-@pytest.mark.parametrize("weighted, exclude_self", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize(
+    "weighted, exclude_self", [(False, True), (False, False), (True, True), (True, False)]
+)
 def test_distance_kernels_values_and_gradients_match_autograd_in_float64(
     rng, dof, block, weighted, exclude_self
 ):
@@ -470,13 +472,70 @@ def test_distance_kernels_values_and_gradients_match_autograd_in_float64(
     assert torch.autograd.gradcheck(lambda z: fused(z).where(finite, 0), (z,))
 
 
+@pytest.mark.parametrize("dof", [None, 1.0])
+def test_distance_kernels_match_autograd_in_float32(rng, dof):
+    """In float32 (what training uses) the fused kernel and autograd's chain agree to
+    float32 rounding, values and gradients, on a 300-point batch with a row block."""
+    z = torch.tensor(rng.normal(size=(300, 2)) * 5.0, dtype=torch.float32, requires_grad=True)
+    block = slice(40, 300)
+    with kernels.autograd_chain():
+        want = kernels.gaussian(z, rows=block) if dof is None else kernels.student_t(z, rows=block)
+    got = kernels.gaussian(z, rows=block) if dof is None else kernels.student_t(z, rows=block)
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
+    weight = torch.tensor(rng.normal(size=(260, 300)), dtype=torch.float32)
+    (g_got,) = torch.autograd.grad((got.where(finite, 0) * weight).sum(), z)
+    (g_want,) = torch.autograd.grad((want.where(finite, 0) * weight).sum(), z)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-4 * float(g_want.abs().max()))
+
+
+def test_autograd_chain_gives_higher_order_gradients_and_torch_func(rng):
+    """The fused kernel is differentiable once: create_graph raises an error that names the
+    remedy. Inside kernels.autograd_chain() Hessians and torch.func.grad work, with the same
+    values."""
+    z = torch.tensor(rng.normal(size=(6, 2)), requires_grad=True)
+
+    def loss(z):
+        return kernels.student_t(z).diagonal(1).sum()
+
+    with pytest.raises(RuntimeError, match="first-order backward only.*autograd_chain"):
+        torch.autograd.grad(loss(z), z, create_graph=True)  # not a silently constant gradient
+    (grad,) = torch.autograd.grad(loss(z), z)
+    with kernels.autograd_chain():
+        hessian = torch.autograd.functional.hessian(loss, z)
+        func_grad = torch.func.grad(loss)(z.detach())
+        torch.testing.assert_close(kernels.gaussian(z), kernels.gaussian(z.detach()))
+    step = 1e-6  # the Hessian against finite differences of the fused first-order gradient
+    column = []
+    for k in range(z.numel()):
+        bump = torch.zeros(z.numel(), dtype=z.dtype)
+        bump[k] = step
+        plus = z.detach() + bump.view_as(z)
+        minus = z.detach() - bump.view_as(z)
+        gp = torch.autograd.grad(loss(plus.requires_grad_()), plus)[0]
+        gm = torch.autograd.grad(loss(minus.requires_grad_()), minus)[0]
+        column.append(((gp - gm) / (2 * step)).flatten())
+    torch.testing.assert_close(
+        hessian.reshape(12, 12), torch.stack(column, 1), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(func_grad, grad.detach())
+    assert not kernels._CHAIN.on  # the context ends with its block
+
+
 def test_distance_kernels_learned_weights_and_half_precision(rng):
-    """Weights that need a gradient go through autograd's chain; float16 embeddings are
-    computed in float32 and get a float16 gradient; autocast does not reach the distances."""
+    """Weights that need a gradient go through autograd's chain (their gradient checked by
+    gradcheck); float16 embeddings are computed in float32 and get a float16 gradient;
+    autocast does not reach the distances."""
     z = torch.tensor(rng.normal(size=(7, 2)), dtype=torch.float32, requires_grad=True)
     log_w = torch.zeros(7, 7, requires_grad=True)
     kernels.student_t(z, 1.0, log_weights=log_w).diagonal(1).sum().backward()
     assert log_w.grad is not None and log_w.grad.abs().sum() > 0
+    z64 = z.detach().double()
+    learned = torch.tensor(rng.normal(size=(7, 7)), requires_grad=True)
+    off = ~torch.eye(7, dtype=torch.bool)
+    assert torch.autograd.gradcheck(
+        lambda w: kernels.student_t(z64, 2.0, log_weights=w)[off], (learned,)
+    )
     half = z.detach().half().requires_grad_()
     out = kernels.gaussian(half)
     assert out.dtype == torch.float32

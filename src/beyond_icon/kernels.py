@@ -11,7 +11,10 @@ normalisation is per row, so a block equals the same rows of the full matrix; th
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from beyond_icon._validation import (
 )
 
 __all__ = [
+    "autograd_chain",
     "clusters",
     "clusters_at",
     "cosine",
@@ -187,8 +191,13 @@ class _DistanceKernel(torch.autograd.Function):
         return log_q
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: D102
+        if torch.is_grad_enabled():  # create_graph=True: a graph of this backward is asked for
+            raise RuntimeError(
+                "beyond_icon's Student-t and Gaussian kernels have a first-order backward "
+                "only: compute higher-order gradients (create_graph=True) inside "
+                "beyond_icon.kernels.autograd_chain()"
+            )
         centred, log_q, slope = ctx.saved_tensors
         start, stop, dof, sigma, exclude_self = ctx.block
         with _autocast_off(centred):
@@ -224,13 +233,54 @@ def _distance_kernel(
                 f"log_weights must have the block's shape {expected}, "
                 f"got {tuple(log_weights.shape)}"
             )
-        if log_weights.requires_grad:  # a learned weight: autograd's chain, which covers it
-            if dof is None:
-                logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
-            else:
-                logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(z, block) / dof)
-            return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
+    # a learned weight, or higher-order gradients / torch.func asked for: autograd's chain
+    if _CHAIN.on or (log_weights is not None and log_weights.requires_grad):
+        if dof is None:
+            logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
+        else:
+            logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(z, block) / dof)
+        return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
     return _DistanceKernel.apply(z, block.start, block.stop, dof, sigma, log_weights, exclude_self)
+
+
+class _ChainSwitch(threading.local):
+    on = False
+
+
+_CHAIN = _ChainSwitch()
+
+
+@contextlib.contextmanager
+def autograd_chain() -> Iterator[None]:
+    """Build :func:`gaussian` and :func:`student_t` from autograd's elementary ops inside
+    this context, instead of their one function with a written-out first-order backward.
+
+    The default is faster and lighter but differentiable once only: a backward with
+    ``create_graph=True`` (gradient penalties, Hessians) raises a ``RuntimeError`` that names
+    this context, and ``torch.func`` transforms (``grad``, ``vmap``) are not supported. Inside this context both
+    work, with the same values. Per thread.
+
+    Returns
+    -------
+    A context manager.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from beyond_icon import kernels
+    >>> z = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    >>> with kernels.autograd_chain():
+    ...     hessian = torch.autograd.functional.hessian(
+    ...         lambda z: kernels.student_t(z).diagonal(1).sum(), z
+    ...     )
+    >>> hessian.shape
+    torch.Size([5, 2, 5, 2])
+    """
+    before, _CHAIN.on = _CHAIN.on, True
+    try:
+        yield
+    finally:
+        _CHAIN.on = before
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +312,8 @@ def gaussian(
     ``log_weights`` (``log c``, the block's shape, default 0) lets a column stand for
     ``c_ij`` points, as the negatives of a sampled batch do
     (:meth:`beyond_icon.affinity.PerplexityAffinity.negative_log_weights`). Distances are
-    computed in float32 or wider, also under autocast.
+    computed in float32 or wider, also under autocast. The gradient is first-order only
+    (higher-order ones and ``torch.func``: :func:`autograd_chain`).
 
     Parameters
     ----------
@@ -305,7 +356,8 @@ def student_t(
     """Student-t kernel: ``q(j|i) ∝ c_ij (1 + |z_i - z_j|^2 / dof)^(-(dof + 1) / 2)``, ``j != i``.
 
     ``dof = 1`` is the Cauchy kernel of t-SNE; ``log_weights`` as in :func:`gaussian`.
-    Distances are computed in float32 or wider, also under autocast.
+    Distances are computed in float32 or wider, also under autocast. The gradient is
+    first-order only (higher-order ones and ``torch.func``: :func:`autograd_chain`).
 
     Parameters
     ----------
