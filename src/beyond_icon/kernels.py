@@ -162,8 +162,10 @@ class _DistanceKernel(torch.autograd.Function):
     and kept more of them (the unchunked loss of ``tests/test_loss.py`` peaked above 4 n x n
     float32 matrices, 2.5 with this function). On 2 cores, the Student-t kernel and Hellinger
     loss of a 512-point batch, forward and backward, took 3.6 instead of 5.4 ms (medians of 8
-    alternating rounds), and a ParametricSNE step on Fashion-MNIST 10k 5.2 instead of 5.6 ms. The clamp of rounding-negative squared distances
-    at 0 is not differentiated (its gradient is taken as 1 there).
+    alternating rounds), and a ParametricSNE step on Fashion-MNIST 10k 5.2 instead of 5.6 ms.
+    The clamp of rounding-negative squared distances at 0 is not differentiated (its gradient
+    is taken as 1 there; autograd's chain took 0, which differs only for duplicate points), nor
+    is the centring (the distances do not move when every point does).
     """
 
     @staticmethod
@@ -257,8 +259,8 @@ def autograd_chain() -> Iterator[None]:
 
     The default is faster and lighter but differentiable once only: a backward with
     ``create_graph=True`` (gradient penalties, Hessians) raises a ``RuntimeError`` that names
-    this context, and ``torch.func`` transforms (``grad``, ``vmap``) are not supported. Inside this context both
-    work, with the same values. Per thread.
+    this context, and ``torch.func`` transforms (``grad``, ``vmap``) are not supported.
+    Inside this context both work, with the same values. Per thread.
 
     Returns
     -------
