@@ -171,7 +171,12 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
     design; so does ``loss`` for the cluster task's ``pmi`` baseline runs.
     """
     from beyond_icon.tasks.common import config_from_dict, identity
-    from beyond_icon.train import CHECKPOINT, LEGACY_SETTINGS, setting_differences
+    from beyond_icon.train import (
+        CHECKPOINT,
+        LEGACY_SETTINGS,
+        earlier_recipe,
+        setting_differences,
+    )
 
     def resolved(config) -> dict:
         # through YAML, as config.yaml was written, so that tuples compare equal to lists
@@ -196,16 +201,15 @@ def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
             expected["loss"] = "pmi"  # a baseline run beside the divergences
         shown = setting_differences(saved, expected, ignore=("divergence", "seed"))
         if shown:
-            keys = [line.split(":", 1)[0] for line in shown]
             remedy = (
                 "use a new --out (an earlier recipe of the method cannot be run again)"
-                if "recipe" in keys
+                if earlier_recipe(shown)
                 else "use a new --out, or pass the earlier values"
             )
             raise SettingsChanged(
                 f"{out} holds runs made with other settings ({', '.join(shown)}, in "
                 f"{folder.name}); their results would mix with these in one table: {remedy}",
-                keys=keys,
+                keys=[line.split(":", 1)[0] for line in shown],
             )
 
 

@@ -300,6 +300,22 @@ def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) ->
     ]
 
 
+def earlier_recipe(differences: list[str]) -> bool:
+    """Whether :func:`setting_differences` found a run of an earlier recipe of its method
+    (``TaskConfig.recipe``), which no option can make again.
+
+    Parameters
+    ----------
+    differences : list of str
+        Lines of :func:`setting_differences`.
+
+    Returns
+    -------
+    bool
+    """
+    return any(line.startswith("recipe:") for line in differences)
+
+
 def _plain(value: Any) -> Any:
     """``value`` as plain data (what ``weights_only`` loading admits); anything else as repr."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -352,7 +368,7 @@ def load_checkpoint(
             remedy = (
                 "it was made by an earlier recipe of the method and cannot be resumed: run "
                 "without --resume, or use another --out"
-                if any(line.startswith("recipe:") for line in differ)
+                if earlier_recipe(differ)
                 else "resume with the same settings, or use another --out"
             )
             raise ValueError(
