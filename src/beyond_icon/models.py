@@ -139,7 +139,7 @@ class CellMLP(MLP):
     units. Neural Computation 1(2). (Landmark features of k-means centres.)
     """
 
-    LOOKUP_ROWS = 1024
+    LOOKUP_ROWS = 512
     LOOKUP_ROWS_CUDA = 65536  # (rows, m) float32 scores: 1 GiB at 4,096 cells
 
     def __init__(
@@ -181,10 +181,18 @@ class CellMLP(MLP):
             scores, x = self._scores().T.contiguous(), self._with_ones(x)
             # blocks of rows whose (rows, m) scores stay in cache: 10k rows and 2,048 cells,
             # 37 -> 17 ms on 2 cores (on a GPU, blocks that bound the memory)
-            rows = self.LOOKUP_ROWS_CUDA if x.is_cuda else self.LOOKUP_ROWS
-            if len(x) <= rows:
-                return (x @ scores).argmax(1)
-            return torch.cat([(x[s : s + rows] @ scores).argmax(1) for s in range(0, len(x), rows)])
+            if x.device.type != "cpu":
+                rows = self.LOOKUP_ROWS_CUDA
+                if len(x) <= rows:
+                    return (x @ scores).argmax(1)
+                blocks = range(0, len(x), rows)
+                return torch.cat([(x[s : s + rows] @ scores).argmax(1) for s in blocks])
+            # numpy's argmax is vectorised, torch's is not on the CPU: 10k rows and 2,000
+            # cells, 17 -> 12 ms; 4,096 cells 23 ms, in blocks of 512 rows (28 with 1,024)
+            rows, found = self.LOOKUP_ROWS, [np.zeros(0, dtype=np.int64)]
+            for s in range(0, len(x), rows):
+                found.append((x[s : s + rows] @ scores).numpy().argmax(1))
+            return torch.from_numpy(np.concatenate(found))
 
     @torch.no_grad()
     def nearest_among(self, x: Tensor, candidates: Tensor) -> Tensor:
