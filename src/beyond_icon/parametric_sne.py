@@ -220,15 +220,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         (:class:`beyond_icon.models.CellMLP`), so that the map can be sharp between cells and
         smooth within them; the cell of a new point is its nearest centroid, so ``transform``
         stays one forward pass. Default (None): ``CELLS_PER_POINT`` of the training points,
-        at most ``MAX_CELLS`` (n / 5, at most 4,096); 0 or 1: the plain MLP. While training,
+        at most ``MAX_CELLS`` (n / 5, at most 2,048); 0 or 1: the plain MLP. While training,
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
         clean input's cell (the nearest of all cells for 98.5 to 99.6% of the noisy inputs on
         Fashion-MNIST). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
         against the plain 256-256 MLP) the cells lift KL from 0.713 to 0.768 at 10k and from
-        0.724 to 0.788 at 60k; the best divergence reaches 0.780 (JSD) and 0.809 (JSD;
-        Hellinger 0.808) against openTSNE's 0.788 and 0.816. The fits took 0.97 to 1.13 and 1.2
-        to 1.3 times the plain MLP's, and the transforms 1.7 to 2.1 and 3.1 to 5.5 times, on
-        2 CPU cores.
+        0.724 to 0.791 at 60k; the best divergence reaches 0.780 (JSD) and 0.808 (Hellinger)
+        against openTSNE's 0.788 and 0.816. The fits took 0.90 to 1.10 and 1.07 to 1.25 times
+        the plain MLP's, and the transforms 23 to 33 ms for the 10k test points against 14 and
+        24 ms, on 2 CPU cores.
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
@@ -243,8 +243,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         epoch, the unit of checkpoints). On Fashion-MNIST 60k (one run each, probes with the
         cells' k-means started from a tree), 32, 36 and 40 passes gave Hellinger test 5-NN
         0.810, 0.808 and 0.811 (trustworthiness 0.9876, 0.9888, 0.9892) and KL 0.786, 0.796
-        and 0.794; the default's bench run, 32 passes, Hellinger 0.808 / 0.9867 in 52 s
-        (openTSNE 0.816 / 0.9907 in 59 s). 40 passes was the earlier recipe (``RECIPE``).
+        and 0.794; recipe 4's bench run (32 passes, 2,048 cells), Hellinger 0.808 / 0.9904 in
+        51 s (openTSNE 0.816 / 0.9907 in 62 s). 40 passes was recipe 2 (``RECIPE``).
         On Fashion-MNIST 10k with the cells (one run each), 3,000 steps gave test 5-NN 0.767
         (KL) and 0.781 (Hellinger) in 17 to 18 s against 0.773 and 0.782 for the earlier
         floor of 4,000 in 23 to 26 s (openTSNE 0.788 in 21.6 s; lr 6e-3 gave 0.770 and
