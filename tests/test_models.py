@@ -167,3 +167,19 @@ def test_cell_mlp_state_dict_round_trip_and_errors():
         models.CellMLP(5, torch.zeros(1, 5))
     with pytest.raises(ValueError, match="landmarks must be"):
         models.CellMLP(5, torch.zeros(4, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_cell_mlp_lookup_under_tracing_and_torch_func():
+    """The CPU lookup's numpy argmax is left out where torch must see every op: a traced
+    model looks the cells of new inputs up (not those of the example frozen in), and
+    ``torch.func.vmap`` runs."""
+    net, landmarks = _cell_mlp()
+    g = torch.Generator().manual_seed(5)
+    example, new = torch.randn(50, 5, generator=g), torch.randn(60, 5, generator=g)
+    assert not torch.equal(net.cells(example[:1]).expand(60), net.cells(new))
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example, check_trace=False)
+        torch.testing.assert_close(traced(new), net(new))
+    mapped = torch.func.vmap(lambda row: net(row[None])[0])(new)
+    torch.testing.assert_close(mapped, net(new))

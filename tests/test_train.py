@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from beyond_icon import methods
+from beyond_icon.parametric_sne import RECIPE
 from beyond_icon.train import TrainConfig, _lr_factor, fit
 
 
@@ -177,7 +178,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
         ("neighbor_mix", 0.0, 0.75),
         ("n_cells", 0, None),
         ("hidden", [256, 256], [128, 128]),
-        ("recipe", 1, 3),
+        ("recipe", 1, RECIPE),  # the current recipe of parametric SNE
     ],
 )
 def test_resume_a_checkpoint_from_before_a_setting_existed(tmp_path, key, before, default):

@@ -109,6 +109,16 @@ class MLP(nn.Module):
         return self.net(x.flatten(1))
 
 
+def _opaque_to_numpy(x: Tensor) -> bool:
+    """Whether ``x`` must stay in torch ops: traced, compiled or under a ``torch.func``
+    transform, where a detour through numpy would be frozen into a constant or fail."""
+    return bool(
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
+
+
 class CellMLP(MLP):
     """An :class:`MLP` whose first layer also adds a learned vector for the cell of the input:
     the nearest of ``m`` fixed landmarks (the k-means centroids of the training inputs).
@@ -170,8 +180,7 @@ class CellMLP(MLP):
 
     @staticmethod
     def _with_ones(x: Tensor) -> Tensor:
-        x = x.flatten(1).float()
-        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        return F.pad(x.flatten(1).float(), (0, 1), value=1.0)  # [x, 1], whatever the rows
 
     @torch.no_grad()
     def cells(self, x: Tensor) -> Tensor:
@@ -181,7 +190,7 @@ class CellMLP(MLP):
             scores, x = self._scores().T.contiguous(), self._with_ones(x)
             # blocks of rows whose (rows, m) scores stay in cache: 10k rows and 2,048 cells,
             # 37 -> 17 ms on 2 cores (on a GPU, blocks that bound the memory)
-            if x.device.type != "cpu":
+            if x.device.type != "cpu" or _opaque_to_numpy(x):
                 rows = self.LOOKUP_ROWS_CUDA
                 if len(x) <= rows:
                     return (x @ scores).argmax(1)

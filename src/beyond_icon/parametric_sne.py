@@ -53,8 +53,8 @@ CELLS_PER_POINT = 0.2
 # at most this many cells: on Fashion-MNIST 60k (recipe 3, bench_sne, one run per cell) 2,048
 # cells gave the test 5-NN of 4,096 within the spread between seeds (KL +0.3 points, TV -0.5,
 # JSD -0.4 and -0.5, Hellinger 0 and -0.1 over seeds 0 and 1) and a higher trustworthiness for
-# every divergence (+0.002 to +0.006; TV 0.974 against 0.941), in 5 to 14 s less fit time and
-# half the transform time; 8,192 lost 0.7 points (Hellinger and JSD, seed 1)
+# every divergence (+0.002 to +0.006; TV 0.974 against 0.941), in 1.3 to 14.5 s less fit time
+# and half the transform time; 8,192 lost 0.7 (Hellinger) and 0.9 (JSD) points on seed 1
 MAX_CELLS = 2048
 # while training, the cell of a noisy input is the nearest among the NEAR_CELLS cells nearest
 # its clean input's cell: on Fashion-MNIST (input noise 0.3) that is the nearest of all cells
@@ -222,11 +222,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         stays one forward pass. Default (None): ``CELLS_PER_POINT`` of the training points,
         at most ``MAX_CELLS`` (n / 5, at most 2,048); 0 or 1: the plain MLP. While training,
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
-        clean input's cell (the nearest of all cells for 98.5 to 99.6% of the noisy inputs on
-        Fashion-MNIST). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
+        clean input's cell (the nearest of all cells for 99.6% of the noisy inputs on
+        Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
         against the plain 256-256 MLP) the cells lift KL from 0.713 to 0.768 at 10k and from
         0.724 to 0.791 at 60k; the best divergence reaches 0.780 (JSD) and 0.808 (Hellinger)
-        against openTSNE's 0.788 and 0.816. The fits took 0.90 to 1.10 and 1.07 to 1.25 times
+        against openTSNE's 0.788 and 0.816. The fits took 0.90 to 1.11 and 1.07 to 1.25 times
         the plain MLP's, and the transforms 23 to 33 ms for the 10k test points against 14 and
         24 ms, on 2 CPU cores.
     hidden : tuple of int
@@ -667,8 +667,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         device = next(self.model_.parameters()).device
         self.model_.eval()
         # blocks of rows: on the CPU small enough that a block's inputs stay in cache and are
-        # not a fresh mapping per call (10k Fashion-MNIST points, the first call after a fit:
-        # 35 -> 30 ms with blocks of 2,048 rows instead of 16,384; 2 cores)
+        # not a fresh mapping per call (10k Fashion-MNIST points, the first call in a fresh
+        # process: 36 -> 27 to 30 ms with blocks of 2,048 rows instead of 16,384; 2 cores)
         rows = 2048 if device.type == "cpu" else 16384
         out = [
             self.model_(_float_tensor(x[i : i + rows], device)).float().cpu()

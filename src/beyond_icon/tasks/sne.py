@@ -74,7 +74,7 @@ class SNEConfig(TaskConfig):
     n_cells: int | None = option(
         None,
         "k-means cells of the MLP's input, each with a learned offset in its first layer "
-        "(none: n / 5, at most 4096; 0: the plain MLP)",
+        "(none: n / 5, at most 2048; 0: the plain MLP)",
     )
     hidden: list[int] = option(
         default_factory=lambda: [128, 128],
