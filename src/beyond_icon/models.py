@@ -112,10 +112,12 @@ class MLP(nn.Module):
 def _opaque_to_numpy(x: Tensor) -> bool:
     """Whether ``x`` must stay in torch ops: traced, compiled or under a ``torch.func``
     transform, where a detour through numpy would be frozen into a constant or fail."""
+    compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(
         torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or (compiling is not None and compiling())
+        or (wrapped is not None and wrapped(x))
     )
 
 
