@@ -177,8 +177,8 @@ def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_p
 def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_path):
     """recipe and hidden came with the 128-128 MLP and the other changes of recipe 2; a run
     whose config.yaml lacks them was made by recipe 1 (256-256), which no option reproduces,
-    and a run of recipe 3 (up to 4,096 cells) is not one of recipe 4 either: the sweep refuses them
-    whatever is passed (the demo then sets its folder aside). A run's config.yaml, recipe
+    and a run of recipe 3 (up to 4,096 cells) is not one of recipe 4 either: the sweep refuses
+    them whatever is passed (the demo then sets its folder aside). A run's config.yaml, recipe
     included, still loads as --config."""
     import yaml
 

@@ -50,7 +50,7 @@ RECIPE = 4
 # passes of the anchors over the data by default (see n_steps)
 PASSES = 32
 CELLS_PER_POINT = 0.2
-# at most this many cells: on Fashion-MNIST 60k (recipe 3, bench_sne, one run per cell) 2,048
+# at most this many cells: on Fashion-MNIST 60k (recipe 3, bench_sne, one run each) 2,048
 # cells gave the test 5-NN of 4,096 within the spread between seeds (KL +0.3 points, TV -0.5,
 # JSD -0.4 and -0.5, Hellinger 0 and -0.1 over seeds 0 and 1) and a higher trustworthiness for
 # every divergence (+0.002 to +0.006; TV 0.974 against 0.941), in 1.3 to 14.5 s less fit time
@@ -223,8 +223,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         at most ``MAX_CELLS`` (n / 5, at most 2,048); 0 or 1: the plain MLP. While training,
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
         clean input's cell (the nearest of all cells for 99.6% of the noisy inputs on
-        Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST (``benchmarks/bench_sne.py``, test 5-NN, one run,
-        against the plain 256-256 MLP) the cells lift KL from 0.713 to 0.768 at 10k and from
+        Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST
+        (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP) the
+        cells lift KL from 0.713 to 0.768 at 10k and from
         0.724 to 0.791 at 60k; the best divergence reaches 0.780 (JSD) and 0.808 (Hellinger)
         against openTSNE's 0.788 and 0.816. The fits took 0.90 to 1.11 and 1.07 to 1.25 times
         the plain MLP's, and the transforms 23 to 33 ms for the 10k test points against 14 and
