@@ -491,8 +491,8 @@ def test_distance_kernels_match_autograd_in_float32(rng, dof):
 
 def test_autograd_chain_gives_higher_order_gradients_and_torch_func(rng):
     """The fused kernel is differentiable once: create_graph raises an error that names the
-    remedy. Inside kernels.autograd_chain() Hessians and torch.func.grad work, with the same
-    values."""
+    remedy. Inside kernels.autograd_chain() Hessians work, with the same values; torch.func
+    takes autograd's chain by itself (torch.func.grad, inside the context or not)."""
     z = torch.tensor(rng.normal(size=(6, 2)), requires_grad=True)
 
     def loss(z):
@@ -505,6 +505,7 @@ def test_autograd_chain_gives_higher_order_gradients_and_torch_func(rng):
         hessian = torch.autograd.functional.hessian(loss, z)
         func_grad = torch.func.grad(loss)(z.detach())
         torch.testing.assert_close(kernels.gaussian(z), kernels.gaussian(z.detach()))
+    torch.testing.assert_close(torch.func.grad(loss)(z.detach()), func_grad)  # outside too
     step = 1e-6  # the Hessian against finite differences of the fused first-order gradient
     column = []
     for k in range(z.numel()):

@@ -59,6 +59,14 @@ _ROW_TOLERANCE = {
 }
 
 
+def under_torch_func(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` (functorch) wrapper, i.e. the code runs inside
+    ``grad``, ``vmap``, ``jacrev``, ...: where only torch's own ops (and no old-style
+    ``autograd.Function``, no detour through numpy) may touch it."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and bool(wrapped(x))
+
+
 def _where(mask: Tensor, limit: int = 5) -> str:
     """Describe the positions of True entries of ``mask`` (rows for 2-D, indices for 1-D)."""
     idx = torch.nonzero(mask)

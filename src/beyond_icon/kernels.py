@@ -25,6 +25,7 @@ from beyond_icon._validation import (
     check_labels,
     check_log_distributions,
     check_positive,
+    under_torch_func,
 )
 
 __all__ = [
@@ -235,8 +236,10 @@ def _distance_kernel(
                 f"log_weights must have the block's shape {expected}, "
                 f"got {tuple(log_weights.shape)}"
             )
-    # a learned weight, or higher-order gradients / torch.func asked for: autograd's chain
-    if _CHAIN.on or (log_weights is not None and log_weights.requires_grad):
+    # a learned weight, higher-order gradients asked for, or a torch.func transform (which
+    # admits no old-style autograd.Function): autograd's chain
+    learned = log_weights is not None and log_weights.requires_grad
+    if _CHAIN.on or learned or under_torch_func(z):
         if dof is None:
             logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
         else:
@@ -259,8 +262,8 @@ def autograd_chain() -> Iterator[None]:
 
     The default is faster and lighter but differentiable once only: a backward with
     ``create_graph=True`` (gradient penalties, Hessians) raises a ``RuntimeError`` that names
-    this context, and ``torch.func`` transforms (``grad``, ``vmap``) are not supported.
-    Inside this context both work, with the same values. Per thread.
+    this context; inside it they work, with the same values. ``torch.func`` transforms
+    (``grad``, ``vmap``) take autograd's chain by themselves. Per thread.
 
     Returns
     -------
@@ -315,7 +318,7 @@ def gaussian(
     ``c_ij`` points, as the negatives of a sampled batch do
     (:meth:`beyond_icon.affinity.PerplexityAffinity.negative_log_weights`). Distances are
     computed in float32 or wider, also under autocast. The gradient is first-order only
-    (higher-order ones and ``torch.func``: :func:`autograd_chain`).
+    (higher-order ones: :func:`autograd_chain`; ``torch.func`` takes it by itself).
 
     Parameters
     ----------
@@ -359,7 +362,8 @@ def student_t(
 
     ``dof = 1`` is the Cauchy kernel of t-SNE; ``log_weights`` as in :func:`gaussian`.
     Distances are computed in float32 or wider, also under autocast. The gradient is
-    first-order only (higher-order ones and ``torch.func``: :func:`autograd_chain`).
+    first-order only (higher-order ones: :func:`autograd_chain`; ``torch.func`` takes it by
+    itself).
 
     Parameters
     ----------

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from beyond_icon._validation import under_torch_func
+
 __all__ = [
     "BACKBONES",
     "CellMLP",
@@ -113,11 +115,8 @@ def _opaque_to_numpy(x: Tensor) -> bool:
     """Whether ``x`` must stay in torch ops: traced, compiled or under a ``torch.func``
     transform, where a detour through numpy would be frozen into a constant or fail."""
     compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return bool(
-        torch.jit.is_tracing()
-        or (compiling is not None and compiling())
-        or (wrapped is not None and wrapped(x))
+        torch.jit.is_tracing() or (compiling is not None and compiling()) or under_torch_func(x)
     )
 
 
