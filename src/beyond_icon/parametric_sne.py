@@ -225,9 +225,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         clean input's cell (the nearest of all cells for 99.6% of the noisy inputs on
         Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST
         (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP) the
-        cells lift KL from 0.713 to 0.768 at 10k and from
-        0.724 to 0.791 at 60k; the best divergence reaches 0.780 (JSD) and 0.808 (Hellinger)
-        against openTSNE's 0.788 and 0.816. The fits took 0.90 to 1.11 and 1.07 to 1.25 times
+        cells lift KL from 0.713 to 0.768 at 10k and from 0.724 to 0.791 at 60k; the best
+        divergence reaches 0.780 (JSD) and 0.808 (Hellinger) against openTSNE's 0.788 and
+        0.816. The fits took 0.90 to 1.11 and 1.07 to 1.25 times
         the plain MLP's, and the transforms 23 to 33 ms for the 10k test points against 14 and
         24 ms, on 2 CPU cores.
     hidden : tuple of int
