@@ -183,3 +183,87 @@ def test_cell_mlp_lookup_under_tracing_and_torch_func():
         torch.testing.assert_close(traced(new), net(new))
     mapped = torch.func.vmap(lambda row: net(row[None])[0])(new)
     torch.testing.assert_close(mapped, net(new))
+
+
+def _two_level_reference(x, landmarks, centres, lists) -> torch.Tensor:
+    """float64: the nearest centre of each row, then the nearest landmark on its list."""
+    group = torch.cdist(x.double(), centres.double()).argmin(1)
+    allowed = torch.zeros(len(centres), len(landmarks), dtype=torch.bool)
+    allowed.scatter_(1, lists, True)
+    distances = torch.cdist(x.double(), landmarks.double())
+    return distances.masked_fill(~allowed[group], float("inf")).argmin(1)
+
+
+def test_coarse_index_lists_hold_their_groups_and_the_centres_nearest():
+    g = torch.Generator().manual_seed(7)
+    landmarks = torch.randn(300, 6, generator=g)
+    centres, lists = models.coarse_index(landmarks, 8, 40)
+    again = models.coarse_index(landmarks, 8, 40)  # a fixed function of the landmarks
+    assert torch.equal(again[0], centres) and torch.equal(again[1], lists)
+    assert centres.shape == (8, 6) and lists.shape[0] == 8 and lists.shape[1] >= 40
+    assert torch.equal(lists, lists.sort(1).values)
+    assert all(len(set(row.tolist())) == lists.shape[1] for row in lists)
+    own = torch.cdist(landmarks, centres).argmin(1)
+    for group in range(8):
+        members = set(torch.nonzero(own == group).flatten().tolist())
+        listed = set(lists[group].tolist())
+        assert members <= listed  # a group's own landmarks, then its centre's nearest others
+        others = torch.cdist(centres[group : group + 1], landmarks)[0]
+        outside = others[[i for i in range(300) if i not in listed]]
+        inside = others[[i for i in listed if i not in members]]
+        assert len(inside) == 0 or inside.max() <= outside.min()
+    for groups, candidates in [(1, 40), (300, 40), (8, 0), (8, 301)]:
+        with pytest.raises(ValueError, match="coarse index needs 2 <= groups < m"):
+            models.coarse_index(landmarks, groups, candidates)
+
+
+def test_cell_mlp_two_level_lookup(monkeypatch):
+    """From TWO_LEVEL_FROM landmarks the cell is the nearest landmark on the list of the
+    nearest centre: the float64 reference in the CPU path, the masked torch path (GPU, traced)
+    and among candidates; every landmark is its own cell; the lookup's tables follow loaded
+    buffers; an old pickle without the index takes the exact lookup."""
+    import pickle
+
+    g = torch.Generator().manual_seed(11)
+    landmarks = torch.randn(300, 6, generator=g)
+    net = models.CellMLP(6, landmarks, hidden=(5,), coarse=8, candidates=40)
+    x = torch.randn(2000, 6, generator=g)
+    reference = _two_level_reference(x, landmarks, net.coarse, net.coarse_lists)
+    exact = torch.cdist(x.double(), landmarks.double()).argmin(1)
+    assert torch.equal(net.cells(x), reference) and torch.equal(net.cells(x[:0]), exact[:0])
+    agree = (reference == exact).double().mean()
+    assert 0.7 < agree < 1  # mostly the nearest landmark, not always
+    assert torch.equal(net.cells(landmarks), torch.arange(300))
+    with monkeypatch.context() as patched:  # the torch path of GPUs and traced models
+        patched.setattr(models, "_opaque_to_numpy", lambda x: True)
+        assert torch.equal(net.cells(x), reference)
+        patched.setattr(models.CellMLP, "LOOKUP_ROWS_CUDA", 64)
+        assert torch.equal(net.cells(x), reference)
+    near = net.neighbouring_cells(16)
+    assert torch.equal(net.nearest_among(x, near[reference]), reference)
+    assert torch.equal(net.nearest_among(x, torch.arange(300).expand(2000, 300)), reference)
+    # candidates off the list of the row's centre are passed over, and with none on it the
+    # row takes the full lookup
+    allowed = torch.zeros(8, 300, dtype=torch.bool).scatter_(1, net.coarse_lists, True)
+    group = torch.cdist(x, net.coarse).argmin(1)
+    off = (~allowed[group]).double().argmax(1, keepdim=True)  # one landmark off the list
+    assert torch.equal(net.nearest_among(x, off), reference)
+    both = torch.cat([off, reference[:, None]], 1)
+    assert torch.equal(net.nearest_among(x, both), reference)
+    other = models.CellMLP(6, landmarks * 2 + 1, hidden=(5,), coarse=8, candidates=40)
+    assert not torch.equal(other.cells(x), reference)
+    net.load_state_dict(other.state_dict())  # the tables are rebuilt from the new buffers
+    assert torch.equal(net.cells(x), other.cells(x))
+    loaded = pickle.loads(pickle.dumps(net))
+    assert loaded._tables == ((), None) and torch.equal(loaded.cells(x), other.cells(x))
+    del net._buffers["coarse"], net._buffers["coarse_lists"]  # pickled before the index
+    assert torch.equal(net.cells(x), torch.cdist(x, other.landmarks).argmin(1))
+
+
+def test_cell_mlp_takes_the_two_level_lookup_from_1024_landmarks():
+    g = torch.Generator().manual_seed(0)
+    big = models.CellMLP(3, torch.randn(1024, 3, generator=g), hidden=(4,))
+    assert big.coarse.shape == (64, 3) and big.coarse_lists.shape[1] >= 256
+    assert "coarse" in big.state_dict()
+    small = models.CellMLP(3, torch.randn(1023, 3, generator=g), hidden=(4,))
+    assert not small._two_level() and "coarse" not in small.state_dict()

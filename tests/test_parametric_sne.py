@@ -21,6 +21,24 @@ def digits():
     return data.load("digits").subset(300, 100)
 
 
+@pytest.fixture(params=["exact", "two-level"])
+def lookup(request, monkeypatch):
+    """Both cell lookups of CellMLP: the exact one of small data (the 60 cells of 300 digits)
+    and the two-level one of 1,024 cells and more, here from 20 cells (6 centres, lists of at
+    least 10)."""
+    from beyond_icon.models import CellMLP
+
+    if request.param == "two-level":
+        monkeypatch.setattr(CellMLP, "TWO_LEVEL_FROM", 20)
+        monkeypatch.setattr(CellMLP, "COARSE", 6)
+        monkeypatch.setattr(CellMLP, "MIN_CANDIDATES", 10)
+    return request.param
+
+
+def _two_level(est) -> bool:
+    return est.model_[2]._two_level()
+
+
 def test_defaults_separate_well_separated_clusters():
     """The default estimator, untouched: 5-NN accuracy of new points above 0.95 (the pattern
     of openTSNE's test_iris). Ten Gaussian clusters in 20 dimensions, 1,000 + 500 points."""
@@ -61,15 +79,16 @@ def test_round_trip_and_seeds(digits):
     assert not np.allclose(other, emb)
 
 
-def test_transform_of_one_point_equals_its_row(digits):
+def test_transform_of_one_point_equals_its_row(digits, lookup):
     est = ParametricSNE(**FAST).fit(digits.x_train)
+    assert _two_level(est) == (lookup == "two-level")
     many = est.transform(digits.x_test)
     for i in (0, 7, 99):
         np.testing.assert_allclose(est.transform(digits.x_test[i : i + 1])[0], many[i], atol=1e-5)
     np.testing.assert_allclose(est.transform(digits.x_train), est.embedding_, atol=1e-6)
 
 
-def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch):
+def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch, lookup):
     import beyond_icon.parametric_sne as module
 
     params = {**FAST, "n_steps": 12, "divergence": "hellinger", "exaggeration_fraction": 0.5}
@@ -147,7 +166,7 @@ def test_default_cells_of_the_mlp_input(digits):
     assert len(few.model_[2].landmarks) == 3
 
 
-def test_training_looks_cells_up_among_the_clean_cells_neighbours(digits, monkeypatch):
+def test_training_looks_cells_up_among_the_clean_cells_neighbours(digits, monkeypatch, lookup):
     """While training, a noisy input's cell is searched among the NEAR_CELLS cells nearest
     its clean input's cell. Without noise the clean cell itself is the answer, so even with
     NEAR_CELLS = 2 training is the same as with the full lookup; with noise it is the full

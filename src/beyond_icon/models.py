@@ -120,11 +120,58 @@ def _opaque_to_numpy(x: Tensor) -> bool:
     )
 
 
+def coarse_index(landmarks: Tensor, groups: int, candidates: int) -> tuple[Tensor, Tensor]:
+    """Groups of landmarks for a two-level lookup: ``groups`` k-means centres of the
+    landmarks, and for each centre the landmarks it may hand a point to.
+
+    A centre's list holds every landmark of its k-means group, then its nearest other
+    landmarks up to ``candidates`` (more when a group is larger), in increasing index order.
+
+    Parameters
+    ----------
+    landmarks : (m, d) tensor
+    groups : int
+        ``G``, with ``2 <= G < m``.
+    candidates : int
+        ``K``, the least length of a list, with ``1 <= K <= m``.
+
+    Returns
+    -------
+    centres : (G, d) float32 tensor
+    lists : (G, K') int64 tensor, ``K' >= K``, each row sorted.
+    """
+    m = len(landmarks)
+    if not 2 <= groups < m or not 1 <= candidates <= m:
+        raise ValueError(
+            f"a coarse index needs 2 <= groups < m and 1 <= candidates <= m; got groups = "
+            f"{groups}, candidates = {candidates} for m = {m} landmarks"
+        )
+    points = landmarks.detach().float().cpu()
+    generator = torch.Generator().manual_seed(0)  # a fixed function of the landmarks
+    centres = points[torch.randperm(m, generator=generator)[:groups]].clone()
+    for _ in range(25):  # Lloyd; a group left empty keeps its centre
+        assign = torch.cdist(points, centres).argmin(1)
+        counts = torch.bincount(assign, minlength=groups)
+        sums = torch.zeros_like(centres).index_add_(0, assign, points)
+        filled = counts > 0
+        moved = sums[filled] / counts[filled, None]
+        if torch.equal(moved, centres[filled]):
+            break
+        centres[filled] = moved
+    distances = torch.cdist(centres, points)
+    assign = distances.argmin(0)
+    width = max(candidates, int(torch.bincount(assign, minlength=groups).max()))
+    distances[assign, torch.arange(m)] = -1.0  # a group's own landmarks first
+    lists = distances.topk(width, dim=1, largest=False).indices.sort(1).values
+    return centres, lists
+
+
 class CellMLP(MLP):
     """An :class:`MLP` whose first layer also adds a learned vector for the cell of the input:
     the nearest of ``m`` fixed landmarks (the k-means centroids of the training inputs).
 
-    ``h_1 = relu(W x + b + s e_{c(x)})``, ``c(x) = argmin_l |x - mu_l|``, then the MLP's
+    ``h_1 = relu(W x + b + s e_{c(x)})``, ``c(x) = argmin_l |x - mu_l|`` (from 1,024 landmarks
+    the argmin over the list of the nearest coarse centre, see ``coarse``), then the MLP's
     other layers. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
     so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
     ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
@@ -143,6 +190,17 @@ class CellMLP(MLP):
         ``s``; default ``0.2 sqrt(m)``. On Fashion-MNIST 10k with ParametricSNE (2,000
         cells), ``sqrt(m)`` and random starting vectors tore TV's test embedding into islands
         (trustworthiness 0.923 against 0.986 with the default; KL 0.990 against 0.989).
+    coarse : int, optional
+        ``G``: with ``G > 0`` the cell is looked up in two levels (:func:`coarse_index`):
+        ``c(x)`` is the nearest landmark of ``x`` among the list of its nearest of ``G``
+        centres, ``x``'s nearest landmark overall for most points, and the cell of every
+        point, in training as in ``transform``, so one function throughout. Default (None):
+        ``COARSE`` (64) from ``TWO_LEVEL_FROM`` (1,024) landmarks, else 0 (the exact
+        nearest). On Fashion-MNIST 10k (2,000 cells) it is the nearest landmark for 99.6% of
+        the test points and 10k lookups take 4.5 instead of 16 ms on 2 cores.
+    candidates : int, optional
+        ``K``, the least length of a centre's list; default ``max(256, m / 8)``
+        (``MIN_CANDIDATES``).
 
     References
     ----------
@@ -152,6 +210,9 @@ class CellMLP(MLP):
 
     LOOKUP_ROWS = 512
     LOOKUP_ROWS_CUDA = 65536  # (rows, m) float32 scores: 1 GiB at 4,096 cells
+    COARSE = 64
+    TWO_LEVEL_FROM = 1024
+    MIN_CANDIDATES = 256
 
     def __init__(
         self,
@@ -160,6 +221,8 @@ class CellMLP(MLP):
         hidden: tuple[int, ...] = (256, 256),
         batch_norm: bool = False,
         offset_scale: float | None = None,
+        coarse: int | None = None,
+        candidates: int | None = None,
     ):
         super().__init__(in_dim, hidden=hidden, batch_norm=batch_norm)
         if landmarks.dim() != 2 or landmarks.shape[1] != in_dim or len(landmarks) < 2:
@@ -172,6 +235,42 @@ class CellMLP(MLP):
         self.offsets = nn.Embedding(m, hidden[0])
         nn.init.zeros_(self.offsets.weight)  # it starts as the plain MLP
         self.offset_scale = 0.2 * math.sqrt(m) if offset_scale is None else float(offset_scale)
+        if coarse is None:
+            coarse = self.COARSE if m >= self.TWO_LEVEL_FROM else 0
+        if coarse:
+            k = max(self.MIN_CANDIDATES, m // 8) if candidates is None else int(candidates)
+            centres, lists = coarse_index(landmarks, int(coarse), min(k, m))
+            self.register_buffer("coarse", centres)
+            self.register_buffer("coarse_lists", lists)
+        self._tables: tuple = ((), None)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        return {**state, "_tables": ((), None)}  # the lookup's tables are rebuilt, not pickled
+
+    def _two_level(self) -> bool:
+        # a CellMLP pickled before the two-level lookup has neither buffer: the exact one
+        return getattr(self, "coarse", None) is not None
+
+    def _coarse_scores(self) -> Tensor:
+        return torch.cat([self.coarse, -0.5 * self.coarse.pow(2).sum(1, keepdim=True)], 1)
+
+    def _allowed(self) -> Tensor:
+        """(G, m) bool: which landmarks each centre's list holds."""
+        allowed = torch.zeros(len(self.coarse), len(self.landmarks), dtype=torch.bool)
+        return allowed.to(self.coarse_lists.device).scatter_(1, self.coarse_lists, True)
+
+    def _cpu_tables(self) -> tuple[Tensor, Tensor, np.ndarray]:
+        """Tables of the CPU lookup: centres' scores (d + 1, G), each list's scores
+        (G, d + 1, K') and the lists, rebuilt when a buffer is replaced or loaded."""
+        buffers = (self.landmarks, self.coarse, self.coarse_lists)
+        key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
+        if getattr(self, "_tables", ((), None))[0] != key:
+            lists = self.coarse_lists.cpu()
+            scores = self._scores().cpu()[lists].permute(0, 2, 1).contiguous()
+            centres = self._coarse_scores().cpu().T.contiguous()
+            self._tables = (key, (centres, scores, lists.numpy()))
+        return self._tables[1]
 
     def _scores(self) -> Tensor:
         """``[mu_l, -|mu_l|^2 / 2]`` per landmark: ``argmax_l [x, 1] . scores_l`` is the
@@ -193,10 +292,38 @@ class CellMLP(MLP):
             # 37 -> 17 ms on 2 cores (on a GPU, blocks that bound the memory)
             if x.device.type != "cpu" or _opaque_to_numpy(x):
                 rows = self.LOOKUP_ROWS_CUDA
+                if self._two_level():  # every landmark scored, those off the list masked
+                    coarse, allowed = self._coarse_scores().T.contiguous(), self._allowed()
+
+                    def nearest(block: Tensor) -> Tensor:
+                        group = (block @ coarse).argmax(1)
+                        masked = (block @ scores).masked_fill(~allowed[group], -math.inf)
+                        return masked.argmax(1)
+
+                else:
+
+                    def nearest(block: Tensor) -> Tensor:
+                        return (block @ scores).argmax(1)
+
                 if len(x) <= rows:
-                    return (x @ scores).argmax(1)
-                blocks = range(0, len(x), rows)
-                return torch.cat([(x[s : s + rows] @ scores).argmax(1) for s in blocks])
+                    return nearest(x)
+                return torch.cat([nearest(x[s : s + rows]) for s in range(0, len(x), rows)])
+            if self._two_level():
+                # each centre's points against its list only: 10k rows and 2,000 cells,
+                # 16 -> 4.5 ms on 2 cores (G = 64, lists of 256); torch's matmuls (numpy's
+                # BLAS threads would fight torch's for the cores) and numpy's argmax
+                centres, tables, lists = self._cpu_tables()
+                group = (x @ centres).numpy().argmax(1)
+                order = np.argsort(group, kind="stable")
+                counts = np.bincount(group, minlength=len(centres))
+                found, start = np.empty(len(x), dtype=np.int64), 0
+                rows = x[torch.from_numpy(order)]
+                for j in np.flatnonzero(counts):
+                    stop = start + counts[j]
+                    best = (rows[start:stop] @ tables[j]).numpy().argmax(1)
+                    found[order[start:stop]] = lists[j][best]
+                    start = stop
+                return torch.from_numpy(found)
             # numpy's argmax is vectorised, torch's is not on the CPU: 10k rows and 2,000
             # cells, 17 -> 11 ms; 4,096 cells 23 ms, in blocks of 512 rows (28 with 1,024)
             rows, found = self.LOOKUP_ROWS, [np.zeros(0, dtype=np.int64)]
@@ -224,7 +351,17 @@ class CellMLP(MLP):
             # (index_select: 0.05 ms where candidates-as-index takes 0.17 ms for those rows)
             gathered = self._scores().index_select(0, candidates.flatten())
             gathered = gathered.view(*candidates.shape, -1)
-            scores = (gathered * self._with_ones(x)[:, None, :]).sum(-1)
+            ones = self._with_ones(x)
+            scores = (gathered * ones[:, None, :]).sum(-1)
+            if self._two_level():  # only the candidates on the list of the row's centre
+                group = (ones @ self._coarse_scores().T).argmax(1)
+                allowed = self._allowed()[group[:, None], candidates]
+                scores = scores.masked_fill(~allowed, -math.inf)
+                found = candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
+                missing = ~allowed.any(1)
+                if bool(missing.any()):
+                    found[missing] = self.cells(x[missing])
+                return found
             return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
 
     def neighbouring_cells(self, k: int) -> Tensor:
