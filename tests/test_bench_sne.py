@@ -1,0 +1,30 @@
+"""benchmarks/bench_sne.py on tiny data: ours alone (no baselines needed), its JSON rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_sne_times_every_transform_call_and_reports_the_median(tmp_path):
+    out = tmp_path / "rows.json"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_sne.py"),
+        *("--data", "digits", "--n-train", "200", "--n-test", "100", "--skip-baselines"),
+        *("--divergences", "kl", "--set", "n_steps=3", "--transform-calls", "3"),
+        *("--json", str(out)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())
+    calls = row["transform_calls_s"]
+    assert len(calls) == 3 and row["transform_s"] == sorted(calls)[1]
+    assert 0 <= row["knn5"] <= 1 and 0 <= row["trustworthiness"] <= 1
+    assert "transform" in done.stdout and "ParametricSNE (kl; n_steps=3)" in done.stdout
+    bad = subprocess.run(command[:2] + ["--transform-calls", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--transform-calls must be at least 1" in bad.stderr
