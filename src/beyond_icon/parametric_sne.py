@@ -225,12 +225,13 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         the cell of a noisy input is searched among the ``NEAR_CELLS`` (32) cells nearest its
         clean input's cell (the nearest of all cells for 99.6% of the noisy inputs on
         Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST
-        (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP) the
-        cells lift KL from 0.713 to 0.768 at 10k and from 0.724 to 0.791 at 60k; the best
-        divergence reaches 0.780 (JSD) and 0.808 (Hellinger) against openTSNE's 0.788 and
-        0.816. The fits took 0.90 to 1.11 and 1.07 to 1.25 times
-        the plain MLP's, and the transforms 23 to 33 ms for the 10k test points against 14 and
-        24 ms, on 2 CPU cores.
+        (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP;
+        recipe 5) the cells lift KL from 0.716 to 0.768 at 10k and from 0.725 to 0.794 at 60k;
+        the best divergence reaches 0.782 and 0.809 (Hellinger) against openTSNE's 0.788 and
+        0.816. The fits took 1.14 to 1.30 and 0.98 to 1.08 times the plain MLP's, and the
+        transforms (medians of 3 calls) 19 to 29 and 20 to 24 ms for the 10k test points
+        against 20 and 25 ms, on 2 CPU cores. From 1,024 cells the lookup has two levels
+        (:class:`beyond_icon.models.CellMLP`'s ``coarse``).
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
