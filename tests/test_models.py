@@ -254,10 +254,36 @@ def test_cell_mlp_two_level_lookup(monkeypatch):
     assert not torch.equal(other.cells(x), reference)
     net.load_state_dict(other.state_dict())  # the tables are rebuilt from the new buffers
     assert torch.equal(net.cells(x), other.cells(x))
+    assert not {"centre_scores", "list_scores", "blocked"} & set(net.state_dict())
+    # lists as wide as another model's largest group load too
+    wider = models.CellMLP(6, torch.randn(300, 6, generator=g) ** 3, hidden=(5,), coarse=8)
+    assert wider.coarse_lists.shape != net.coarse_lists.shape
+    net.load_state_dict(wider.state_dict())
+    assert torch.equal(net.cells(x), wider.cells(x))
     loaded = pickle.loads(pickle.dumps(net))
-    assert loaded._tables == ((), None) and torch.equal(loaded.cells(x), other.cells(x))
+    assert torch.equal(loaded.cells(x), wider.cells(x))
+    with torch.inference_mode():  # built, copied and moved in inference mode
+        made = models.CellMLP(6, landmarks, hidden=(5,), coarse=8, candidates=40).to("cpu")
+    assert torch.equal(made.cells(x), reference)
     del net._buffers["coarse"], net._buffers["coarse_lists"]  # pickled before the index
-    assert torch.equal(net.cells(x), torch.cdist(x, other.landmarks).argmin(1))
+    assert torch.equal(net.cells(x), torch.cdist(x, wider.landmarks).argmin(1))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_two_level_lookup_under_tracing_and_torch_func():
+    g = torch.Generator().manual_seed(12)
+    landmarks = torch.randn(300, 6, generator=g)
+    net = models.CellMLP(6, landmarks, hidden=(5,), coarse=8, candidates=40)
+    with torch.no_grad():
+        net.offsets.weight.normal_(generator=g)
+    example, new = torch.randn(50, 6, generator=g), torch.randn(400, 6, generator=g)
+    reference = _two_level_reference(new, landmarks, net.coarse, net.coarse_lists)
+    assert torch.equal(net.cells(new), reference)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, example, check_trace=False)
+        torch.testing.assert_close(traced(new), net(new))
+    mapped = torch.func.vmap(lambda row: net(row[None])[0])(new)
+    torch.testing.assert_close(mapped, net(new))
 
 
 def test_cell_mlp_takes_the_two_level_lookup_from_1024_landmarks():

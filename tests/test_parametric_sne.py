@@ -86,6 +86,8 @@ def test_transform_of_one_point_equals_its_row(digits, lookup):
     for i in (0, 7, 99):
         np.testing.assert_allclose(est.transform(digits.x_test[i : i + 1])[0], many[i], atol=1e-5)
     np.testing.assert_allclose(est.transform(digits.x_train), est.embedding_, atol=1e-6)
+    est._TRANSFORM_ROWS = 64  # the PCA layer in several blocks, the rest at once
+    np.testing.assert_allclose(est.transform(digits.x_test), many, atol=1e-5)
 
 
 def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch, lookup):

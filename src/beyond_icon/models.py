@@ -163,7 +163,7 @@ def coarse_index(landmarks: Tensor, groups: int, candidates: int) -> tuple[Tenso
     width = max(candidates, int(torch.bincount(assign, minlength=groups).max()))
     distances[assign, torch.arange(m)] = -1.0  # a group's own landmarks first
     lists = distances.topk(width, dim=1, largest=False).indices.sort(1).values
-    return centres, lists
+    return centres.to(landmarks.device), lists.to(landmarks.device)
 
 
 class CellMLP(MLP):
@@ -176,7 +176,8 @@ class CellMLP(MLP):
     so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
     ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
     is as smooth as the MLP. The cell of a point is looked up in one matmul with the
-    landmarks, so it stays a single forward pass. Under Adam, ``s`` sets how fast the cells'
+    landmarks (from 1,024 landmarks, one with the coarse centres and one with a list), so it
+    stays a single forward pass. Under Adam, ``s`` sets how fast the cells'
     vectors move against the weights'.
 
     Parameters
@@ -197,7 +198,7 @@ class CellMLP(MLP):
         point, in training as in ``transform``, so one function throughout. Default (None):
         ``COARSE`` (64) from ``TWO_LEVEL_FROM`` (1,024) landmarks, else 0 (the exact
         nearest). On Fashion-MNIST 10k (2,000 cells) it is the nearest landmark for 99.6% of
-        the test points and 10k lookups take 4.5 instead of 16 ms on 2 cores.
+        the test points and 10k lookups take 5.5 instead of 16 ms on 2 cores.
     candidates : int, optional
         ``K``, the least length of a centre's list; default ``max(256, m / 8)``
         (``MIN_CANDIDATES``).
@@ -230,7 +231,7 @@ class CellMLP(MLP):
         if not hidden:
             raise ValueError("CellMLP needs at least one hidden layer")
         m = len(landmarks)
-        landmarks = landmarks.detach().float()
+        landmarks = landmarks.detach().float().clone()  # not the caller's tensor
         self.register_buffer("landmarks", landmarks)
         self.offsets = nn.Embedding(m, hidden[0])
         nn.init.zeros_(self.offsets.weight)  # it starts as the plain MLP
@@ -242,11 +243,36 @@ class CellMLP(MLP):
             centres, lists = coarse_index(landmarks, int(coarse), min(k, m))
             self.register_buffer("coarse", centres)
             self.register_buffer("coarse_lists", lists)
-        self._tables: tuple = ((), None)
+            self._build_tables()
 
-    def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
-        return {**state, "_tables": ((), None)}  # the lookup's tables are rebuilt, not pickled
+    @torch.no_grad()
+    def _build_tables(self) -> None:
+        """The lookup's tables, derived from the buffers (not saved: rebuilt on load, moved by
+        ``to``): the centres' scores (d + 1, G), each list's landmarks' scores (G, d + 1, K')
+        and which landmarks each list leaves out (G, m)."""
+        lists = self.coarse_lists
+        blocked = torch.ones(len(self.coarse), len(self.landmarks), dtype=torch.bool)
+        blocked = blocked.to(lists.device).scatter(1, lists, torch.zeros_like(lists, dtype=bool))
+        tables = {
+            "centre_scores": self._coarse_scores().T.contiguous(),
+            "list_scores": self._scores()[lists].permute(0, 2, 1).contiguous(),
+            "blocked": blocked,
+        }
+        for name, value in tables.items():
+            if name in self._buffers:
+                self._buffers[name] = value
+            else:
+                self.register_buffer(name, value, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the lists' width depends on the landmarks (the largest group): take the saved shape
+        for name in ("coarse", "coarse_lists"):
+            saved, mine = state_dict.get(prefix + name), self._buffers.get(name)
+            if saved is not None and mine is not None and saved.shape != mine.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=mine.dtype, device=mine.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._two_level():
+            self._build_tables()
 
     def _two_level(self) -> bool:
         # a CellMLP pickled before the two-level lookup has neither buffer: the exact one
@@ -254,23 +280,6 @@ class CellMLP(MLP):
 
     def _coarse_scores(self) -> Tensor:
         return torch.cat([self.coarse, -0.5 * self.coarse.pow(2).sum(1, keepdim=True)], 1)
-
-    def _allowed(self) -> Tensor:
-        """(G, m) bool: which landmarks each centre's list holds."""
-        allowed = torch.zeros(len(self.coarse), len(self.landmarks), dtype=torch.bool)
-        return allowed.to(self.coarse_lists.device).scatter_(1, self.coarse_lists, True)
-
-    def _cpu_tables(self) -> tuple[Tensor, Tensor, np.ndarray]:
-        """Tables of the CPU lookup: centres' scores (d + 1, G), each list's scores
-        (G, d + 1, K') and the lists, rebuilt when a buffer is replaced or loaded."""
-        buffers = (self.landmarks, self.coarse, self.coarse_lists)
-        key = tuple((b.data_ptr(), b._version, b.device) for b in buffers)
-        if getattr(self, "_tables", ((), None))[0] != key:
-            lists = self.coarse_lists.cpu()
-            scores = self._scores().cpu()[lists].permute(0, 2, 1).contiguous()
-            centres = self._coarse_scores().cpu().T.contiguous()
-            self._tables = (key, (centres, scores, lists.numpy()))
-        return self._tables[1]
 
     def _scores(self) -> Tensor:
         """``[mu_l, -|mu_l|^2 / 2]`` per landmark: ``argmax_l [x, 1] . scores_l`` is the
@@ -293,11 +302,10 @@ class CellMLP(MLP):
             if x.device.type != "cpu" or _opaque_to_numpy(x):
                 rows = self.LOOKUP_ROWS_CUDA
                 if self._two_level():  # every landmark scored, those off the list masked
-                    coarse, allowed = self._coarse_scores().T.contiguous(), self._allowed()
 
                     def nearest(block: Tensor) -> Tensor:
-                        group = (block @ coarse).argmax(1)
-                        masked = (block @ scores).masked_fill(~allowed[group], -math.inf)
+                        group = (block @ self.centre_scores).argmax(1)
+                        masked = (block @ scores).masked_fill_(self.blocked[group], -math.inf)
                         return masked.argmax(1)
 
                 else:
@@ -310,12 +318,12 @@ class CellMLP(MLP):
                 return torch.cat([nearest(x[s : s + rows]) for s in range(0, len(x), rows)])
             if self._two_level():
                 # each centre's points against its list only: 10k rows and 2,000 cells,
-                # 16 -> 4.5 ms on 2 cores (G = 64, lists of 256); torch's matmuls (numpy's
+                # 16 -> 5.5 ms on 2 cores (G = 64, lists of 256); torch's matmuls (numpy's
                 # BLAS threads would fight torch's for the cores) and numpy's argmax
-                centres, tables, lists = self._cpu_tables()
-                group = (x @ centres).numpy().argmax(1)
+                tables, lists = self.list_scores, self.coarse_lists.numpy()
+                group = (x @ self.centre_scores).numpy().argmax(1)
                 order = np.argsort(group, kind="stable")
-                counts = np.bincount(group, minlength=len(centres))
+                counts = np.bincount(group, minlength=len(tables))
                 found, start = np.empty(len(x), dtype=np.int64), 0
                 rows = x[torch.from_numpy(order)]
                 for j in np.flatnonzero(counts):
@@ -354,14 +362,16 @@ class CellMLP(MLP):
             ones = self._with_ones(x)
             scores = (gathered * ones[:, None, :]).sum(-1)
             if self._two_level():  # only the candidates on the list of the row's centre
-                group = (ones @ self._coarse_scores().T).argmax(1)
-                allowed = self._allowed()[group[:, None], candidates]
-                scores = scores.masked_fill(~allowed, -math.inf)
+                group = (ones @ self.centre_scores).argmax(1)
+                blocked = self.blocked[group[:, None], candidates]
+                scores = scores.masked_fill_(blocked, -math.inf)
                 found = candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
-                missing = ~allowed.any(1)
-                if bool(missing.any()):
-                    found[missing] = self.cells(x[missing])
-                return found
+                missing = blocked.all(1)  # no candidate on the list: the full lookup
+                if x.device.type == "cpu" and not _opaque_to_numpy(x):
+                    if bool(missing.any()):
+                        found[missing] = self.cells(x[missing])
+                    return found
+                return torch.where(missing, self.cells(x), found)  # no sync on a GPU
             return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
 
     def neighbouring_cells(self, k: int) -> Tensor:
