@@ -210,7 +210,8 @@ class CellMLP(MLP):
     """
 
     LOOKUP_ROWS = 512
-    LOOKUP_ROWS_CUDA = 65536  # (rows, m) float32 scores: 1 GiB at 4,096 cells
+    # (rows, m) float32 scores, 1 GiB at 4,096 cells (two levels: and a bool mask, 0.25 GiB)
+    LOOKUP_ROWS_CUDA = 65536
     COARSE = 64
     TWO_LEVEL_FROM = 1024
     MIN_CANDIDATES = 256
