@@ -296,11 +296,29 @@ class CellMLP(MLP):
     def cells(self, x: Tensor) -> Tensor:
         """Index of the nearest landmark of each row of ``x`` (float32, even under autocast)."""
         with torch.autocast(x.device.type, enabled=False):
+            x = self._with_ones(x)
+            in_numpy = x.device.type == "cpu" and not _opaque_to_numpy(x)
+            if in_numpy and self._two_level():
+                # each centre's points against its list only: 10k rows and 2,000 cells,
+                # 16 -> 5.5 ms on 2 cores (G = 64, lists of 256); torch's matmuls (numpy's
+                # BLAS threads would fight torch's for the cores) and numpy's argmax
+                tables, lists = self.list_scores, self.coarse_lists.numpy()
+                group = (x @ self.centre_scores).numpy().argmax(1)
+                order = np.argsort(group, kind="stable")
+                counts = np.bincount(group, minlength=len(tables))
+                found, start = np.empty(len(x), dtype=np.int64), 0
+                rows = x[torch.from_numpy(order)]
+                for j in np.flatnonzero(counts):
+                    stop = start + counts[j]
+                    best = (rows[start:stop] @ tables[j]).numpy().argmax(1)
+                    found[order[start:stop]] = lists[j][best]
+                    start = stop
+                return torch.from_numpy(found)
             # one matmul (a step of 512 rows, 5.4 -> 4.4 ms on 2 cores against a broadcast)
-            scores, x = self._scores().T.contiguous(), self._with_ones(x)
+            scores = self._scores().T.contiguous()
             # blocks of rows whose (rows, m) scores stay in cache: 10k rows and 2,048 cells,
             # 37 -> 17 ms on 2 cores (on a GPU, blocks that bound the memory)
-            if x.device.type != "cpu" or _opaque_to_numpy(x):
+            if not in_numpy:
                 rows = self.LOOKUP_ROWS_CUDA
                 if self._two_level():  # every landmark scored, those off the list masked
 
@@ -317,22 +335,6 @@ class CellMLP(MLP):
                 if len(x) <= rows:
                     return nearest(x)
                 return torch.cat([nearest(x[s : s + rows]) for s in range(0, len(x), rows)])
-            if self._two_level():
-                # each centre's points against its list only: 10k rows and 2,000 cells,
-                # 16 -> 5.5 ms on 2 cores (G = 64, lists of 256); torch's matmuls (numpy's
-                # BLAS threads would fight torch's for the cores) and numpy's argmax
-                tables, lists = self.list_scores, self.coarse_lists.numpy()
-                group = (x @ self.centre_scores).numpy().argmax(1)
-                order = np.argsort(group, kind="stable")
-                counts = np.bincount(group, minlength=len(tables))
-                found, start = np.empty(len(x), dtype=np.int64), 0
-                rows = x[torch.from_numpy(order)]
-                for j in np.flatnonzero(counts):
-                    stop = start + counts[j]
-                    best = (rows[start:stop] @ tables[j]).numpy().argmax(1)
-                    found[order[start:stop]] = lists[j][best]
-                    start = stop
-                return torch.from_numpy(found)
             # numpy's argmax is vectorised, torch's is not on the CPU: 10k rows and 2,000
             # cells, 17 -> 11 ms; 4,096 cells 23 ms, in blocks of 512 rows (28 with 1,024)
             rows, found = self.LOOKUP_ROWS, [np.zeros(0, dtype=np.int64)]
