@@ -90,6 +90,19 @@ def test_transform_of_one_point_equals_its_row(digits, lookup):
     np.testing.assert_allclose(est.transform(digits.x_test), many, atol=1e-5)
 
 
+def test_transform_of_uint8_pixels_equals_that_of_their_floats(digits, lookup):
+    """``transform`` folds 1 / 255 into the PCA layer's weight for uint8 inputs: the same
+    embedding as the floats in [0, 1] (64 pixels > the 50 PCA components, so the PCA layer)."""
+    pixels = np.round(digits.x_train * 255 / 16).astype(np.uint8)
+    est = ParametricSNE(**FAST).fit(pixels)
+    assert isinstance(est.model_[0], type(est.projection_)) and est.projection_ is not None
+    floats = pixels.astype(np.float32) / 255
+    np.testing.assert_allclose(est.transform(pixels), est.transform(floats), atol=1e-5)
+    with torch.no_grad():  # the network as trained: the floats through every layer
+        direct = est.model_.eval()(torch.from_numpy(floats)).numpy()
+    np.testing.assert_allclose(est.transform(pixels), direct, atol=1e-5)
+
+
 def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch, lookup):
     import beyond_icon.parametric_sne as module
 
@@ -319,4 +332,31 @@ def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):
     assert old.get_params()["n_cells"] == 0 and old.get_params()["hidden"] == (256, 256)
     np.testing.assert_allclose(
         pickle.loads(pickle.dumps(old)).transform(digits.x_test), est.transform(digits.x_test)
+    )
+
+
+def test_q_scope_auto_is_global_for_kl_only(digits):
+    """``q_scope="auto"`` (the default): t-SNE's normaliser for KL, the batch's for the others;
+    an explicit scope is kept whatever the divergence."""
+    from beyond_icon.parametric_sne import resolve_q_scope
+
+    assert ParametricSNE().q_scope == "auto"
+    assert resolve_q_scope("auto", "kl") == "global"
+    for name in ("tv", "jsd", "hellinger", "chi2", "reverse_kl", "alpha:0.5"):
+        assert resolve_q_scope("auto", name) == "batch"
+    assert resolve_q_scope("batch", "kl") == "batch"
+    assert resolve_q_scope("global", "tv") == "global"
+    for divergence, scope in (("kl", "global"), ("tv", "batch")):
+        est = ParametricSNE(divergence=divergence, **FAST).fit(digits.x_train)
+        assert est.q_scope_ == scope
+    # the resolved scope is what the loss used: auto and its resolution give the same fit
+    np.testing.assert_allclose(
+        ParametricSNE(q_scope="global", **FAST).fit_transform(digits.x_train),
+        ParametricSNE(**FAST).fit_transform(digits.x_train),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert not np.allclose(
+        ParametricSNE(q_scope="batch", **FAST).fit_transform(digits.x_train),
+        ParametricSNE(**FAST).fit_transform(digits.x_train),
     )

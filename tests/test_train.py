@@ -174,7 +174,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys):
 @pytest.mark.parametrize(
     "key, before, default",
     [
-        ("q_scope", "global", "batch"),
+        ("q_scope", "global", "auto"),
         ("neighbor_mix", 0.0, 0.75),
         ("n_cells", 0, None),
         ("hidden", [256, 256], [128, 128]),

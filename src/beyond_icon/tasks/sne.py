@@ -56,9 +56,10 @@ class SNEConfig(TaskConfig):
         "p: global (fitted once over the train split) or batch (calibrated per batch, the paper's)",
     )
     q_scope: str = option(
-        "batch",
+        "auto",
         "with --affinity global, q normalised over the batch (batch) or for the whole train split "
-        "(global: each negative weighted by the training points it stands for)",
+        "(global: each negative weighted by the training points it stands for); auto: global "
+        "for kl, batch for the other divergences",
     )
     n_components: int = option(2, "embedding dimension")
     perplexity: float = option(30.0, "perplexity of p")
