@@ -93,13 +93,20 @@ def test_transform_of_one_point_equals_its_row(digits, lookup):
 def test_transform_of_uint8_pixels_equals_that_of_their_floats(digits, lookup):
     """``transform`` folds 1 / 255 into the PCA layer's weight for uint8 inputs: the same
     embedding as the floats in [0, 1] (64 pixels > the 50 PCA components, so the PCA layer)."""
-    pixels = np.round(digits.x_train * 255 / 16).astype(np.uint8)
+    pixels = digits.x_train
+    assert pixels.dtype == np.uint8
     est = ParametricSNE(**FAST).fit(pixels)
     assert isinstance(est.model_[0], type(est.projection_)) and est.projection_ is not None
     floats = pixels.astype(np.float32) / 255
     np.testing.assert_allclose(est.transform(pixels), est.transform(floats), atol=1e-5)
     with torch.no_grad():  # the network as trained: the floats through every layer
         direct = est.model_.eval()(torch.from_numpy(floats)).numpy()
+        projection, body = est.model_[0], est.model_[2]
+        raw = torch.from_numpy(pixels.reshape(len(pixels), -1)).float()
+        assert torch.equal(  # the same cells: no point changed sides between two landmarks
+            body.cells(projection(raw, input_scale=1 / 255)),
+            body.cells(projection(torch.from_numpy(floats))),
+        )
     np.testing.assert_allclose(est.transform(pixels), direct, atol=1e-5)
 
 
@@ -319,17 +326,18 @@ def test_cells_k_means_on_a_sample_of_large_data(monkeypatch):
 
 def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):
     """Seeds beyond scikit-learn's 32 bits (the tasks allow up to 2^63) reach the k-means of
-    the cells; an estimator pickled before n_cells existed loads as the plain 256-256 MLP it
-    was."""
+    the cells; an estimator pickled before n_cells, hidden and q_scope existed loads as the
+    plain 256-256 MLP with q for the train split that it was."""
     import pickle
 
     est = ParametricSNE(**{**FAST, "n_steps": 2, "random_state": 2**40}).fit(digits.x_train)
     assert np.isfinite(est.embedding_).all()
     state = est.__getstate__()
-    del state["n_cells"], state["hidden"]
+    del state["n_cells"], state["hidden"], state["q_scope"]
     old = ParametricSNE.__new__(ParametricSNE)
     old.__setstate__(state)
     assert old.get_params()["n_cells"] == 0 and old.get_params()["hidden"] == (256, 256)
+    assert old.get_params()["q_scope"] == "global"  # before q_scope existed: the train split's
     np.testing.assert_allclose(
         pickle.loads(pickle.dumps(old)).transform(digits.x_test), est.transform(digits.x_test)
     )
@@ -344,11 +352,24 @@ def test_q_scope_auto_is_global_for_kl_only(digits):
     assert resolve_q_scope("auto", "kl") == "global"
     for name in ("tv", "jsd", "hellinger", "chi2", "reverse_kl", "alpha:0.5"):
         assert resolve_q_scope("auto", name) == "batch"
+    from beyond_icon import divergences
+
+    for kl in ("KL", "alpha:1", divergences.kl, divergences.get("kl")):  # KL by its function
+        assert resolve_q_scope("auto", kl) == "global"
+
+    def kl(log_p, log_q):  # a user's divergence that only shares KL's name
+        return divergences.tv(log_p, log_q)
+
+    assert resolve_q_scope("auto", kl) == "batch"
     assert resolve_q_scope("batch", "kl") == "batch"
     assert resolve_q_scope("global", "tv") == "global"
-    for divergence, scope in (("kl", "global"), ("tv", "batch")):
-        est = ParametricSNE(divergence=divergence, **FAST).fit(digits.x_train)
-        assert est.q_scope_ == scope
+    for divergence, affinity, scope in (
+        ("kl", "global", "global"),
+        ("tv", "global", "batch"),
+        ("kl", "batch", "batch"),  # p per batch: q is the batch's plain kernel
+    ):
+        est = ParametricSNE(divergence=divergence, affinity=affinity, **FAST)
+        assert est.fit(digits.x_train).q_scope_ == scope
     # the resolved scope is what the loss used: auto and its resolution give the same fit
     np.testing.assert_allclose(
         ParametricSNE(q_scope="global", **FAST).fit_transform(digits.x_train),
