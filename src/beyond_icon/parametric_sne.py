@@ -736,7 +736,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             stem, rest, chunk = self.model_, None, rows
         if x.dtype == np.uint8 and rest is not None and isinstance(self.model_[0], Projection):
             # uint8 pixels go to the PCA layer unscaled, 1 / 255 folded into its weight: 10k
-            # Fashion-MNIST points in blocks of 2,048 rows, the conversion 2.1 to 2.6 -> 1.3 ms
+            # Fashion-MNIST points in blocks of 2,048 rows, the conversion 2.1 to 2.6 -> 1.2 to 1.4 ms
             # (medians of 30 calls, 2 cores). Not bitwise the fit's (x / 255) @ W: a point on
             # a boundary between two cells may take the other one (none of Fashion-MNIST's 70k
             # points did with a 10k fit's 2,000 cells; embeddings within 6e-5)
