@@ -276,8 +276,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         0.720 to 0.810 at 60k; the best divergence reaches 0.782 (Hellinger) and 0.810 (KL)
         against openTSNE's 0.788 and 0.816. The fits took 1.10 to 1.25 and 1.06 to 1.22 times
         the plain MLP's, and the transforms (medians of 5 calls) 18 to 21 and 20 to 23 ms for
-        the 10k test points against 20 and 22 ms, on 2 CPU cores. From 1,024 cells the lookup has two levels
-        (:class:`beyond_icon.models.CellMLP`'s ``coarse``).
+        the 10k test points against 20 and 22 ms, on 2 CPU cores. From 1,024 cells the lookup
+        has two levels (:class:`beyond_icon.models.CellMLP`'s ``coarse``).
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
@@ -736,8 +736,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             stem, rest, chunk = self.model_, None, rows
         if x.dtype == np.uint8 and rest is not None and isinstance(self.model_[0], Projection):
             # uint8 pixels go to the PCA layer unscaled, 1 / 255 folded into its weight: 10k
-            # Fashion-MNIST points in blocks of 2,048 rows, the conversion 2.1 to 2.6 -> 1.2 to 1.4 ms
-            # (medians of 30 calls, 2 cores). Not bitwise the fit's (x / 255) @ W: a point on
+            # Fashion-MNIST points in blocks of 2,048 rows, the conversion 2.1 to 2.6 -> 1.2 to
+            # 1.4 ms (medians of 30 calls, 2 cores). Not bitwise the fit's (x / 255) @ W: a point on
             # a boundary between two cells may take the other one (none of Fashion-MNIST's 70k
             # points did with a 10k fit's 2,000 cells; embeddings within 6e-5)
             def first(block: np.ndarray) -> Tensor:
