@@ -174,6 +174,24 @@ def test_an_sne_run_made_before_the_cells_is_not_taken_for_the_new_default(tmp_p
     assert sweep.plan("sne", ["tv"], [0], options | {"n_cells": 0}, tmp_path / "s")
 
 
+def test_an_sne_run_of_the_batch_q_default_is_not_taken_for_auto(tmp_path):
+    """q_scope's default became auto (KL's q for the train split); a run written under the
+    previous default records q_scope: batch, so the default's sweep refuses it, whatever the
+    divergence, and --q-scope batch continues it."""
+    import yaml
+
+    options = {"data": "simplex:3", "n_steps": 2}
+    specs = sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    config = Path(specs[0].folder) / "config.yaml"
+    written = yaml.safe_load(config.read_text())
+    assert written["q_scope"] == "auto"
+    config.write_text(yaml.safe_dump(written | {"q_scope": "batch"}, sort_keys=False))
+    with pytest.raises(sweep.SettingsChanged, match=r"q_scope: 'batch' there, 'auto' now"):
+        sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
+    assert sweep.plan("sne", ["kl"], [0], options | {"q_scope": "batch"}, tmp_path / "s")
+
+
 def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_path):
     """recipe and hidden came with the 128-128 MLP and the other changes of recipe 2; a run
     whose config.yaml lacks them was made by recipe 1 (256-256), which no option reproduces,
