@@ -14,7 +14,12 @@ Each ``--set NAME=VALUE`` is a ParametricSNE parameter (JSON value).
 ``--free-embedding`` optimises the same objective without a network: the train embedding is a
 free (n, 2) parameter (SparseAdam, lr ``--free-lr``, cosine decay, ``--free-steps`` steps),
 with the same fitted p, batch sampler, TSNE preset and early exaggeration as the estimator.
-It shows how far the loss itself can go, apart from the map. ``--regress-free`` then fits the
+It shows how far the loss itself can go, apart from the map. ``--free-init openTSNE`` (or
+``ours``) starts the table from openTSNE's train embedding (or the estimator's, with its
+``--set`` options) instead of a small PCA, without early exaggeration, at an lr of
+``--free-lr-knn`` times the start's mean distance to its 5 nearest neighbours, and prints the
+train 5-NN at each quarter of the steps: whether the objective, on its batches, keeps, improves
+or loses that embedding's local structure. ``--regress-free`` then fits the
 estimator's network (its PCA layer, MLP widths from ``--hidden``, input noise from ``--set
 input_noise=...``) to that free embedding by least squares, Adam at the estimator's lr with
 cosine decay for ``--regress-steps`` steps of 512 points, and reports the network's train and
@@ -33,7 +38,7 @@ import time
 import numpy as np
 import torch
 from sklearn.decomposition import PCA
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import beyond_icon.parametric_sne as parametric_sne
 from beyond_icon import data, metrics
@@ -60,9 +65,19 @@ class _Scale(torch.nn.Module):
 
 
 def free_embedding(
-    x_train: np.ndarray, steps: int, lr: float, seed: int = 0, q_scope: str = "global"
+    x_train: np.ndarray,
+    steps: int,
+    lr: float,
+    seed: int = 0,
+    q_scope: str = "global",
+    start: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The estimator's objective optimised over a free (n, 2) embedding instead of a network."""
+    """The estimator's objective optimised over a free (n, 2) embedding instead of a network.
+
+    From ``start`` (an (n, 2) embedding of ``x_train``) if given, without early exaggeration,
+    printing the train 5-NN (LOO, with ``labels``) at each quarter of the steps; otherwise from
+    a small PCA with the estimator's early exaggeration."""
     import math
 
     from beyond_icon import value_checks
@@ -76,8 +91,9 @@ def free_embedding(
     sampler = NeighborBatchSampler(affinity, 256)
     loss = TSNE("kl", 30.0, affinity=affinity, q_scope=q_scope)
     table = torch.nn.Embedding(len(inputs), 2, sparse=True)
-    with torch.no_grad():  # PCA initialisation, small
-        table.weight.copy_(torch.as_tensor(inputs[:, :2] / inputs[:, 0].std() * 1e-2))
+    with torch.no_grad():  # PCA initialisation, small, or the given embedding
+        init = inputs[:, :2] / inputs[:, 0].std() * 1e-2 if start is None else start
+        table.weight.copy_(torch.as_tensor(np.asarray(init, dtype=np.float32)))
     optimizer = torch.optim.SparseAdam(table.parameters(), lr=lr)
     generator, step = torch.Generator().manual_seed(seed), 0
     with value_checks(False):
@@ -87,12 +103,16 @@ def free_embedding(
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-                exaggeration = 12.0 if step < 0.25 * steps else 1.0
+                early = start is None and step < 0.25 * steps
+                exaggeration = 12.0 if early else 1.0
                 value = loss(None, table(index), indices=index, exaggeration=exaggeration)
                 optimizer.zero_grad()
                 value.backward()
                 optimizer.step()
                 step += 1
+                if start is not None and labels is not None and step % max(1, steps // 4) == 0:
+                    accuracy = leave_one_out_knn(table.weight.detach().numpy(), labels)
+                    print(f"  step {step}: train 5-NN (LOO) {accuracy:.3f}", flush=True)
     return table.weight.detach().numpy()
 
 
@@ -138,6 +158,8 @@ def main() -> None:
     parser.add_argument("--free-embedding", action="store_true")
     parser.add_argument("--free-steps", type=int, default=4000)
     parser.add_argument("--free-lr", type=float, default=1.0)
+    parser.add_argument("--free-init", choices=("pca", "openTSNE", "ours"), default="pca")
+    parser.add_argument("--free-lr-knn", type=float, default=0.1, help="see the docstring")
     parser.add_argument("--inputs", action="store_true")
     parser.add_argument("--regress-free", action="store_true", help="see the module docstring")
     parser.add_argument("--regress-steps", type=int, default=4000)
@@ -171,10 +193,32 @@ def main() -> None:
         started = time.perf_counter()
         settings = dict(item.partition("=")[::2] for item in args.set)
         scope = json.loads(settings.get("q_scope", '"global"'))  # KL's, as the estimator's auto
-        embedding = free_embedding(x_train, args.free_steps, args.free_lr, q_scope=scope)
+        start, lr = None, args.free_lr
+        if args.free_init != "pca":
+            if args.free_init == "openTSNE":
+                import openTSNE
+
+                p_train = PCA(50, random_state=0).fit_transform(x_train)
+                threads = torch.get_num_threads()
+                start = np.asarray(openTSNE.TSNE(n_jobs=threads, random_state=0).fit(p_train))
+            else:
+                overrides = {k: json.loads(v) for k, v in settings.items()}
+                start = parametric_sne.ParametricSNE(**overrides).fit(x_train).embedding_
+            nearest = NearestNeighbors(n_neighbors=6).fit(start).kneighbors(start)[0][:, 1:]
+            lr = args.free_lr_knn * float(nearest.mean())
+            print(
+                f"start: {args.free_init}'s train embedding, train 5-NN (LOO) "
+                f"{leave_one_out_knn(start, y_train):.3f}; lr {lr:.4g}",
+                flush=True,
+            )
+            started = time.perf_counter()
+        embedding = free_embedding(
+            x_train, args.free_steps, lr, q_scope=scope, start=start, labels=y_train
+        )
         seconds = time.perf_counter() - started
         print(
-            f"free embedding ({args.free_steps} steps, lr {args.free_lr:g}): train 5-NN (LOO) "
+            f"free embedding ({args.free_init} start, {args.free_steps} steps, lr {lr:.4g}): "
+            "train 5-NN (LOO) "
             f"{leave_one_out_knn(embedding, y_train):.3f}, fit {seconds:.1f} s",
             flush=True,
         )

@@ -1,0 +1,36 @@
+"""benchmarks/sne_train_gap.py's free embedding started from a given embedding, on digits."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gap():
+    spec = importlib.util.spec_from_file_location(
+        "sne_train_gap", ROOT / "benchmarks" / "sne_train_gap.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_free_embedding_from_a_start_starts_there_and_reports_each_quarter(gap, capsys):
+    x, y = load_digits(return_X_y=True)
+    x, y = x[:300].astype(np.float32), y[:300]
+    start = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    kept = gap.free_embedding(x, 8, 1e-9, start=start, labels=y)
+    # Adam moves a coordinate by at most about lr a step: the start itself, barely moved
+    np.testing.assert_allclose(kept, start, rtol=0, atol=1e-6)
+    assert capsys.readouterr().out.count("train 5-NN (LOO)") == 4
+    moved = gap.free_embedding(x, 8, 0.05, start=start)
+    assert moved.shape == (300, 2) and np.isfinite(moved).all()
+    assert np.abs(moved - start).max() > 0  # the loss moves it
+    assert capsys.readouterr().out == ""  # no labels: nothing printed
