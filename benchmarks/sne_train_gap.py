@@ -76,8 +76,9 @@ def free_embedding(
     """The estimator's objective optimised over a free (n, 2) embedding instead of a network.
 
     From ``start`` (an (n, 2) embedding of ``x_train``) if given, without early exaggeration,
-    printing the train 5-NN (LOO, with ``labels``) at each quarter of the steps; otherwise from
-    a small PCA with the estimator's early exaggeration."""
+    printing the train 5-NN (LOO, with ``labels``) at each quarter of the steps (the reported
+    fit time includes those evaluations); otherwise from a small PCA with the estimator's early
+    exaggeration."""
     import math
 
     from beyond_icon import value_checks
@@ -96,6 +97,7 @@ def free_embedding(
         table.weight.copy_(torch.as_tensor(np.asarray(init, dtype=np.float32)))
     optimizer = torch.optim.SparseAdam(table.parameters(), lr=lr)
     generator, step = torch.Generator().manual_seed(seed), 0
+    quarters = {round(steps * q / 4) for q in (1, 2, 3, 4)} - {0}
     with value_checks(False):
         while step < steps:
             for index in sampler.epoch(generator):
@@ -110,7 +112,7 @@ def free_embedding(
                 value.backward()
                 optimizer.step()
                 step += 1
-                if start is not None and labels is not None and step % max(1, steps // 4) == 0:
+                if start is not None and labels is not None and step in quarters:
                     accuracy = leave_one_out_knn(table.weight.detach().numpy(), labels)
                     print(f"  step {step}: train 5-NN (LOO) {accuracy:.3f}", flush=True)
     return table.weight.detach().numpy()
@@ -192,6 +194,18 @@ def main() -> None:
     if args.free_embedding:
         started = time.perf_counter()
         settings = dict(item.partition("=")[::2] for item in args.set)
+        ignored = sorted(set(settings) - {"q_scope", "input_noise"})
+        if (
+            ignored
+            or args.batch_norm
+            or args.output_scale
+            or (args.hidden and not args.regress_free)
+        ):
+            parser.error(
+                "--free-embedding optimises KL with the estimator's defaults: only q_scope and "
+                "input_noise may be --set (and --hidden with --regress-free), not "
+                + ", ".join(ignored or ["--hidden / --batch-norm / --output-scale"])
+            )
         scope = json.loads(settings.get("q_scope", '"global"'))  # KL's, as the estimator's auto
         start, lr = None, args.free_lr
         if args.free_init != "pca":
