@@ -255,6 +255,8 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"hidden": (64.0,)}, "hidden must be a non-empty sequence"),
         (np.zeros((20, 4, 1, 1)), {"n_cells": 4, "backbone": "cnn"}, "n_cells applies to the MLP"),
         (np.zeros((20, 4)), {"input_noise": -1.0}, "input_noise"),
+        (np.zeros((20, 4)), {"input_noise_power": -0.5}, "input_noise_power must be a number"),
+        (np.zeros((20, 4)), {"input_noise_power": "half"}, "input_noise_power must be a number"),
         (np.zeros((20, 4)), {"exaggeration_fraction": 2.0}, "exaggeration_fraction"),
         (np.zeros(20), {}, "Expected 2D array"),
         (np.array([["a", "b"]] * 5), {}, "could not convert"),
@@ -333,11 +335,12 @@ def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):
     est = ParametricSNE(**{**FAST, "n_steps": 2, "random_state": 2**40}).fit(digits.x_train)
     assert np.isfinite(est.embedding_).all()
     state = est.__getstate__()
-    del state["n_cells"], state["hidden"], state["q_scope"]
+    del state["n_cells"], state["hidden"], state["q_scope"], state["input_noise_power"]
     old = ParametricSNE.__new__(ParametricSNE)
     old.__setstate__(state)
     assert old.get_params()["n_cells"] == 0 and old.get_params()["hidden"] == (256, 256)
     assert old.get_params()["q_scope"] == "global"  # before q_scope existed: the train split's
+    assert old.get_params()["input_noise_power"] == 0.0  # before it: the same on every feature
     np.testing.assert_allclose(
         pickle.loads(pickle.dumps(old)).transform(digits.x_test), est.transform(digits.x_test)
     )
@@ -381,3 +384,52 @@ def test_q_scope_auto_is_global_for_kl_only(digits):
         ParametricSNE(q_scope="batch", **FAST).fit_transform(digits.x_train),
         ParametricSNE(**FAST).fit_transform(digits.x_train),
     )
+
+
+def test_noise_weights_share_the_noise_by_each_features_spread():
+    """w_j proportional to sd_j ** power, mean w_j^2 = 1; power 0 (or no spread) gives None."""
+    from beyond_icon.parametric_sne import noise_weights
+
+    generator = torch.Generator().manual_seed(0)
+    spread = torch.tensor([4.0, 1.0, 0.25, 0.0])
+    z = torch.randn(20000, 4, generator=generator, dtype=torch.float64) * spread
+    sd = z.std(0)
+    for power in (0.5, 1.0, 2.0):
+        weight = noise_weights(z, power)
+        expected = sd.pow(power) / sd.pow(power).pow(2).mean().sqrt()
+        torch.testing.assert_close(weight, expected.float())
+        assert float(weight.pow(2).mean()) == pytest.approx(1.0, rel=1e-6)
+        assert weight[3] == 0  # a feature that never varies gets no noise
+    assert noise_weights(z, 0.0) is None and noise_weights(torch.ones(50, 3), 0.5) is None
+
+
+def test_input_noise_is_weighted_per_feature_in_training_only():
+    from beyond_icon.parametric_sne import InputNoise
+
+    weight = torch.tensor([2.0, 1.0, 0.0])
+    noise = InputNoise(0.3, weight)
+    x = torch.zeros(40000, 3)
+    torch.manual_seed(0)
+    measured = noise.train()(x).std(0)
+    torch.testing.assert_close(measured, 0.3 * weight, atol=0.006, rtol=0)
+    assert torch.equal(noise.eval()(x), x)
+    assert "weighted per feature" in repr(noise)
+    plain = InputNoise(0.3)  # no weight: the same noise on every feature, as before
+    assert plain.weight is None and "weighted" not in repr(plain)
+    torch.manual_seed(0)
+    torch.testing.assert_close(plain.train()(x).std(0), torch.full((3,), 0.3), atol=0.006, rtol=0)
+
+
+def test_the_default_weights_the_noise_by_the_pca_spread_and_power_0_does_not(digits):
+    """The default MLP's noise follows the PCA components' spread (power 0.5); power 0 is the
+    earlier recipe's noise, the same on every feature."""
+    from beyond_icon.parametric_sne import noise_weights
+
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    weight = est.model_[1].weight.flatten()
+    inputs = torch.as_tensor(est.input_features(digits.x_train)) / est.projection_.scale
+    torch.testing.assert_close(weight, noise_weights(inputs, 0.5), rtol=1e-4, atol=1e-5)
+    assert weight[0] > 1 > weight[-1]  # more on the leading components, less on the last
+    flat = ParametricSNE(**{**FAST, "input_noise_power": 0.0}).fit(digits.x_train)
+    assert flat.model_[1].weight is None
+    assert not np.allclose(flat.embedding_, est.embedding_)

@@ -36,7 +36,14 @@ from beyond_icon.train import (
     split_batches,
 )
 
-__all__ = ["AFFINITIES", "KERNELS", "Q_SCOPE_CHOICES", "ParametricSNE", "resolve_q_scope"]
+__all__ = [
+    "AFFINITIES",
+    "KERNELS",
+    "Q_SCOPE_CHOICES",
+    "ParametricSNE",
+    "noise_weights",
+    "resolve_q_scope",
+]
 
 KERNELS = ("student_t", "gaussian")
 AFFINITIES = ("global", "batch")
@@ -81,9 +88,10 @@ def resolve_q_scope(q_scope: str, divergence: str | divergences.Divergence | Cal
 # of another recipe is not resumed): 1 before it was recorded (the cells' MLP 256-256, at most
 # 2,048 cells, at least 4,000 steps, k-means++ over all rows, the full cell lookup while
 # training); 2 (the MLP 128-128, at most 4,096 cells, at least 3,000 steps, 40 passes); 3 (32
-# passes); 4 (at most 2,048 cells: the same as 3 up to 10,240 points); 5 the current one (the
-# two-level cell lookup from 1,024 cells, CellMLP's ``coarse``)
-RECIPE = 5
+# passes); 4 (at most 2,048 cells: the same as 3 up to 10,240 points); 5 (the
+# two-level cell lookup from 1,024 cells, CellMLP's ``coarse``); 6 the current one (the input
+# noise weighted per feature, ``input_noise_power``)
+RECIPE = 6
 # passes of the anchors over the data by default (see n_steps)
 PASSES = 32
 CELLS_PER_POINT = 0.2
@@ -188,20 +196,56 @@ class Projection(nn.Module):
 
 
 class InputNoise(nn.Module):
-    """Gaussian noise of standard deviation ``std`` added to the inputs in training mode only:
-    a regulariser that makes the map smoother between training points."""
+    """Gaussian noise added to the inputs in training mode only, a regulariser that makes the
+    map smoother between training points: standard deviation ``std`` on every feature, or
+    ``std * weight_j`` on feature ``j`` with a ``(k,)`` ``weight`` (see
+    :func:`noise_weights`)."""
 
-    def __init__(self, std: float):
+    def __init__(self, std: float, weight: Tensor | None = None):
         super().__init__()
         self.std = float(std)
+        self.register_buffer("weight", None if weight is None else weight.float().reshape(1, -1))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.std > 0:
-            return x + self.std * torch.randn_like(x)
+            noise = torch.randn_like(x)
+            weight = getattr(self, "weight", None)  # an InputNoise pickled before it had none
+            if weight is not None:
+                noise = noise * weight
+            return x + self.std * noise
         return x
 
     def extra_repr(self) -> str:
-        return f"std={self.std}"
+        weighted = getattr(self, "weight", None) is not None
+        return f"std={self.std}" + (", weighted per feature" if weighted else "")
+
+
+def noise_weights(z: Tensor, power: float) -> Tensor | None:
+    """Per-feature weights of the input noise: ``w_j`` proportional to ``sd_j ** power``.
+
+    ``sd_j`` is the standard deviation of feature ``j`` over the rows of ``z`` (the MLP's
+    training inputs, e.g. the scaled PCA components), and the weights are scaled so that
+    ``mean_j w_j^2 = 1``: the noise has the total power of the unweighted noise of the same
+    ``std``, shared out by the features' spread. A feature that never varies gets none.
+
+    Parameters
+    ----------
+    z : (n, k) tensor
+    power : float
+        0 gives every feature the same noise (returns None), 1 noise proportional to spread.
+
+    Returns
+    -------
+    (k,) tensor or None
+        None where the weights would all be equal or undefined (no spread at all).
+    """
+    if power == 0:
+        return None
+    weight = z.float().std(0).pow(float(power))
+    rms = float(weight.pow(2).mean().sqrt())
+    if not (math.isfinite(rms) and rms > 0):
+        return None
+    return weight / rms
 
 
 class ParametricSNE(TransformerMixin, BaseEstimator):
@@ -318,7 +362,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     input_noise : float
         Standard deviation of the Gaussian noise added to the network's (standardised) inputs
         while training, a regulariser: +0.9 points of test 5-NN accuracy on Fashion-MNIST 10k
-        (KL, ``q_scope="global"``).
+        (KL, ``q_scope="global"``, the plain MLP).
+    input_noise_power : float
+        With the MLP, how the noise is shared out among the input features (the PCA
+        components): ``input_noise * w_j`` on feature ``j``, ``w_j`` proportional to its
+        standard deviation over the training inputs raised to this power, with ``mean_j w_j^2 =
+        1`` (:func:`noise_weights`; the same total noise power). 0: the same noise on every
+        feature (recipe 5 and before), so the low-variance components, where near points
+        differ, are drowned and the leading ones barely perturbed; 1: noise proportional to
+        each feature's spread. Default 0.5 (weights 0.65 to 2.41 on Fashion-MNIST 10k's PCA-50).
     sigma : float
         Bandwidth of the Gaussian q.
     dof : float
@@ -384,6 +436,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         exaggeration_fraction: float = 0.25,
         pca_components: int | None = 50,
         input_noise: float = 0.3,
+        input_noise_power: float = 0.5,
         sigma: float = 1.0 / math.sqrt(2.0),
         dof: float = 1.0,
         n_neighbors: int | None = None,
@@ -411,6 +464,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         self.exaggeration_fraction = exaggeration_fraction
         self.pca_components = pca_components
         self.input_noise = input_noise
+        self.input_noise_power = input_noise_power
         self.sigma = sigma
         self.dof = dof
         self.n_neighbors = n_neighbors
@@ -466,8 +520,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if not (isinstance(self.input_noise, (int, float)) and 0 <= self.input_noise < math.inf):
-            raise ValueError(f"input_noise must be a number >= 0, got {self.input_noise!r}")
+        for name in ("input_noise", "input_noise_power"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not 0.0 <= self.exaggeration_fraction <= 1.0:
             raise ValueError(
                 f"exaggeration_fraction must be in [0, 1], got {self.exaggeration_fraction!r}"
@@ -531,10 +587,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 stem = Standardize(flat.mean(0, keepdim=True), flat.std().expand(1, flat.shape[1]))
                 width = flat.shape[1]
             m = self._cells(len(xf))
+            with torch.no_grad():  # the MLP's inputs: where the cells are drawn, and the noise
+                flat = xf.reshape(len(xf), -1)
+                z = torch.cat([stem(flat[s : s + 16384]) for s in range(0, len(flat), 16384)])
+            weight = noise_weights(z, self.input_noise_power)
             if m:
-                with torch.no_grad():  # the MLP's inputs, where the cells are drawn
-                    flat = xf.reshape(len(xf), -1)
-                    z = torch.cat([stem(flat[s : s + 16384]) for s in range(0, len(flat), 16384)])
                 landmarks = _kmeans_centres(z, m, self.random_state)
             if m and len(landmarks) >= 2:
                 body = CellMLP(width, landmarks, hidden=tuple(self.hidden), batch_norm=False)
@@ -542,7 +599,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 body = MLP(width, hidden=tuple(self.hidden), batch_norm=False)
         else:
             stem, body = Standardize.fit(xf), build_backbone(name, tuple(xf.shape[1:]))
-        noise = InputNoise(self.input_noise)
+            weight = None  # images: the same noise on every pixel
+        noise = InputNoise(self.input_noise, weight)
         return nn.Sequential(stem, noise, body, nn.Linear(body.feature_dim, self.n_components))
 
     def fit(
@@ -765,6 +823,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         state.setdefault("n_cells", 0)
         state.setdefault("hidden", (256, 256))  # and before hidden existed, 256-256
         state.setdefault("q_scope", "global")  # and before q_scope existed, q for the train split
+        state.setdefault("input_noise_power", 0.0)  # and before the noise was weighted, none
         super().__setstate__(state)
 
     def __sklearn_tags__(self):

@@ -273,6 +273,7 @@ LEGACY_SETTINGS = {
     "neighbor_mix": 0.0,  # cluster task: p on the pair-mate only
     "n_cells": 0,  # parametric SNE: the plain MLP, no cells
     "hidden": [256, 256],  # parametric SNE: the MLP's widths
+    "input_noise_power": 0.0,  # parametric SNE: the same input noise on every feature
     "recipe": 1,  # a task's method before its recipe was versioned (TaskConfig.recipe)
 }
 

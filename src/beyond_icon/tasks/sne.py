@@ -69,6 +69,11 @@ class SNEConfig(TaskConfig):
     input_noise: float = option(
         0.3, "std of the Gaussian noise on the network's standardised inputs while training"
     )
+    input_noise_power: float = option(
+        0.5,
+        "with the MLP, the noise on each input feature ~ its std to this power, at the same "
+        "total power (0: the same noise on every feature)",
+    )
     backbone: str = option(
         "auto", "auto (the MLP on the PCA features, for images too), mlp, cnn, resnet18"
     )
