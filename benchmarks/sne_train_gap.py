@@ -21,7 +21,7 @@ It shows how far the loss itself can go, apart from the map. ``--free-init openT
 train 5-NN at each quarter of the steps: whether the objective, on its batches, keeps, improves
 or loses that embedding's local structure. ``--regress-free`` then fits the
 estimator's network (its PCA layer, MLP widths from ``--hidden``, input noise from ``--set
-input_noise=...``) to that free embedding by least squares, Adam at the estimator's lr with
+input_noise=...``, the same on every feature: ``input_noise_power=0``) to that free embedding by least squares, Adam at the estimator's lr with
 cosine decay for ``--regress-steps`` steps of 512 points, and reports the network's train and
 test 5-NN: whether a network can represent the free embedding, and how that map generalises.
 

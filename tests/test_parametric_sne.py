@@ -414,10 +414,17 @@ def test_input_noise_is_weighted_per_feature_in_training_only():
     torch.testing.assert_close(measured, 0.3 * weight, atol=0.006, rtol=0)
     assert torch.equal(noise.eval()(x), x)
     assert "weighted per feature" in repr(noise)
+    assert torch.equal(noise.state_dict()["weight"], weight[None])  # a buffer: saved, moved
+    assert noise.double().weight.dtype == torch.float64
     plain = InputNoise(0.3)  # no weight: the same noise on every feature, as before
     assert plain.weight is None and "weighted" not in repr(plain)
     torch.manual_seed(0)
     torch.testing.assert_close(plain.train()(x).std(0), torch.full((3,), 0.3), atol=0.006, rtol=0)
+    old = InputNoise(0.3)  # an InputNoise pickled before the weight existed has no such buffer
+    del old._buffers["weight"]
+    torch.manual_seed(0)
+    torch.testing.assert_close(old.train()(x).std(0), torch.full((3,), 0.3), atol=0.006, rtol=0)
+    assert repr(old) == "InputNoise(std=0.3)"
 
 
 def test_the_default_weights_the_noise_by_the_pca_spread_and_power_0_does_not(digits):
@@ -433,3 +440,8 @@ def test_the_default_weights_the_noise_by_the_pca_spread_and_power_0_does_not(di
     flat = ParametricSNE(**{**FAST, "input_noise_power": 0.0}).fit(digits.x_train)
     assert flat.model_[1].weight is None
     assert not np.allclose(flat.embedding_, est.embedding_)
+    raw = ParametricSNE(**{**FAST, "pca_components": None, "n_cells": 0}).fit(digits.x_train)
+    pixels = torch.as_tensor(digits.x_train.reshape(len(digits.x_train), -1), dtype=torch.float32)
+    expected = noise_weights(raw.model_[0](pixels), 0.5)
+    torch.testing.assert_close(raw.model_[1].weight.flatten(), expected)
+    assert expected.min() == 0  # digits' always-blank corner pixels get no noise

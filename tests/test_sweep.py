@@ -195,10 +195,11 @@ def test_an_sne_run_of_the_batch_q_default_is_not_taken_for_auto(tmp_path):
 def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_path):
     """recipe and hidden came with the 128-128 MLP and the other changes of recipe 2; a run
     whose config.yaml lacks them was made by recipe 1 (256-256), which no option reproduces,
-    and a run of recipe 4 (the exact cell lookup) or 5 (the same input noise on every feature,
-    before input_noise_power) is not one of recipe 6 either: the sweep refuses them whatever is
-    passed (the demo then sets its folder aside). A run's config.yaml, recipe included, still
-    loads as --config."""
+    and a run of recipe 4 (the exact cell lookup) is not one of recipe 5 either: the sweep refuses
+    them whatever is passed (the demo then sets its folder aside). A run made before
+    input_noise_power existed had the same noise on every feature: refused by the new default,
+    continued with input_noise_power=0. A run's config.yaml, recipe included, still loads as
+    --config."""
     import yaml
 
     from beyond_icon.tasks.common import config_from_dict
@@ -208,19 +209,21 @@ def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_pa
     specs = sweep.plan("sne", ["kl"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == []
     written = yaml.safe_load((Path(specs[0].folder) / "config.yaml").read_text())
-    assert written["recipe"] == SNEConfig.recipe == 6
+    assert written["recipe"] == SNEConfig.recipe == 5
+    assert written["input_noise_power"] == SNEConfig().estimator().input_noise_power == 0.5
     assert config_from_dict(SNEConfig, written).hidden == [128, 128]
     config = Path(specs[0].folder) / "config.yaml"
-    recipe_5 = {k: v for k, v in written.items() if k != "input_noise_power"} | {"recipe": 5}
-    config.write_text(yaml.safe_dump(recipe_5, sort_keys=False))
-    with pytest.raises(sweep.SettingsChanged, match="an earlier recipe") as error:
-        sweep.plan("sne", ["tv"], [0], options | {"input_noise_power": 0.0}, tmp_path / "s")
-    assert "recipe: 5 there, 6 now" in str(error.value) and error.value.keys == ["recipe"]
-    with pytest.raises(sweep.SettingsChanged, match="input_noise_power: 0.0 there, 0.5 now"):
+    before = {k: v for k, v in written.items() if k != "input_noise_power"}
+    config.write_text(yaml.safe_dump(before, sort_keys=False))
+    with pytest.raises(
+        sweep.SettingsChanged, match="input_noise_power: 0.0 there, 0.5 now"
+    ) as error:
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert error.value.keys == ["input_noise_power"] and "earlier recipe" not in str(error.value)
+    assert sweep.plan("sne", ["tv"], [0], options | {"input_noise_power": 0.0}, tmp_path / "s")
     # recipe 4 (the exact cell lookup)
     config.write_text(yaml.safe_dump(written | {"recipe": 4}, sort_keys=False))
-    with pytest.raises(sweep.SettingsChanged, match="recipe: 4 there, 6 now") as error:
+    with pytest.raises(sweep.SettingsChanged, match="recipe: 4 there, 5 now") as error:
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
     assert error.value.keys == ["recipe"] and "an earlier recipe" in str(error.value)
     _written_before(specs[0], "hidden")
@@ -229,8 +232,8 @@ def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_pa
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
     message = str(error.value)
     assert "hidden: [256, 256] there, [128, 128] now" in message
-    assert "recipe: 1 there, 6 now" in message and set(error.value.keys) == {"hidden", "recipe"}
-    with pytest.raises(sweep.SettingsChanged, match="recipe: 1 there, 6 now") as error:
+    assert "recipe: 1 there, 5 now" in message and set(error.value.keys) == {"hidden", "recipe"}
+    with pytest.raises(sweep.SettingsChanged, match="recipe: 1 there, 5 now") as error:
         sweep.plan("sne", ["tv"], [0], options | {"hidden": [256, 256]}, tmp_path / "s")
     assert error.value.keys == ["recipe"]
 

@@ -67,7 +67,9 @@ class SNEConfig(TaskConfig):
         50, "PCA dimension of the inputs for p and the MLP (none: raw inputs)"
     )
     input_noise: float = option(
-        0.3, "std of the Gaussian noise on the network's standardised inputs while training"
+        0.3,
+        "std of the Gaussian noise on the network's standardised inputs while training (its root "
+        "mean square over the features with --input-noise-power)",
     )
     input_noise_power: float = option(
         0.5,
