@@ -238,7 +238,7 @@ def noise_weights(z: Tensor, power: float) -> Tensor | None:
     Returns
     -------
     (k,) tensor or None
-        None where the weights would all be equal or undefined (no spread at all).
+        None for power 0 (the same noise on every feature) or where no feature varies.
     """
     if power == 0:
         return None
@@ -320,11 +320,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         Fashion-MNIST 10k with 2,000 cells and 98.5% at 60k with 4,096). On Fashion-MNIST
         (``benchmarks/bench_sne.py``, test 5-NN, one run, against the plain 256-256 MLP;
         ``input_noise_power=0.5``) the cells lift KL from 0.719 to 0.785 at 10k and from 0.730 to
-        0.807 at 60k;
-        the best divergence reaches 0.785 (KL, JSD) and 0.808 (TV; KL 0.807) against
-        openTSNE's 0.788 and 0.816. The fits took 1.12 to 1.24 and 1.07 to 1.12 times the plain
-        MLP's, and the transforms (medians of 5 calls) 19 to 21 and 18 to 21 ms for the 10k
-        test points against 20 and 22 ms, on 2 CPU cores. From 1,024 cells the lookup
+        0.807 at 60k; the best divergence reaches 0.785 (KL, JSD) and 0.808 (TV; KL 0.807)
+        against openTSNE's 0.788 and 0.816. The fits took 1.12 to 1.24 and 1.07 to 1.12 times
+        the plain MLP's, and the transforms (medians of 5 calls) 19 to 21 and 18 to 21 ms for
+        the 10k test points against 20 and 22 ms, on 2 CPU cores. From 1,024 cells the lookup
         has two levels (:class:`beyond_icon.models.CellMLP`'s ``coarse``).
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
@@ -373,10 +372,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         components): ``input_noise * w_j`` on feature ``j``, ``w_j`` proportional to its
         standard deviation over the training inputs raised to this power, with ``mean_j w_j^2 =
         1`` (:func:`noise_weights`; the same total noise power). 0: the same noise on every
-        feature (the default before 2026-11-30), so the low-variance components, where near points
-        differ, are drowned and the leading ones barely perturbed; 1: noise proportional to
-        each feature's spread. Default 0.5 (weights 0.65 to 2.41 on Fashion-MNIST 10k's
-        PCA-50): in probes on Fashion-MNIST (test 5-NN, one run each), KL 0.778 -> 0.788 at
+        feature (the default before 2026-11-30), so the low-variance components, where near
+        points differ, are drowned and the leading ones barely perturbed; 1: noise
+        proportional to each feature's spread. Default 0.5 (weights 0.65 to 2.41 on
+        Fashion-MNIST 10k's PCA-50): in probes on Fashion-MNIST (test 5-NN, one run each), KL 0.778 -> 0.788 at
         10k (power 1: 0.779) and 0.799 -> 0.806 and 0.802 -> 0.807 at 60k on seeds 1 and 2,
         Hellinger 0.800 -> 0.804 and 0.804 -> 0.807, trustworthiness up by 0.0002 to 0.0015;
         through the estimator itself (bench runs, paired with power 0), +0.5 points on average
