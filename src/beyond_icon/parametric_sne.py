@@ -375,9 +375,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         feature (the default before 2026-11-30), so the low-variance components, where near
         points differ, are drowned and the leading ones barely perturbed; 1: noise
         proportional to each feature's spread. Default 0.5 (weights 0.65 to 2.41 on
-        Fashion-MNIST 10k's PCA-50): in probes on Fashion-MNIST (test 5-NN, one run each), KL 0.778 -> 0.788 at
-        10k (power 1: 0.779) and 0.799 -> 0.806 and 0.802 -> 0.807 at 60k on seeds 1 and 2,
-        Hellinger 0.800 -> 0.804 and 0.804 -> 0.807, trustworthiness up by 0.0002 to 0.0015;
+        Fashion-MNIST 10k's PCA-50): in probes on Fashion-MNIST (test 5-NN, one run each), KL
+        0.778 -> 0.788 at 10k (power 1: 0.779) and 0.799 -> 0.806 and 0.802 -> 0.807 at 60k
+        on seeds 1 and 2, Hellinger 0.800 -> 0.804 and 0.804 -> 0.807, trustworthiness up by
+        0.0002 to 0.0015;
         through the estimator itself (bench runs, paired with power 0), +0.5 points on average
         over ten divergence-seed pairs at 10k and +0.1 over eight at 60k.
     sigma : float
