@@ -257,6 +257,7 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"input_noise": -1.0}, "input_noise"),
         (np.zeros((20, 4)), {"input_noise_power": -0.5}, "input_noise_power must be a number"),
         (np.zeros((20, 4)), {"input_noise_power": "half"}, "input_noise_power must be a number"),
+        (np.zeros((20, 4)), {"input_noise_power": True}, "input_noise_power must be a number"),
         (np.zeros((20, 4)), {"exaggeration_fraction": 2.0}, "exaggeration_fraction"),
         (np.zeros(20), {}, "Expected 2D array"),
         (np.array([["a", "b"]] * 5), {}, "could not convert"),

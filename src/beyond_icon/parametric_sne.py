@@ -378,9 +378,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         Fashion-MNIST 10k's PCA-50): in probes on Fashion-MNIST (test 5-NN, one run each), KL
         0.778 -> 0.788 at 10k (power 1: 0.779) and 0.799 -> 0.806 and 0.802 -> 0.807 at 60k
         on seeds 1 and 2, Hellinger 0.800 -> 0.804 and 0.804 -> 0.807, trustworthiness up by
-        0.0002 to 0.0015;
-        through the estimator itself (bench runs, paired with power 0), +0.5 points on average
-        over ten divergence-seed pairs at 10k and +0.1 over eight at 60k.
+        0.0002 to 0.0015; through the estimator itself (bench runs, paired with power 0), +0.5
+        points on average over ten divergence-seed pairs at 10k and +0.1 over eight at 60k.
     sigma : float
         Bandwidth of the Gaussian q.
     dof : float
@@ -532,7 +531,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         for name in ("input_noise", "input_noise_power"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not 0.0 <= self.exaggeration_fraction <= 1.0:
             raise ValueError(
