@@ -160,8 +160,9 @@ def mine_neighbors(
             # boolean mask costs two passes over it (empty when the block holds none)
             sims.diagonal(offset=start - key_start).fill_(-float("inf"))
             # TIE_MARGIN more than needed, so that points tied at the k-th similarity (duplicates)
-            # are all candidates and the lowest indices win, whatever k is
-            top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1)
+            # are all candidates and the lowest indices win, whatever k is; unsorted, since
+            # the merge below orders them (Fashion-MNIST 60k, k = 90: 0.36 -> 0.26 s a block)
+            top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1, sorted=False)
             merged_sim = torch.cat([best_sim, top_sim], dim=1)
             merged_idx = torch.cat([best_idx, cols[top_pos]], dim=1)
             # higher similarity first, ties by lower index: a table for k is the first k
