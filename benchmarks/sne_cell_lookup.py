@@ -4,8 +4,8 @@ While training, the cell of a noisy input is searched among the ``NEAR_CELLS`` c
 its clean input's cell (within the two-level lists from 1,024 cells); ``transform`` looks the
 cell of a clean input up in two levels. This script builds the default estimator's network for
 the first ``--n`` training points (PCA, noise weights, k-means cells; no training: the lookup
-does not depend on the trained weights) and reports, against the nearest of all cells (exact,
-``torch.cdist``):
+does not depend on the trained weights) and reports, against the nearest of all cells (every
+landmark scored):
 
 - ``training``: the fraction of noisy inputs whose training-path cell is the nearest of all
   (``--repeats`` noise draws of every point);
@@ -30,9 +30,11 @@ from beyond_icon.models import CellMLP
 from beyond_icon.parametric_sne import NEAR_CELLS, ParametricSNE, _float_tensor, _validate
 
 
-def _nearest(z: torch.Tensor, landmarks: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+def _nearest(body: CellMLP, z: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """The nearest of all cells, by the lookup's own scores (one level, every landmark)."""
+    scores = body._scores().T
     return torch.cat(
-        [torch.cdist(z[s : s + rows], landmarks).argmin(1) for s in range(0, len(z), rows)]
+        [(body._with_ones(z[s : s + rows]) @ scores).argmax(1) for s in range(0, len(z), rows)]
     )
 
 
@@ -69,14 +71,14 @@ def lookup_rates(x: np.ndarray, estimator: ParametricSNE, repeats: int = 3, seed
     z = torch.cat([stem(flat[s : s + 16384]) for s in range(0, len(flat), 16384)])
     near = body.neighbouring_cells(NEAR_CELLS)
     clean = body.cells(z)
-    exact_clean = _nearest(z, body.landmarks)
+    exact_clean = _nearest(body, z)
     noise.train()
     torch.manual_seed(seed)
     hits = moved = 0
     for _ in range(repeats):
         noisy = noise(z)
-        found = body.nearest_among(noisy, near.index_select(0, clean))
-        exact = _nearest(noisy, body.landmarks)
+        found = body.cells_near(noisy, clean, near)  # as ParametricSNE.fit's steps
+        exact = _nearest(body, noisy)
         hits += int((found == exact).sum())
         moved += int((exact != exact_clean).sum())
     weight = noise.weight

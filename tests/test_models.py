@@ -123,6 +123,9 @@ def test_cell_mlp_lookup_in_blocks_and_among_candidates(monkeypatch):
     best = distances.gather(1, candidates).min(1).values
     torch.testing.assert_close(distances.gather(1, found[:, None]).squeeze(1), best)
     assert (found != reference).any() and (found == reference).any()
+    # training's lookup: among the cells near the given clean cell
+    assert torch.equal(net.cells_near(x, reference.roll(1), near), found)
+    assert torch.equal(net.cells_near(x, reference, near), reference)
     with torch.no_grad():
         net.offsets.weight.normal_(generator=g)
     torch.testing.assert_close(net(x, cells=net.cells(x)), net(x))

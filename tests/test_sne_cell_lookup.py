@@ -49,6 +49,7 @@ def test_two_levels_from_1024_cells(lookup, digits):
     rates = lookup.lookup_rates(digits, ParametricSNE(n_cells=1024), repeats=1)
     assert rates["cells"] == 1024
     assert 0.95 < rates["transform"] <= 1.0
+    assert 0.9 < rates["training"] <= 1.0  # the lists' mask applies in training too
 
 
 def test_settings_without_cells_are_refused(lookup, digits):

@@ -377,6 +377,24 @@ class CellMLP(MLP):
                 return torch.where(missing, self.cells(x), found)  # no sync on a GPU
             return candidates.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
 
+    def cells_near(self, x: Tensor, clean: Tensor, near: Tensor) -> Tensor:
+        """The cell of each row of ``x`` (a noisy input) among the cells nearest its clean
+        input's cell, ``nearest_among(x, near[clean])``: the cell lookup of training.
+
+        Parameters
+        ----------
+        x : (n, in_dim) tensor
+        clean : (n,) integer tensor
+            The cell of each row's clean input (:meth:`cells`).
+        near : (m, K) integer tensor
+            Each cell's nearest cells, itself first (:meth:`neighbouring_cells`).
+
+        Returns
+        -------
+        (n,) tensor of landmark indices.
+        """
+        return self.nearest_among(x, near.index_select(0, clean))
+
     def neighbouring_cells(self, k: int) -> Tensor:
         """(m, min(k, m)) indices of each landmark's ``k`` nearest landmarks, itself first."""
         distances = torch.cdist(self.landmarks, self.landmarks)

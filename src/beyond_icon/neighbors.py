@@ -161,7 +161,8 @@ def mine_neighbors(
             sims.diagonal(offset=start - key_start).fill_(-float("inf"))
             # TIE_MARGIN more than needed, so that points tied at the k-th similarity (duplicates)
             # are all candidates and the lowest indices win, whatever k is; unsorted, since
-            # the merge below orders them (Fashion-MNIST 60k, k = 90: 0.36 -> 0.26 s a block)
+            # the merge below orders them (topk alone on a 4,096 x 60k block of random data: 0.36 ->
+            # 0.26 s; the whole search of Fashion-MNIST 60k, k = 90: 12 -> 11 s)
             top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1, sorted=False)
             merged_sim = torch.cat([best_sim, top_sim], dim=1)
             merged_idx = torch.cat([best_idx, cols[top_pos]], dim=1)

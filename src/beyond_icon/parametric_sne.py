@@ -711,8 +711,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                     cells["near"] = body.neighbouring_cells(NEAR_CELLS)
                     cells["clean"] = body.cells(inputs)
                 x = noise(inputs.index_select(0, index))
-                candidates = cells["near"].index_select(0, cells["clean"].index_select(0, index))
-                return head(body(x, cells=body.nearest_among(x, candidates)))
+                clean = cells["clean"].index_select(0, index)
+                return head(body(x, cells=body.cells_near(x, clean, cells["near"])))
         else:
 
             def network(index: Tensor) -> Tensor:
