@@ -1,10 +1,22 @@
 from __future__ import annotations
 
+import importlib.util
 import socket
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` imported as a module (the folder is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def random_distributions(

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from sklearn.datasets import load_digits
 
 from beyond_icon.parametric_sne import ParametricSNE
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def lookup():
-    spec = importlib.util.spec_from_file_location(
-        "sne_cell_lookup", ROOT / "benchmarks" / "sne_cell_lookup.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sne_cell_lookup")
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from sklearn.datasets import load_digits
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def gap():
-    spec = importlib.util.spec_from_file_location(
-        "sne_train_gap", ROOT / "benchmarks" / "sne_train_gap.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sne_train_gap")
 
 
 def test_free_embedding_from_a_start_starts_there_and_reports_each_quarter(
