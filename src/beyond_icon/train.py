@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -562,7 +563,14 @@ class _Loop:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for name, module in self.state_modules.items():
-            module.load_state_dict(state["modules"][name])
+            if name in state["modules"]:
+                module.load_state_dict(state["modules"][name])
+            else:  # a module added to the task after the checkpoint was written
+                warnings.warn(
+                    f"the checkpoint has no {name!r} state (an earlier version wrote it): "
+                    "it starts fresh",
+                    stacklevel=2,
+                )
         torch.set_rng_state(state["torch_rng"])
         self.history, self.start_epoch = state["history"], state["epoch"]
         self._clock()

@@ -278,3 +278,24 @@ def test_self_labelling_can_be_added_to_a_finished_run(tmp_path):
     assert len(again.history) == len(first.history)  # nothing trained again
     assert again.metrics["acc"] == first.metrics["acc"]
     assert "selflabel_acc" in again.metrics and "selflabel_acc" not in first.metrics
+
+
+def test_a_finished_run_resumed_reports_the_same_best_head(tmp_path):
+    """The best head is chosen by the last epoch's per-head losses, which the checkpoint keeps:
+    a finished run resumed (no step trained) reports the same head and scores, not head 0."""
+    base = {"data": "simplex:10", "n_steps": 20, "kmeans_init": 0, "device": "cpu"}
+    out = tmp_path / "run"
+    first = cluster.run(cluster.ClusterConfig(**base), out=out, verbose=False)
+    assert first.metrics["best_head"] != 0  # else the test could not tell the fallback apart
+    again = cluster.run(cluster.ClusterConfig(**base), out=out, resume=True, verbose=False)
+    assert len(again.history) == len(first.history)
+    for key in ("best_head", "acc", "nmi", "ari"):
+        assert again.metrics[key] == first.metrics[key], key
+    # a checkpoint written before the head losses were saved: resumed with a warning
+    from beyond_icon import train
+
+    checkpoint = torch.load(out / train.CHECKPOINT, weights_only=False)
+    del checkpoint["modules"]["heads"]
+    torch.save(checkpoint, out / train.CHECKPOINT)
+    with pytest.warns(UserWarning, match="no 'heads' state"):
+        cluster.run(cluster.ClusterConfig(**base), out=out, resume=True, verbose=False)

@@ -240,6 +240,24 @@ def _icon_loss(config: ClusterConfig, n_train: int) -> ClusterLoss:
     )
 
 
+class _HeadLosses(nn.Module):
+    """Each head's loss summed over the current epoch, and the epoch's steps so far: buffers,
+    saved with a checkpoint, so that a finished run resumed picks the same best head."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(n_heads))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def reset(self) -> None:
+        self.total.zero_()
+        self.steps.zero_()
+
+    def add(self, losses: Tensor) -> None:
+        self.total.add_(losses)
+        self.steps.add_(1)
+
+
 class _HeadTrainer:
     """The heads, the losses and the batches of one cluster run: what ``train.fit`` needs.
 
@@ -267,14 +285,12 @@ class _HeadTrainer:
         self.n = len(train_x)
         self.batch = min(config.batch_size, self.n)
         self.steps_per_epoch = max(1, self.n // self.batch)
-        self.head_losses = torch.zeros(config.n_heads, device=device)  # no sync per step
-        self.head_steps = 0
+        self.heads = _HeadLosses(config.n_heads).to(device)  # no sync per step
 
     def batches(self, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
         """One epoch: (anchors, their partners), the anchors a permutation of the data."""
         config = self.config
-        self.head_losses.zero_()  # the per-head losses of the current epoch only
-        self.head_steps = 0
+        self.heads.reset()  # the per-head losses of the current epoch only
         order = torch.randperm(self.n, generator=generator)
         # n_positives distinct neighbours per anchor, drawn uniformly from its n_neighbors
         if config.n_positives == 1:
@@ -317,8 +333,7 @@ class _HeadTrainer:
                 sample_index=index if config.same_sample_positive else None,
                 features=self.standardize(x) if config.neighbor_mix > 0 else None,
             )
-        self.head_losses.add_(losses.detach().float())
-        self.head_steps += 1
+        self.heads.add(losses.detach().float())
         return losses.mean()
 
     def ema_update(self) -> None:
@@ -340,7 +355,8 @@ class _HeadTrainer:
             optimizer=config.optimizer,
             weight_decay=config.weight_decay,
         )
-        state = {"pmi": self.pmi} | ({"teacher": self.teacher} if self.teacher is not None else {})
+        state = {"pmi": self.pmi, "heads": self.heads}
+        state |= {"teacher": self.teacher} if self.teacher is not None else {}
         return fit(
             self.model,
             self.batches,
@@ -357,10 +373,12 @@ class _HeadTrainer:
         )
 
     def best_head(self) -> int:
-        """The head with the lowest loss over the last epoch."""
-        if not self.head_steps:
+        """The head with the lowest loss over the last epoch (kept in the checkpoint, so a
+        finished run resumed picks the same head)."""
+        steps = int(self.heads.steps)
+        if not steps:
             return 0
-        return int(torch.argmin(self.head_losses / self.head_steps))
+        return int(torch.argmin(self.heads.total / steps))
 
     @torch.no_grad()
     def probabilities(
