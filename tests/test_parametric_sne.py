@@ -261,6 +261,19 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"exaggeration_fraction": 2.0}, "exaggeration_fraction"),
         (np.zeros(20), {}, "Expected 2D array"),
         (np.array([["a", "b"]] * 5), {}, "could not convert"),
+        (np.zeros((20, 4)), {"exaggeration_fraction": "a"}, "exaggeration_fraction must be a"),
+        (np.zeros((20, 4)), {"random_state": None}, "random_state must be an integer"),
+        (np.zeros((20, 4)), {"pca_components": -1}, "pca_components must be a positive"),
+        (np.zeros((20, 4)), {"pca_components": 2.5}, "pca_components must be a positive"),
+        (np.zeros((20, 4)), {"pca_components": True}, "pca_components must be a positive"),
+        (np.zeros((20, 4)), {"n_neighbors": 0}, "n_neighbors must be a positive integer"),
+        (np.zeros((20, 4)), {"n_neighbors": 4}, "n_neighbors = 4 is below the perplexity 5"),
+        (np.zeros((20, 4)), {"n_neighbors": 20}, "n_neighbors = 20 needs more than 20"),
+        (np.zeros((20, 4)), {"divergence": "reverse_kl"}, "infinite where p = 0 < q"),
+        (np.zeros((20, 4)), {"divergence": "alpha:0"}, "infinite where p = 0 < q"),
+        (np.ones((20, 4)), {}, "no spread: all 20 rows are the same point"),
+        (np.ones((20, 64)), {}, "no spread: all 20 rows are the same point"),  # with the PCA
+        (np.array([[1e39, 0.0]] + [[i, -i] for i in range(19)]), {}, "beyond float32's range"),
     ],
 )
 def test_bad_input(x, params, message):
@@ -276,6 +289,67 @@ def test_transform_before_fit_and_wrong_shape(digits):
         est.transform(np.zeros((3, 63), dtype=np.float32))
     with pytest.raises(ValueError, match="NaN"):
         est.transform(np.full((3, 1, 8, 8), np.nan, dtype=np.float32))
+
+
+def test_numpy_numbers_are_parameters_like_python_ones(digits):
+    """GridSearchCV passes numpy scalars: they give what the same Python numbers give."""
+    numpy_params = {
+        "perplexity": np.int64(10),
+        "batch_size": np.int64(100),
+        "n_steps": np.int64(6),
+        "lr": np.float32(2**-8),
+        "input_noise": np.float32(0.25),
+        "exaggeration_fraction": np.float32(0.5),
+        "random_state": np.int64(3),
+    }
+    python_params = {k: v.item() for k, v in numpy_params.items()}
+    ours = ParametricSNE(device="cpu", **numpy_params).fit_transform(digits.x_train)
+    same = ParametricSNE(device="cpu", **python_params).fit_transform(digits.x_train)
+    np.testing.assert_array_equal(ours, same)
+
+
+def test_divergences_infinite_at_p_zero_train_with_the_batch_affinity(digits):
+    """reverse_kl is refused with the sparse fitted p (above) but trains on the dense p of a
+    batch."""
+    est = ParametricSNE(**{**FAST, "divergence": "reverse_kl", "affinity": "batch"})
+    assert np.isfinite(est.fit_transform(digits.x_train)).all()
+
+
+def test_the_scale_of_the_inputs_does_not_change_p():
+    """Inputs at 1e-20 (squared distances below float32's smallest normal number) or 1e20 give
+    the p of the same inputs at their own scale, not a p of rounding noise."""
+    x = data.load("digits").subset(300, 100).x_train.reshape(300, -1).astype(np.float64)
+    settings = {**FAST, "pca_components": None}
+    reference = ParametricSNE(**settings).fit(x).affinity_.P_
+    for scale in (1e-20, 1e20):
+        P = ParametricSNE(**settings).fit(x * scale).affinity_.P_
+        np.testing.assert_allclose(P.toarray(), reference.toarray(), rtol=1e-5, atol=1e-12)
+
+
+def test_fewer_points_than_pca_components():
+    """PCA to as many components as points when there are fewer than ``pca_components``."""
+    x = data.load("digits").subset(300, 100).x_train[:20]  # 64 pixels, 20 points
+    est = ParametricSNE(**{**FAST, "perplexity": 2.0}).fit(x)
+    assert est.projection_.components.shape[0] == 20 and np.isfinite(est.embedding_).all()
+
+
+def test_transform_refuses_inputs_on_another_scale(digits):
+    """uint8 is scaled by 1/255: a uint8 X for a model fitted on floats beyond [0, 1], or floats
+    beyond [0, 1] for a model fitted on uint8, would be silently wrong; floats in [0, 1] for
+    a uint8 model are its scale (the test of uint8 pixels above)."""
+    pixels = digits.x_train
+    on_pixels = ParametricSNE(**FAST).fit(pixels)
+    with pytest.raises(ValueError, match=r"fitted on uint8 inputs.*float in \[0, 255\]"):
+        on_pixels.transform(pixels[:5].astype(np.float32))
+    on_floats = ParametricSNE(**FAST).fit(pixels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"X is uint8.*float inputs in \[0, 255\]"):
+        on_floats.transform(pixels[:5])
+    with pytest.raises(ValueError, match=r"X has sample shape \(10,\)"):
+        on_floats.input_features(np.zeros((3, 10), dtype=np.float32))
+    wide = np.zeros((2, 1, 8, 8))
+    wide[0, 0, 0, 0] = 1e39  # finite in float64, not in float32
+    with pytest.raises(ValueError, match=r"beyond float32's range.*rows \[0\]"):
+        on_floats.transform(wide)
 
 
 # scikit-learn's estimator checks on a tiny configuration; each expected failure has its reason

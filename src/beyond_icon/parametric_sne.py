@@ -10,6 +10,7 @@ fitted once over the training set), :class:`~beyond_icon.sampling.NeighborBatchS
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,15 +153,49 @@ def _kmeans_centres(z: Tensor, m: int, seed: int) -> Tensor:
     return torch.as_tensor(centres[np.sort(first)], dtype=torch.float32)
 
 
+def _is_int(value: object) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    """A Python or numpy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _validate(X) -> np.ndarray:
     """(n, D) vectors through scikit-learn's ``check_array`` (dense, finite, numeric), or
-    (n, C, H, W) images; uint8 is kept (``as_float`` scales it to [0, 1])."""
+    (n, C, H, W) images; uint8 is kept (``as_float`` scales it to [0, 1]), the rest is float32,
+    which must hold every value (the network computes in float32)."""
     if isinstance(X, torch.Tensor):
         X = X.detach().cpu().numpy()
     images = getattr(X, "ndim", None) == 4
     dtype = None if getattr(X, "dtype", None) == np.uint8 else (np.float32, np.float64)
     x = check_array(X, accept_sparse=False, dtype=dtype, allow_nd=images, input_name="X")
-    return x if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
+    if x.dtype == np.uint8 or x.dtype == np.float32:
+        return x
+    with np.errstate(over="ignore"):
+        out = x.astype(np.float32)
+    if not np.isfinite(out).all():  # finite in float64, beyond float32's 3.4e38
+        rows = np.flatnonzero(~np.isfinite(out.reshape(len(out), -1)).all(1))
+        raise ValueError(
+            f"X has values beyond float32's range (|x| > 3.4e38) in rows {rows[:5].tolist()}"
+            f"{' and more' if len(rows) > 5 else ''}: the network computes in float32; "
+            "rescale X"
+        )
+    return out
+
+
+def _float32_safe(x: Tensor) -> Tensor:
+    """``x`` times a power of two (exact in floating point) when its spread is so far from 1
+    (outside ``2^-16`` to ``2^16``) that squared distances in float32 would lose their digits
+    (below about 1e-38) or overflow; else ``x`` itself. p does not depend on the scale of its
+    space: the perplexity calibration finds each point's bandwidth."""
+    spread = float(x.std())
+    if not (spread > 0 and math.isfinite(spread)):
+        return x
+    exponent = round(math.log2(spread))
+    return x if abs(exponent) <= 16 else x * 2.0**-exponent
 
 
 def _float_tensor(x: np.ndarray, device: torch.device) -> Tensor:
@@ -364,7 +399,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     exaggeration_fraction : float
         Fraction of the steps under early exaggeration.
     pca_components : int or None
-        PCA dimension of the inputs of p and of the MLP (None: raw inputs).
+        PCA dimension of the inputs of p and of the MLP (None or 0: raw inputs; inputs with no
+        more features are taken raw, and fewer points than this give as many components as
+        points). p's space is rescaled by a power of two, which leaves p as it is, when its
+        spread is so far from 1 that float32 distances would underflow or overflow.
     input_noise : float
         Standard deviation of the Gaussian noise added to the network's (standardised) inputs
         while training (its root mean square over the features when ``input_noise_power`` shares
@@ -396,7 +434,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     amp : bool
         bf16 autocast on CUDA (kernels and distances stay in float32).
     random_state : int
-        Seed: the same seed gives the same embedding on the CPU.
+        Seed (an integer; None is refused, since a fit is made repeatable by it): the same
+        seed gives the same embedding on the CPU.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     verbose : bool
@@ -408,6 +447,12 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         The trained network (inputs as given to ``fit`` -> ``n_components``).
     embedding_ : (n, n_components) array
         ``transform`` of the training data.
+    uint8_input_ : bool
+        Whether ``fit`` saw uint8 inputs (scaled by 1/255 to [0, 1]).
+    input_range_ : (float, float)
+        The least and largest value of the training inputs (after that scaling): ``transform``
+        refuses uint8 for a model fitted on floats outside [0, 1], and floats outside [0, 1]
+        for a model fitted on uint8.
     affinity_ : PerplexityAffinity or None
         The fitted p (``affinity="global"``).
     q_scope_ : {"global", "batch"}
@@ -490,7 +535,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------------------- checks
     def _check_params(self, n: int) -> None:
         def positive_int(name: str, value: object) -> None:
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         if self.kernel not in KERNELS:
@@ -530,16 +575,34 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 )
         for name in ("lr", "exaggeration", "sigma", "dof", "perplexity"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (_is_real(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         for name in ("input_noise", "input_noise_power"):
             value = getattr(self, name)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (number and 0 <= value < math.inf):
+            if not (_is_real(value) and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not 0.0 <= self.exaggeration_fraction <= 1.0:
+        if not (_is_real(self.exaggeration_fraction) and 0 <= self.exaggeration_fraction <= 1):
             raise ValueError(
-                f"exaggeration_fraction must be in [0, 1], got {self.exaggeration_fraction!r}"
+                f"exaggeration_fraction must be a number in [0, 1], got "
+                f"{self.exaggeration_fraction!r}"
+            )
+        if self.pca_components is not None and not (
+            _is_int(self.pca_components) and self.pca_components >= 0
+        ):
+            raise ValueError(
+                f"pca_components must be a positive integer or None (raw inputs), got "
+                f"{self.pca_components!r}"
+            )
+        self._seed()  # random_state
+        divergence = divergences.get(self.divergence)
+        # the library's own divergences are known; a user's may handle p = 0 its own way
+        known = divergences.is_builtin(divergence)
+        if self.affinity == "global" and known and not divergence.finite_where_p_is_zero:
+            raise ValueError(
+                f"divergence {self.divergence!r} is infinite where p = 0 < q, and with "
+                "affinity='global' p is zero outside each point's nearest neighbours, so no "
+                "step could be taken; use a divergence finite there (kl, tv, jsd, hellinger, "
+                "chi2, alpha:A with A > 0) or affinity='batch'"
             )
         if self.perplexity < 1:
             raise ValueError(
@@ -548,6 +611,21 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             )
         if n < 3:
             raise ValueError(f"parametric SNE needs at least 3 samples, got n_samples = {n}")
+        if self.n_neighbors is not None and self.affinity == "global":
+            k = self.n_neighbors
+            if not _is_int(k) or k < 1:
+                raise ValueError(f"n_neighbors must be a positive integer or None, got {k!r}")
+            if k > n - 1:
+                raise ValueError(
+                    f"n_neighbors = {k} needs more than {k} training points, got n = {n}; "
+                    "lower n_neighbors"
+                )
+            if k < self.perplexity:
+                raise ValueError(
+                    f"n_neighbors = {k} is below the perplexity {self.perplexity:g}: p needs at "
+                    "least as many neighbours as its perplexity; raise n_neighbors or lower "
+                    "the perplexity"
+                )
         if self.affinity == "batch":
             batch = min(self.batch_size, n)
             if not 1 <= self.perplexity < batch - 1:
@@ -561,6 +639,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 f"perplexity {self.perplexity:g} needs more than {self.perplexity + 1:g} "
                 f"points, got n = {n}; lower the perplexity"
             )
+
+    def _seed(self) -> int:
+        """``random_state`` as the int every random draw of a fit derives from."""
+        if not _is_int(self.random_state):
+            raise ValueError(
+                "random_state must be an integer (the same seed gives the same embedding on the "
+                f"CPU), got {self.random_state!r}"
+            )
+        return int(self.random_state)
 
     def _cells(self, n: int) -> int:
         """Cells of the MLP's input space (0: the plain MLP)."""
@@ -581,8 +668,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             return None, flat
         from sklearn.decomposition import PCA
 
-        seed = self.random_state % 2**32  # scikit-learn's seeds are 32-bit, the tasks' 63
-        pca = PCA(self.pca_components, random_state=seed).fit(flat.numpy())
+        seed = self._seed() % 2**32  # scikit-learn's seeds are 32-bit, the tasks' 63
+        # fewer points than components: as many components as points (PCA's most)
+        components = min(int(self.pca_components), len(flat))
+        pca = PCA(components, random_state=seed).fit(flat.numpy())
         mean = torch.as_tensor(pca.mean_, dtype=torch.float32)
         components = torch.as_tensor(pca.components_, dtype=torch.float32)
         projected = (flat - mean) @ components.T
@@ -605,9 +694,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 with torch.no_grad():  # the MLP's inputs: where the cells are drawn, the noise
                     flat = xf.reshape(len(xf), -1)
                     z = torch.cat([stem(flat[s : s + 16384]) for s in range(0, len(flat), 16384)])
-                weight = noise_weights(z, self.input_noise_power)
+                weight = noise_weights(z, float(self.input_noise_power))
             if m:
-                landmarks = _kmeans_centres(z, m, self.random_state)
+                landmarks = _kmeans_centres(z, m, self._seed())
             if m and len(landmarks) >= 2:
                 body = CellMLP(width, landmarks, hidden=tuple(self.hidden), batch_norm=False)
             else:
@@ -615,8 +704,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         else:
             stem, body = Standardize.fit(xf), build_backbone(name, tuple(xf.shape[1:]))
             weight = None  # images: the same noise on every pixel
-        noise = InputNoise(self.input_noise, weight)
-        return nn.Sequential(stem, noise, body, nn.Linear(body.feature_dim, self.n_components))
+        noise = InputNoise(float(self.input_noise), weight)
+        last = nn.Linear(body.feature_dim, int(self.n_components))
+        return nn.Sequential(stem, noise, body, last)
 
     def fit(
         self, X, y=None, *, out_dir: str | Path | None = None, resume: bool = False
@@ -639,26 +729,35 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         x = _validate(X)
         self._check_params(len(x))
         started = time.perf_counter()
-        seed_everything(self.random_state)
+        seed = self._seed()
+        seed_everything(seed)
         device = resolve_device(self.device)
         xf = _float_tensor(x, torch.device("cpu"))
         flat = xf.reshape(len(xf), -1)
+        if not float(flat.std(0).max()) > 0:
+            raise ValueError(
+                f"X has no spread: all {len(x)} rows are the same point; parametric SNE needs "
+                "distinct points"
+            )
         self.n_features_in_ = flat.shape[1]
         self.input_shape_ = tuple(x.shape[1:])
+        self.uint8_input_ = x.dtype == np.uint8
+        self.input_range_ = (float(flat.min()), float(flat.max()))
         projection, p_space = self._input_space(flat)
+        p_space = _float32_safe(p_space)
         self.projection_ = projection
         self.model_ = self._network(xf, projection, device).to(device)
         n = len(xf)
         n_steps = self._steps(n)
         if self.affinity == "global":
             self.affinity_ = PerplexityAffinity(
-                self.perplexity,
-                n_neighbors=self.n_neighbors,
+                float(self.perplexity),
+                n_neighbors=None if self.n_neighbors is None else int(self.n_neighbors),
                 neighbor_method=self.neighbor_method,
                 cache_dir=self.cache_dir,
                 device=str(device),
                 verbose=self.verbose,
-                random_state=self.random_state % 2**32,  # pynndescent's seeds are 32-bit
+                random_state=seed % 2**32,  # pynndescent's seeds are 32-bit
             ).fit(p_space)
             sampler = NeighborBatchSampler(self.affinity_, int(self.batch_size))
             steps_per_epoch = sampler.steps_per_epoch
@@ -680,15 +779,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 order = torch.randperm(n, generator=generator)
                 return [(index, 1.0) for (index,) in split_batches(batch, order)]
 
-        kernel_args = (self.divergence, self.perplexity)
+        kernel_args = (self.divergence, float(self.perplexity))
         # with p per batch the scope does not apply: q is the batch's plain kernel
         resolved = resolve_q_scope(self.q_scope, self.divergence)
         self.q_scope_ = resolved if self.affinity == "global" else "batch"
         scope = {"affinity": self.affinity_, "q_scope": self.q_scope_}
         if self.kernel == "gaussian":
-            loss = SNE(*kernel_args, sigma=self.sigma, **scope)
+            loss = SNE(*kernel_args, sigma=float(self.sigma), **scope)
         else:
-            loss = TSNE(*kernel_args, dof=self.dof, **scope)
+            loss = TSNE(*kernel_args, dof=float(self.dof), **scope)
         xf, p_space = xf.to(device), p_space.to(device)
         stem, rest = self.model_[0], self.model_[1:]
         if isinstance(self.model_[2], _models.MLP):  # any MLP, benchmarks' subclasses too
@@ -729,11 +828,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         epochs = math.ceil(n_steps / steps_per_epoch)
         config = TrainConfig(
             epochs=epochs,
-            lr=self.lr,
+            lr=float(self.lr),
             schedule=self.schedule,
             amp=self.amp,
             fused=True,  # the cells' table makes the optimiser step count
-            seed=self.random_state,
+            seed=seed,
         )
         self.history_ = fit(
             self.model_,
@@ -760,11 +859,41 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         self.fit_time_ = time.perf_counter() - started + (before[-1] if before else 0.0)
         return self
 
+    def _check_new(self, X) -> np.ndarray:
+        """``X`` validated against what ``fit`` saw: sample shape and uint8 or not."""
+        check_is_fitted(self, "model_")
+        x = _validate(X)
+        if x.ndim == 2 and len(self.input_shape_) == 1 and x.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {x.shape[1]} features, but ParametricSNE is expecting "
+                f"{self.n_features_in_} features as input (the sample shape it was fitted on)"
+            )
+        if tuple(x.shape[1:]) != self.input_shape_:
+            raise ValueError(
+                f"X has sample shape {x.shape[1:]}, the model was fitted on {self.input_shape_}"
+            )
+        # uint8 is scaled by 1/255 to [0, 1]: refuse a mix that cannot be the same scale
+        fitted = getattr(self, "input_range_", None)  # None: pickled before it existed
+        if fitted is not None and x.dtype == np.uint8 and not self.uint8_input_:
+            if fitted[0] < 0 or fitted[1] > 1:
+                raise ValueError(
+                    "X is uint8, which is scaled by 1/255 to [0, 1], but the model was fitted on "
+                    f"float inputs in [{fitted[0]:.4g}, {fitted[1]:.4g}]; pass X as floats on "
+                    "that scale"
+                )
+        elif fitted is not None and x.dtype != np.uint8 and self.uint8_input_:
+            low, high = float(x.min()), float(x.max())
+            if low < 0 or high > 1:
+                raise ValueError(
+                    "the model was fitted on uint8 inputs, scaled by 1/255 to [0, 1], but X is "
+                    f"float in [{low:.4g}, {high:.4g}]; pass X as uint8 or scaled to [0, 1]"
+                )
+        return x
+
     @torch.no_grad()
     def input_features(self, X) -> np.ndarray:
         """The space p is defined on: ``X`` flattened, after the fitted PCA if any."""
-        check_is_fitted(self, "model_")
-        x = _validate(X)
+        x = self._check_new(X)
         flat = _float_tensor(x, torch.device("cpu")).reshape(len(x), -1)
         if self.projection_ is None:
             return flat.numpy()
@@ -782,17 +911,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         -------
         (n, n_components) float32 array
         """
-        check_is_fitted(self, "model_")
-        x = _validate(X)
-        if x.ndim == 2 and len(self.input_shape_) == 1 and x.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has {x.shape[1]} features, but ParametricSNE is expecting "
-                f"{self.n_features_in_} features as input (the sample shape it was fitted on)"
-            )
-        if tuple(x.shape[1:]) != self.input_shape_:
-            raise ValueError(
-                f"X has sample shape {x.shape[1:]}, the model was fitted on {self.input_shape_}"
-            )
+        x = self._check_new(X)
         device = next(self.model_.parameters()).device
         self.model_.eval()
         # the fixed first layer in blocks of rows small enough that a block's float inputs
@@ -829,9 +948,15 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             out.append(
                 (torch.cat(blocks) if rest is None else rest(torch.cat(blocks))).float().cpu()
             )
-        if not out:
-            return np.zeros((0, self.n_components), dtype=np.float32)
-        return torch.cat(out).numpy()
+        embedding = torch.cat(out).numpy()
+        if not np.isfinite(embedding).all():  # finite float32 inputs whose projection overflows
+            rows = np.flatnonzero(~np.isfinite(embedding).all(1))
+            raise ValueError(
+                f"the network's float32 arithmetic overflowed on rows {rows[:5].tolist()}"
+                f"{' and more' if len(rows) > 5 else ''} of X (largest |x| = "
+                f"{float(np.abs(x[rows[:5]]).max()):.3g}); rescale X"
+            )
+        return embedding
 
     def __setstate__(self, state: dict) -> None:
         # an estimator pickled before n_cells existed trained the plain MLP
