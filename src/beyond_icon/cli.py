@@ -43,11 +43,28 @@ def _converter(annotation: str):
     base = annotation.replace("| None", "").replace("None |", "").strip()
     if base.startswith("list["):
         inner = _converter(base[5:-1])
-        return lambda text: [inner(part) for part in text.split(",") if part.strip()]
+
+        def items(text: str) -> list:
+            try:
+                values = [inner(part) for part in text.split(",") if part.strip()]
+            except (ValueError, argparse.ArgumentTypeError):
+                values = []
+            if not values:
+                raise argparse.ArgumentTypeError(
+                    f"expected a comma-separated list of {base[5:-1]}, got {text!r}"
+                )
+            return values
+
+        return items
     simple = {"int": int, "float": float, "str": str, "bool": _parse_bool}[base]
     if not optional:
         return simple
-    return lambda text: None if text.strip().lower() in ("none", "null", "") else simple(text)
+
+    def maybe(text: str):
+        return None if text.strip().lower() in ("none", "null", "") else simple(text)
+
+    maybe.__name__ = base  # argparse's "invalid int value: ..." names the type
+    return maybe
 
 
 def _refuse(message: str):

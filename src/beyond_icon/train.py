@@ -76,7 +76,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device) == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{local_rank}"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "device 'cuda' was requested but no CUDA GPU is available; use --device cpu"

@@ -75,3 +75,41 @@ def test_cli_config_file_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sne", "--epochs", "50", "--out", str(tmp_path / "r5"), "--quiet"])
     assert "--n-steps" in capsys.readouterr().err
+
+
+def test_a_refused_resume_leaves_the_runs_config(tmp_path, capsys):
+    """A --resume with other settings is refused before any step and keeps config.yaml as the
+    run's record; a resume that extends the run rewrites it when the run finishes."""
+    out = str(tmp_path / "run")
+    base = ["sne", "--data", "digits", "--n-train", "200", "--n-test", "80", "--device", "cpu"]
+    fast = ["--batch-size", "100", "--perplexity", "10", "--out", out, "--quiet"]
+    assert main([*base, *fast, "--n-steps", "4"]) == 0
+    assert main([*base, *fast, "--n-steps", "4", "--seed", "1", "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "seed: 0" in config and "n_steps: 4" in config
+    assert main([*base, *fast, "--n-steps", "6", "--resume"]) == 0
+    assert "n_steps: 6" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--knn-k", "0"], "knn_k must be a non-empty list of positive integers"),
+        (["--knn-k", "200"], "knn_k must be below the 200 training points, got 200"),
+        (["--n-test", "3"], "the test split needs at least 4 points"),
+        (["--knn-k", ""], "expected a comma-separated list of int, got ''"),
+        (["--hidden", "a"], "expected a comma-separated list of int, got 'a'"),
+        (["--n-cells", "x"], "invalid int value: 'x'"),
+        (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ],
+)
+def test_evaluation_and_option_errors_come_before_training(tmp_path, capsys, args, message):
+    argv = ["sne", "--data", "digits", "--n-train", "200", "--n-test", "80", "--n-steps", "4"]
+    try:
+        code = main([*argv, *args, "--out", str(tmp_path / "run"), "--quiet"])
+    except SystemExit as stop:  # argparse's errors
+        code = stop.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()  # refused before any step

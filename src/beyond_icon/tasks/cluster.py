@@ -539,7 +539,7 @@ def run(
     ClusterResult
         Empty metrics on ranks other than 0 under torchrun.
     """
-    device, dataset, out, verbose = begin(config, out, verbose)
+    device, dataset, out, verbose = begin(config, out, verbose, resume)
     train_x, test_x = _features(dataset, config)
     k = config.n_clusters or dataset.n_classes
     _check(config, len(train_x), k)
@@ -594,5 +594,5 @@ def run(
         title = f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}"
         report.plot_confusion(eval_y, assignments, dataset.classes, out / "confusion.png", title)
 
-    finish(result, out, verbose, write)
+    finish(result, out, verbose, write, config)
     return ClusterResult(result, assignments, history)

@@ -123,16 +123,20 @@ def _recipe(config: TaskConfig) -> dict:
     return {} if config.recipe is None else {"recipe": config.recipe}
 
 
-def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
+def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: bool = False):
     """The start of every task's run: process group, device, data, run folder, config.yaml.
 
-    Returns (device, dataset, out folder or None, verbose on this rank).
+    Returns (device, dataset, out folder or None, verbose on this rank). A resumed run keeps
+    the folder's config.yaml until :func:`finish` (given the config) rewrites it, so that a
+    resume refused for other settings leaves the run's record as it was.
 
     Parameters
     ----------
     config : TaskConfig
     out : path, optional
     verbose : bool
+    resume : bool
+        Whether the run continues the folder's checkpoint.
 
     Returns
     -------
@@ -144,7 +148,7 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
     device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
-    if out is not None:
+    if out is not None and not (resume and (out / "config.yaml").exists()):
         write_config(config, out)
     verbose = verbose and is_main()
     if verbose:
@@ -153,9 +157,14 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool):
 
 
 def finish(
-    result: dict, out: Path | None, verbose: bool, write: Callable[[Path], None] | None = None
+    result: dict,
+    out: Path | None,
+    verbose: bool,
+    write: Callable[[Path], None] | None = None,
+    config: TaskConfig | None = None,
 ) -> None:
-    """The end of every task's run, on rank 0: the task's own files (``write(out)``), then
+    """The end of every task's run, on rank 0: config.yaml (when ``config`` is given: a
+    resumed run's settings, see :func:`begin`), the task's own files (``write(out)``), then
     ``metrics.json`` last (a sweep counts a run finished by it), and the metrics on one line.
 
     Parameters
@@ -166,10 +175,14 @@ def finish(
     verbose : bool
     write : callable, optional
         ``write(out)`` writes the task's own files.
+    config : TaskConfig, optional
+        The run's settings, written to config.yaml.
     """
     from beyond_icon import report
 
     if out is not None:
+        if config is not None:
+            write_config(config, out)
         if write is not None:
             write(out)
         report.save_json(result, out / "metrics.json")

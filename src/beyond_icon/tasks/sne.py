@@ -48,7 +48,10 @@ class SNEConfig(TaskConfig):
         "clip(32 n / batch_size, 3000, 20000))"
     }
     divergence: str = option(
-        "kl", "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name"
+        "kl",
+        "kl, tv, jsd, hellinger, chi2, jeffreys, reverse_kl, alpha:A or a registered name "
+        "(jeffreys, reverse_kl and alpha:A with A <= 0 are infinite where p = 0: --affinity "
+        "batch)",
     )
     kernel: str = option("student_t", "q on the embedding: student_t (t-SNE) or gaussian (SNE)")
     affinity: str = option(
@@ -191,7 +194,23 @@ def run(
     SNEResult
         Empty metrics on ranks other than 0 under torchrun.
     """
-    _, dataset, out, verbose = begin(config, out, verbose)
+    ks = config.knn_k
+    if (
+        not isinstance(ks, (list, tuple))
+        or not ks
+        or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks)
+    ):
+        raise ValueError(f"knn_k must be a non-empty list of positive integers, got {ks!r}")
+    _, dataset, out, verbose = begin(config, out, verbose, resume)  # checked before training
+    if max(ks) >= len(dataset.x_train):
+        raise ValueError(
+            f"knn_k must be below the {len(dataset.x_train)} training points, got {max(ks)}"
+        )
+    if len(dataset.x_test) < 4:
+        raise ValueError(
+            f"the test split needs at least 4 points (trustworthiness), got "
+            f"{len(dataset.x_test)}; raise --n-test"
+        )
     estimator = config.estimator(verbose)
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
@@ -243,5 +262,5 @@ def run(
             f"{dataset.name}: gradient norm per step",
         )
 
-    finish(result, out, verbose, write)
+    finish(result, out, verbose, write, config)
     return SNEResult(result, emb_train, emb_test, estimator.history_, estimator)

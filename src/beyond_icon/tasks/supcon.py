@@ -229,7 +229,9 @@ def run(
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    device, dataset, out, verbose = begin(config, out, verbose)  # checked before any training
+    device, dataset, out, verbose = begin(
+        config, out, verbose, resume
+    )  # checked before any training
     if config.knn_k >= len(dataset.x_train):
         raise ValueError(
             f"knn_k must be below the {len(dataset.x_train)} training points, got {config.knn_k}"
@@ -261,7 +263,7 @@ def run(
             y_test=dataset.y_test,
         )
 
-    finish(result, out, verbose, write)
+    finish(result, out, verbose, write, config)
     return SupConResult(result, history, model)
 
 
