@@ -263,9 +263,9 @@ def test_get_params_come_from_init():
         (np.array([["a", "b"]] * 5), {}, "could not convert"),
         (np.zeros((20, 4)), {"exaggeration_fraction": "a"}, "exaggeration_fraction must be a"),
         (np.zeros((20, 4)), {"random_state": None}, "random_state must be an integer"),
-        (np.zeros((20, 4)), {"pca_components": -1}, "pca_components must be a positive"),
-        (np.zeros((20, 4)), {"pca_components": 2.5}, "pca_components must be a positive"),
-        (np.zeros((20, 4)), {"pca_components": True}, "pca_components must be a positive"),
+        (np.zeros((20, 4)), {"pca_components": -1}, "pca_components must be an integer >= 0"),
+        (np.zeros((20, 4)), {"pca_components": 2.5}, "pca_components must be an integer >= 0"),
+        (np.zeros((20, 4)), {"pca_components": True}, "pca_components must be an integer >= 0"),
         (np.zeros((20, 4)), {"n_neighbors": 0}, "n_neighbors must be a positive integer"),
         (np.zeros((20, 4)), {"n_neighbors": 4}, "n_neighbors = 4 is below the perplexity 5"),
         (np.zeros((20, 4)), {"n_neighbors": 20}, "n_neighbors = 20 needs more than 20"),
@@ -324,6 +324,25 @@ def test_the_scale_of_the_inputs_does_not_change_p():
     for scale in (1e-20, 1e20):
         P = ParametricSNE(**settings).fit(x * scale).affinity_.P_
         np.testing.assert_allclose(P.toarray(), reference.toarray(), rtol=1e-5, atol=1e-12)
+
+
+def test_inputs_whose_rescaling_factor_is_beyond_float32_stay_finite():
+    """A spread of 1e-40 (float32 subnormals) needs a factor of 2^133, itself beyond float32."""
+    from beyond_icon.parametric_sne import _float32_safe
+
+    x = torch.tensor([[1e-40, 0.0], [3e-40, 2e-40], [0.0, 1e-40]])
+    scaled = _float32_safe(x)
+    assert torch.isfinite(scaled).all() and 0.1 < float(scaled.std()) < 10
+    ordinary = x * 1e39  # a spread of about 0.1: left as it is
+    assert _float32_safe(ordinary) is ordinary
+
+
+def test_transform_names_diverged_weights(digits):
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    with torch.no_grad():
+        est.model_[-1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weights are not finite"):
+        est.transform(digits.x_test)
 
 
 def test_fewer_points_than_pca_components():

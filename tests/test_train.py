@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,3 +263,13 @@ def test_a_chunked_loss_trains_through_the_loop():
         verbose=False,
     )
     assert len(history) == 4 and all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_numpy_scalars_in_a_runs_identity_are_its_python_numbers():
+    """A run's identity holds numpy scalars as Python numbers: np.int64(10) and 10 are one
+    setting on resume, and the checkpoint stays loadable with weights_only."""
+    from beyond_icon.train import _plain
+
+    plain = _plain({"perplexity": np.int64(10), "lr": np.float32(0.5), "x": [np.float64(2.0)]})
+    assert plain == {"perplexity": 10, "lr": 0.5, "x": [2.0]}
+    assert type(plain["perplexity"]) is int and type(plain["x"][0]) is float

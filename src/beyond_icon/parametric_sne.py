@@ -187,15 +187,20 @@ def _validate(X) -> np.ndarray:
 
 
 def _float32_safe(x: Tensor) -> Tensor:
-    """``x`` times a power of two (exact in floating point) when its spread is so far from 1
-    (outside ``2^-16`` to ``2^16``) that squared distances in float32 would lose their digits
-    (below about 1e-38) or overflow; else ``x`` itself. p does not depend on the scale of its
-    space: the perplexity calibration finds each point's bandwidth."""
+    """``x`` times a power of two when its spread (rounded to a power of two) is so far from 1,
+    beyond ``2^-16`` or ``2^16``, that squared distances in float32 would lose their digits
+    (below about 1e-38) or overflow; else ``x`` itself, unchanged. The product is exact but for
+    values that were subnormal in float32 (below 2^-126), which gain no digits. p does not
+    depend on the scale of its space: the perplexity calibration finds each point's
+    bandwidth."""
     spread = float(x.std())
     if not (spread > 0 and math.isfinite(spread)):
         return x
     exponent = round(math.log2(spread))
-    return x if abs(exponent) <= 16 else x * 2.0**-exponent
+    if abs(exponent) <= 16:
+        return x
+    # in float64: the factor itself may be beyond float32 (2^128 for a spread of 1e-39)
+    return (x.double() * 2.0**-exponent).float()
 
 
 def _float_tensor(x: np.ndarray, device: torch.device) -> Tensor:
@@ -590,7 +595,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             _is_int(self.pca_components) and self.pca_components >= 0
         ):
             raise ValueError(
-                f"pca_components must be a positive integer or None (raw inputs), got "
+                f"pca_components must be an integer >= 0 or None (0 or None: raw inputs), got "
                 f"{self.pca_components!r}"
             )
         self._seed()  # random_state
@@ -949,7 +954,10 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 (torch.cat(blocks) if rest is None else rest(torch.cat(blocks))).float().cpu()
             )
         embedding = torch.cat(out).numpy()
-        if not np.isfinite(embedding).all():  # finite float32 inputs whose projection overflows
+        if not np.isfinite(embedding).all():
+            if not all(bool(torch.isfinite(w).all()) for w in self.model_.parameters()):
+                raise ValueError("the network's weights are not finite: its training diverged")
+            # finite float32 inputs whose projection overflows
             rows = np.flatnonzero(~np.isfinite(embedding).all(1))
             raise ValueError(
                 f"the network's float32 arithmetic overflowed on rows {rows[:5].tolist()}"

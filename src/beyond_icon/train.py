@@ -322,7 +322,10 @@ def earlier_recipe(differences: list[str]) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` as plain data (what ``weights_only`` loading admits); anything else as repr."""
+    """``value`` as plain data (what ``weights_only`` loading admits); anything else as repr.
+    A numpy scalar is its Python number (``np.int64(10)`` and ``10`` are one setting)."""
+    if isinstance(value, np.generic):
+        value = value.item()
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):

@@ -98,6 +98,7 @@ def test_a_refused_resume_leaves_the_runs_config(tmp_path, capsys):
         (["--knn-k", "0"], "knn_k must be a non-empty list of positive integers"),
         (["--knn-k", "200"], "knn_k must be below the 200 training points, got 200"),
         (["--n-test", "3"], "the test split needs at least 4 points"),
+        (["--n-test", "10"], "got 10 points of 10 classes; raise --n-test"),
         (["--knn-k", ""], "expected a comma-separated list of int, got ''"),
         (["--hidden", "a"], "expected a comma-separated list of int, got 'a'"),
         (["--n-cells", "x"], "invalid int value: 'x'"),
@@ -113,3 +114,15 @@ def test_evaluation_and_option_errors_come_before_training(tmp_path, capsys, arg
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # refused before any step
+
+
+def test_a_run_refused_before_training_takes_the_corrected_settings_on_resume(tmp_path):
+    """A run stopped by a bad option after its folder was made has no checkpoint: resumed with
+    the corrected options it writes their config.yaml (a sweep compares runs by it)."""
+    out = str(tmp_path / "run")
+    argv = ["sne", "--data", "digits", "--n-train", "200", "--n-test", "80", "--n-steps", "4"]
+    fast = ["--batch-size", "100", "--device", "cpu", "--out", out, "--quiet"]
+    assert main([*argv, *fast, "--perplexity", "10", "--knn-k", "500"]) == 2
+    assert "perplexity: 10.0" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main([*argv, *fast, "--perplexity", "12", "--resume"]) == 0
+    assert "perplexity: 12.0" in (tmp_path / "run" / "config.yaml").read_text()

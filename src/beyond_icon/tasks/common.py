@@ -126,9 +126,10 @@ def _recipe(config: TaskConfig) -> dict:
 def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: bool = False):
     """The start of every task's run: process group, device, data, run folder, config.yaml.
 
-    Returns (device, dataset, out folder or None, verbose on this rank). A resumed run keeps
-    the folder's config.yaml until :func:`finish` (given the config) rewrites it, so that a
-    resume refused for other settings leaves the run's record as it was.
+    Returns (device, dataset, out folder or None, verbose on this rank). A run resumed from a
+    checkpoint keeps the folder's config.yaml until :func:`finish` (given the config) rewrites
+    it, so that a resume refused for other settings leaves the run's record as it was (a
+    resume that extends the budget and is interrupted again leaves the earlier budget there).
 
     Parameters
     ----------
@@ -148,7 +149,9 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
-    if out is not None and not (resume and (out / "config.yaml").exists()):
+    from beyond_icon.train import CHECKPOINT
+
+    if out is not None and not (resume and (out / CHECKPOINT).is_file()):
         write_config(config, out)
     verbose = verbose and is_main()
     if verbose:

@@ -206,10 +206,12 @@ def run(
         raise ValueError(
             f"knn_k must be below the {len(dataset.x_train)} training points, got {max(ks)}"
         )
-    if len(dataset.x_test) < 4:
+    classes = len(np.unique(dataset.y_test))
+    if len(dataset.x_test) < 4 or not 2 <= classes < len(dataset.x_test):
         raise ValueError(
-            f"the test split needs at least 4 points (trustworthiness), got "
-            f"{len(dataset.x_test)}; raise --n-test"
+            f"the test split needs at least 4 points (trustworthiness), of 2 classes or more "
+            f"and more points than classes (silhouette); got {len(dataset.x_test)} points of "
+            f"{classes} classes; raise --n-test"
         )
     estimator = config.estimator(verbose)
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)
