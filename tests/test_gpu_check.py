@@ -31,7 +31,7 @@ def _smoke(script: str, **env: str) -> str:
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
     rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 6)):
+    for split, n in (("train", 22), ("test", 11)):  # the smoke run asks for 64 and 32
         for name in ("a", "b", "c"):
             folder = tmp_path / "images" / split / name
             folder.mkdir(parents=True)

@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         done = (
             "written chunks are kept; rerun the same command to continue"
             if getattr(args, "command", None) == "extract"
-            else "finished epochs are checkpointed; rerun with --resume"
+            else "a run is checkpointed after an epoch at most every 30 s and at its end; rerun "
+            "with --resume to go on from its last checkpoint"
         )
         print(f"\ninterrupted: {done}", file=sys.stderr)
         return 130

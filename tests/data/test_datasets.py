@@ -202,3 +202,73 @@ def test_n_train_zero_is_an_error():
 
     with pytest.raises(ValueError, match="n_train must be a positive integer"):
         load_task_data(ClusterConfig(data="digits", n_train=0))
+
+
+def test_a_subset_larger_than_its_split_is_an_error():
+    """--n-train 100000 on digits' 1,347 training points is refused, not cut silently."""
+    from beyond_icon.tasks.cluster import ClusterConfig
+    from beyond_icon.tasks.common import load_task_data
+
+    with pytest.raises(ValueError, match="n_train = 100000 is more than the 1347 points"):
+        load_task_data(ClusterConfig(data="digits", n_train=100_000))
+    with pytest.raises(ValueError, match="n_test = 451 is more than the 450 points of the test"):
+        load_task_data(ClusterConfig(data="digits", n_test=451))
+    assert len(load_task_data(ClusterConfig(data="digits", n_train=1347)).x_train) == 1347
+    # leaving out fewer points than classes: a plain random subset (stratifying cannot)
+    assert len(load_task_data(ClusterConfig(data="digits", n_train=1346)).x_train) == 1346
+
+
+@pytest.mark.parametrize(
+    "labels, names",
+    [
+        ([-1, 0, 1], ["-1", "0", "1"]),
+        ([0, 5, 9], ["0", "5", "9"]),
+        ([0, 100000, 200000], ["0", "100000", "200000"]),
+        ([0, 1, 2], ["0", "1", "2"]),  # already compact: as before
+    ],
+)
+def test_embedding_labels_are_made_compact_and_keep_their_values_as_names(tmp_path, labels, names):
+    """Labels such as {-1, 0, 1}, {0, 5, 9} or {0, 100000, ...} would be read as max + 1
+    classes or index the last class with -1: they become 0 .. C-1, named by their values."""
+    y = np.repeat(labels, 8)
+    x = np.random.default_rng(0).normal(size=(len(y), 4)).astype(np.float32)
+    np.savez(tmp_path / "e.npz", x=x, y=y)
+    dataset = data.load(f"embeddings:{tmp_path / 'e.npz'}")
+    assert dataset.classes == names and dataset.n_classes == 3
+    assert set(dataset.y_train) == {0, 1, 2}
+    np.savez(tmp_path / "t.npz", x=x, y=y, x_test=x[:6], y_test=y[:6])
+    dataset = data.load(f"embeddings:{tmp_path / 't.npz'}")
+    assert dataset.classes == names and np.array_equal(dataset.y_test, np.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((0, 4)), "y": np.zeros(0, dtype=int)}, "features holds no rows"),
+        ({"x": np.float32(1.0), "y": np.zeros(1, dtype=int)}, "features holds no rows"),
+        ({"x": np.zeros((6, 0)), "y": np.arange(6) % 2}, "features has no features"),
+        (
+            {"x": np.zeros((6, 4)), "y": np.arange(6) % 2, "x_test": np.zeros((2, 5))}
+            | {"y_test": np.arange(2)},
+            "x_test has 5 features per row, the features 4",
+        ),
+        (
+            {"x": np.vstack([np.full((1, 4), np.nan), np.zeros((7, 4))]), "y": np.arange(8) % 2},
+            r"features rows \[0\] contain NaN",  # the file's row, not a split's
+        ),
+        ({"x": np.full((6, 4), 1e39), "y": np.arange(6) % 2}, "beyond float32's range"),
+    ],
+)
+def test_embeddings_of_no_rows_no_features_or_other_widths_are_refused(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        data.load(f"embeddings:{tmp_path / 'bad.npz'}")
+
+
+def test_a_dataset_refuses_labels_outside_its_classes():
+    with pytest.raises(ValueError, match=r"train labels must be in \[0, number of classes\)"):
+        datasets.Dataset(
+            "d", np.zeros((2, 1)), np.array([0, 2]), np.zeros((1, 1)), np.zeros(1), ["a", "b"]
+        )
+    with pytest.raises(ValueError, match="got -1 to 0"):
+        datasets.Dataset("d", np.zeros((2, 1)), np.array([-1, 0]), np.zeros((1, 1)), np.zeros(1))

@@ -184,6 +184,12 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
         ({"self_label_steps": True}, "self_label_steps must be a non-negative integer"),
         ({"self_label_threshold": 1.0}, "self_label_threshold must be in (0, 1)"),
         ({"self_label_lr": 0.0}, "self_label_lr must be positive"),
+        ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+        ({"batch_size": -5}, "batch_size must be a positive integer, got -5"),
+        ({"n_clusters": 0}, "n_clusters must be in [2, "),
+        ({"pca_components": -1}, "pca_components must be an integer >= 0 or none"),
+        ({"divergence": "jeffreys"}, "'jeffreys' is infinite where p = 0 < q"),
+        ({"divergence": "reverse_kl", "debias": 0.1, "debias_side": "q"}, "use --debias A > 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
@@ -299,3 +305,27 @@ def test_a_finished_run_resumed_reports_the_same_best_head(tmp_path):
     torch.save(checkpoint, out / train.CHECKPOINT)
     with pytest.warns(UserWarning, match="no 'heads' state"):
         cluster.run(cluster.ClusterConfig(**base), out=out, resume=True, verbose=False)
+
+
+def test_jeffreys_trains_once_p_is_debiased():
+    """With p mixed with uniform it has no zeros, and Jeffreys is finite: the run is allowed."""
+    config = cluster.ClusterConfig(
+        data="simplex:3", kmeans_init=0, divergence="jeffreys", debias=0.1, n_steps=5
+    )
+    result = cluster.run(config, verbose=False)
+    assert np.isfinite(result.metrics["acc"])
+
+
+def test_fewer_points_than_pca_components_and_as_many(tmp_path):
+    """PCA to at most as many components as points (21 points of 100 features, 50 asked)."""
+    rng = np.random.default_rng(0)
+    y = np.arange(21) % 3
+    np.savez(tmp_path / "wide.npz", x=rng.normal(size=(21, 100)) + 5 * y[:, None], y=y)
+    config = cluster.ClusterConfig(
+        data=f"embeddings:{tmp_path / 'wide.npz'}",
+        kmeans_init=0,
+        pca_components=50,
+        n_neighbors=3,
+        n_steps=5,
+    )
+    assert np.isfinite(cluster.run(config, verbose=False).metrics["acc"])

@@ -140,3 +140,14 @@ def test_defaults_reach_a_stated_quality_on_digits():
     result = supcon.run(supcon.SupConConfig(data="digits", device="cpu"), verbose=False)
     assert result.metrics["linear_probe_acc"] >= 0.95
     assert result.metrics["knn_acc"] >= 0.95
+
+
+def test_a_divergence_infinite_where_p_is_zero_needs_debias():
+    """SupCon's p is zero between classes: Jeffreys would train on a finite stand-in."""
+    import pytest
+
+    from beyond_icon.tasks import supcon
+
+    config = supcon.SupConConfig(data="simplex:3", divergence="jeffreys", epochs=1)
+    with pytest.raises(ValueError, match="'jeffreys' is infinite where p = 0 < q"):
+        supcon.run(config, verbose=False)

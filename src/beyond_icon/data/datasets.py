@@ -63,6 +63,13 @@ class Dataset:
                 )
         self.y_train = self.y_train.astype(np.int64)
         self.y_test = self.y_test.astype(np.int64)
+        for split in ("train", "test"):
+            y = getattr(self, f"y_{split}")
+            if len(y) and (y.min() < 0 or (self.classes and y.max() >= len(self.classes))):
+                raise ValueError(
+                    f"{self.name}: {split} labels must be in [0, number of classes), got "
+                    f"{int(y.min())} to {int(y.max())}"
+                )
         if not self.classes:
             n = int(max(self.y_train.max(initial=0), self.y_test.max(initial=0))) + 1
             self.classes = [str(c) for c in range(n)]
@@ -117,8 +124,11 @@ def _stratified_take(x, y, n, seed):
         raise ValueError(f"a subset needs at least one sample, got {n}")
     from sklearn.model_selection import train_test_split
 
+    # stratified when what is left out can hold every class too (scikit-learn's condition)
+    classes = len(np.unique(y))
+    stratify = _stratify(y, n) if len(x) - n >= classes else None
     keep, _ = train_test_split(
-        np.arange(len(x)), train_size=n, stratify=_stratify(y, n), random_state=seed
+        np.arange(len(x)), train_size=n, stratify=stratify, random_state=seed
     )
     keep = np.sort(keep)
     return x[keep], y[keep]
@@ -653,7 +663,7 @@ def load_embeddings(path: str | Path) -> Dataset:
             f"{path}: needs features (x / features / embeddings) and labels (y / labels); "
             f"found keys {sorted(arrays)}"
         )
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    x = _feature_rows(x, path, "features")
     y = _labels(y, path, "labels")
     if len(y) != len(x):
         raise ValueError(f"{path}: {len(x)} embeddings but {len(y)} labels")
@@ -661,12 +671,47 @@ def load_embeddings(path: str | Path) -> Dataset:
         present, missing = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         raise ValueError(f"{path}: has {present} but no {missing}; give both or neither")
     if "x_test" in arrays:
-        x_test = np.asarray(arrays["x_test"], dtype=np.float32).reshape(len(arrays["x_test"]), -1)
+        x_test = _feature_rows(arrays["x_test"], path, "x_test")
         y_test = _labels(arrays["y_test"], path, "y_test")
         if len(x_test) != len(y_test):
             raise ValueError(f"{path}: {len(x_test)} test embeddings but {len(y_test)} test labels")
-        return Dataset(path.stem, x, y, x_test, y_test)
-    return _split(path.stem, x, y)
+        if x_test.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"{path}: x_test has {x_test.shape[1]} features per row, the features {x.shape[1]}"
+            )
+        (y, y_test), classes = _compact_labels(y, y_test)
+        return Dataset(path.stem, x, y, x_test, y_test, classes)
+    (y,), classes = _compact_labels(y)
+    return _split(path.stem, x, y, classes)
+
+
+def _feature_rows(values, path: Path, name: str) -> np.ndarray:
+    """(n, d) float32 rows with n, d >= 1 and every value finite, or a one-line error naming
+    the file's rows."""
+    x = np.asarray(values)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"{path}: {name} holds no rows (shape {x.shape})")
+    if x.dtype.kind not in "iufb":
+        raise ValueError(f"{path}: {name} must be real numbers, got {x.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32: inf, reported below
+        x = x.astype(np.float32, copy=False).reshape(len(x), -1)
+    if x.shape[1] == 0:
+        raise ValueError(f"{path}: {name} has no features (shape {x.shape})")
+    bad = _nonfinite_rows(x)
+    if len(bad):
+        raise ValueError(
+            f"{path}: {name} rows {bad[:5].tolist()}{' and more' if len(bad) > 5 else ''} "
+            "contain NaN or Inf (or values beyond float32's range)"
+        )
+    return x
+
+
+def _compact_labels(*splits: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """Labels as 0 .. C-1 in the order of their values, and the values as the class names:
+    labels such as {-1, 0, 1}, {0, 5, 9} or {0, 100000} would otherwise be read as classes
+    that do not exist (a count of max + 1, or a negative index)."""
+    values = np.unique(np.concatenate(splits))
+    return [np.searchsorted(values, y) for y in splits], [str(v) for v in values.tolist()]
 
 
 def load_simplex(k: int, n_per_cluster: int = 300, noise: float = 0.1, seed: int = 0) -> Dataset:

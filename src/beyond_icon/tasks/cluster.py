@@ -33,6 +33,7 @@ from beyond_icon.neighbors import cached_neighbors
 from beyond_icon.tasks.common import (
     TaskConfig,
     begin,
+    check_finite_where_p_is_zero,
     finish,
     identity,
     option,
@@ -71,7 +72,7 @@ class ClusterConfig(TaskConfig):
         "of the steps, as the paper's 30 epochs halved every 10 do)",
     }
     pca_components: int | None = option(
-        None, "PCA of the (flattened) inputs before clustering (none: as given)"
+        None, "PCA of the (flattened) inputs before clustering (0 or none: as given)"
     )
     n_clusters: int | None = option(None, "K (default: the number of classes)")
     divergence: str = option("tv", "kl, tv, jsd, hellinger, ... (loss=icon)")
@@ -157,10 +158,17 @@ def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
         return x if x.dtype == np.float16 and x.ndim == 2 else as_float(x).reshape(len(x), -1)
 
     train, test = flat(dataset.x_train), flat(dataset.x_test)
-    if config.pca_components and train.shape[1] > config.pca_components:
+    components = config.pca_components
+    if components is not None and (not isinstance(components, int) or components < 0):
+        raise ValueError(
+            f"pca_components must be an integer >= 0 or none (0 or none: as given), got "
+            f"{components!r}"
+        )
+    if components and train.shape[1] > components:
         from sklearn.decomposition import PCA
 
-        pca = PCA(config.pca_components, random_state=0).fit(train)
+        # fewer points than components: as many components as points (PCA's most)
+        pca = PCA(min(components, len(train)), random_state=0).fit(train)
         train, test = (
             pca.transform(train).astype(np.float32),
             pca.transform(test).astype(np.float32),
@@ -171,6 +179,15 @@ def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
 def _check(config: ClusterConfig, n_train: int, k: int) -> None:
     if config.loss not in ("icon", "pmi"):
         raise ValueError(f"loss must be 'icon' or 'pmi', got {config.loss!r}")
+    if not isinstance(config.batch_size, int) or config.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {config.batch_size!r}")
+    if config.loss == "icon" and not (config.debias > 0 and config.debias_side != "q"):
+        check_finite_where_p_is_zero(
+            config.divergence,
+            "outside each point's mined neighbours",
+            "use --debias A > 0 (p mixed with uniform) or a divergence finite there (kl, tv, "
+            "jsd, hellinger, chi2, alpha:A with A > 0)",
+        )
     if k < 2 or k > n_train:
         raise ValueError(
             f"n_clusters must be in [2, {n_train}] (the number of training points), got {k}"
@@ -541,7 +558,7 @@ def run(
     """
     device, dataset, out, verbose = begin(config, out, verbose, resume)
     train_x, test_x = _features(dataset, config)
-    k = config.n_clusters or dataset.n_classes
+    k = dataset.n_classes if config.n_clusters is None else config.n_clusters
     _check(config, len(train_x), k)
     seed_everything(config.seed)
     standardize = Standardize.fit_rows(train_x)

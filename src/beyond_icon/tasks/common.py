@@ -193,6 +193,31 @@ def finish(
         print(format_metrics(result))
 
 
+def check_finite_where_p_is_zero(name: str, where: str, remedy: str) -> None:
+    """A one-line error for one of the library's divergences that is infinite where ``p = 0 <
+    q`` (``reverse_kl``, ``jeffreys``, ``alpha:A`` with ``A <= 0``), for a task whose p has
+    zeros: training would stop at its first step, or (Jeffreys' fast rule, which drops the
+    terms off p's support) minimise a finite stand-in without saying so. A user's divergence
+    is left to its own handling of p = 0.
+
+    Parameters
+    ----------
+    name : str
+        The divergence (registered name).
+    where : str
+        Where p is zero, for the message.
+    remedy : str
+        What to do instead, for the message.
+    """
+    from beyond_icon import divergences
+
+    divergence = divergences.get(name)
+    if divergences.is_builtin(divergence) and not divergence.finite_where_p_is_zero:
+        raise ValueError(
+            f"divergence {name!r} is infinite where p = 0 < q, and p is zero {where}; {remedy}"
+        )
+
+
 def format_metrics(result: dict) -> str:
     """``name=value`` pairs on one line, floats to four decimals.
 
@@ -246,6 +271,13 @@ def load_task_data(config: Any) -> Dataset:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
     dataset = data_registry.load(config.data, data_dir=config.data_dir, download=config.download)
+    for name, split in (("n_train", dataset.x_train), ("n_test", dataset.x_test)):
+        asked = getattr(config, name)
+        if asked is not None and asked > len(split):
+            raise ValueError(
+                f"{name} = {asked} is more than the {len(split)} points of the {name[2:]} "
+                f"split of {dataset.name}; lower it or leave it unset for the whole split"
+            )
     if config.n_train or config.n_test:
         dataset = dataset.subset(config.n_train, config.n_test, seed=0)
     return dataset

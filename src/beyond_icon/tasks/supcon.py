@@ -23,7 +23,14 @@ from beyond_icon.distributed import is_main
 from beyond_icon.divergences import rules_compiled
 from beyond_icon.methods import SupCon
 from beyond_icon.models import ProjectionHead, Standardize, build_backbone
-from beyond_icon.tasks.common import TaskConfig, begin, finish, identity, option
+from beyond_icon.tasks.common import (
+    TaskConfig,
+    begin,
+    check_finite_where_p_is_zero,
+    finish,
+    identity,
+    option,
+)
 from beyond_icon.train import SCHEDULE_HELP, TrainConfig, fit, seed_everything, split_batches
 
 __all__ = ["SupConConfig", "SupConResult", "embed", "run"]
@@ -232,6 +239,13 @@ def run(
     device, dataset, out, verbose = begin(
         config, out, verbose, resume
     )  # checked before any training
+    if not config.debias > 0:
+        check_finite_where_p_is_zero(
+            config.divergence,
+            "between samples of different classes",
+            "use --debias A > 0 (p mixed with uniform) or a divergence finite there (kl, tv, "
+            "jsd, hellinger, chi2, alpha:A with A > 0)",
+        )
     if config.knn_k >= len(dataset.x_train):
         raise ValueError(
             f"knn_k must be below the {len(dataset.x_train)} training points, got {config.knn_k}"
