@@ -185,8 +185,7 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         check_finite_where_p_is_zero(
             config.divergence,
             "outside each point's mined neighbours",
-            "use --debias A > 0 (p mixed with uniform) or a divergence finite there (kl, tv, "
-            "jsd, hellinger, chi2, alpha:A with A > 0)",
+            "use --debias A > 0 (p mixed with uniform)",
         )
     if k < 2 or k > n_train:
         raise ValueError(

@@ -207,14 +207,15 @@ def check_finite_where_p_is_zero(name: str, where: str, remedy: str) -> None:
     where : str
         Where p is zero, for the message.
     remedy : str
-        What to do instead, for the message.
+        The task's own remedy, for the message (a divergence finite there is the other).
     """
     from beyond_icon import divergences
 
     divergence = divergences.get(name)
     if divergences.is_builtin(divergence) and not divergence.finite_where_p_is_zero:
         raise ValueError(
-            f"divergence {name!r} is infinite where p = 0 < q, and p is zero {where}; {remedy}"
+            f"divergence {name!r} is infinite where p = 0 < q, and p is zero {where}; {remedy}, "
+            "or a divergence finite there (kl, tv, jsd, hellinger, chi2, alpha:A with A > 0)"
         )
 
 

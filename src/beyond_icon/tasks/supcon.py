@@ -243,8 +243,7 @@ def run(
         check_finite_where_p_is_zero(
             config.divergence,
             "between samples of different classes",
-            "use --debias A > 0 (p mixed with uniform) or a divergence finite there (kl, tv, "
-            "jsd, hellinger, chi2, alpha:A with A > 0)",
+            "use --debias A > 0 (p mixed with uniform)",
         )
     if config.knn_k >= len(dataset.x_train):
         raise ValueError(
