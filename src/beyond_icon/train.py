@@ -566,6 +566,12 @@ class _Loop:
 
     def restore(self, path: Path, identity: dict | None) -> None:
         state = load_checkpoint(path, self.device, identity, self.verbose)
+        if state["epoch"] > self.config.epochs:  # a resume extends a run, never cuts it
+            raise ValueError(
+                f"{path} holds {state['epoch']} epochs ({len(state['history'])} steps), more "
+                f"than the {self.config.epochs} this run asks for; resume with at least the "
+                "budget it was trained with"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for name, module in self.state_modules.items():

@@ -90,6 +90,9 @@ def test_a_refused_resume_leaves_the_runs_config(tmp_path, capsys):
     assert "seed: 0" in config and "n_steps: 4" in config
     assert main([*base, *fast, "--n-steps", "6", "--resume"]) == 0
     assert "n_steps: 6" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main([*base, *fast, "--n-steps", "2", "--resume"]) == 2  # a resume cannot cut a run
+    assert "holds 3 epochs (6 steps), more than the 1 this run asks for" in capsys.readouterr().err
+    assert "n_steps: 6" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize(
