@@ -273,3 +273,21 @@ def test_numpy_scalars_in_a_runs_identity_are_its_python_numbers():
     plain = _plain({"perplexity": np.int64(10), "lr": np.float32(0.5), "x": [np.float64(2.0)]})
     assert plain == {"perplexity": 10, "lr": 0.5, "x": [2.0]}
     assert type(plain["perplexity"]) is int and type(plain["x"][0]) is float
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"weight_decay": -1.0}, "weight_decay must be a number >= 0, got -1.0"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a number >= 0"),
+        (
+            {"epochs": 1, "warmup_epochs": 5},
+            r"warmup_epochs must be an integer in \[0, epochs = 1\)",
+        ),
+    ],
+)
+def test_optimiser_settings_are_checked(settings, message):
+    from beyond_icon.train import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings).check()

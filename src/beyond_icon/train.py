@@ -204,6 +204,13 @@ class TrainConfig:
             raise ValueError(
                 f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be an integer in [0, epochs = {self.epochs}) (the learning "
+                f"rate would never reach lr), got {self.warmup_epochs!r}"
+            )
 
 
 def _lr_factor(config: TrainConfig, progress: float) -> float:
