@@ -386,9 +386,12 @@ def load_checkpoint(
                 if earlier_recipe(differ)
                 else "resume with the same settings, or use another --out"
             )
-            raise ValueError(
-                f"{path} belongs to a run with other settings ({', '.join(differ)}); {remedy}"
+            # what the run is first (another task, an earlier recipe), then at most 5 fields
+            differ.sort(key=lambda line: line.split(":", 1)[0] not in ("task", "recipe"))
+            shown = ", ".join(differ[:5]) + (
+                f", and {len(differ) - 5} more" if len(differ) > 5 else ""
             )
+            raise ValueError(f"{path} belongs to a run with other settings ({shown}); {remedy}")
         for key in BUDGET_FIELDS:
             if key in saved and saved.get(key) != identity.get(key) and verbose:
                 tqdm.write(

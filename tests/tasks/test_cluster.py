@@ -329,3 +329,16 @@ def test_fewer_points_than_pca_components_and_as_many(tmp_path):
         n_steps=5,
     )
     assert np.isfinite(cluster.run(config, verbose=False).metrics["acc"])
+
+
+def test_resuming_another_tasks_run_names_the_task_first(tmp_path, capsys):
+    """A checkpoint of another task differs in every field: the message says which task made
+    it and lists 5 fields, not all of them on one 1,000-character line."""
+    out = str(tmp_path / "run")
+    supcon = ["supcon", "--data", "simplex:3", "--epochs", "1", "--probe-epochs", "1"]
+    assert main([*supcon, "--out", out, "--quiet"]) == 0
+    argv = ["cluster", "--data", "simplex:3", "--n-steps", "5", "--out", out, "--resume"]
+    assert main([*argv, "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "other settings (task: 'supcon' there, 'cluster' now, " in error
+    assert re.search(r"and \d+ more\); resume with the same settings", error)
