@@ -30,6 +30,7 @@ def test_more_clusters_than_classes():
 def test_cluster_size_entropy():
     assert metrics.cluster_size_entropy([0, 1, 2, 3] * 5, 4) == pytest.approx(1.0)
     assert metrics.cluster_size_entropy([2] * 10, 4) == 0.0
+    assert str(metrics.cluster_size_entropy([2] * 10, 4)) == "0.0"  # not -0.0 in metrics.json
     sizes = np.array([6, 3, 1])
     share = sizes / sizes.sum()
     want = -(share * np.log(share)).sum() / math.log(5)  # two empty clusters of five

@@ -178,7 +178,8 @@ def cluster_size_entropy(clusters, n_clusters: int) -> float:
         )
     share = np.bincount(clusters, minlength=n_clusters) / len(clusters)
     share = share[share > 0]
-    return float(-(share * np.log(share)).sum() / np.log(n_clusters))
+    # + 0.0: one cluster gives -0 * log(1) = -0.0, which JSON writes as -0.0
+    return float((share * -np.log(share)).sum() / np.log(n_clusters)) + 0.0
 
 
 def nmi(labels, clusters) -> float:
