@@ -558,16 +558,12 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         if self.n_steps is not None:
             positive_int("n_steps", self.n_steps)
         widths = self.hidden if isinstance(self.hidden, (tuple, list)) else None
-        if not widths or any(
-            isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in widths
-        ):
+        if not widths or any(not _is_int(w) or w < 1 for w in widths):
             raise ValueError(
                 f"hidden must be a non-empty sequence of positive integers, got {self.hidden!r}"
             )
         if self.n_cells is not None:
-            if isinstance(self.n_cells, bool) or not isinstance(self.n_cells, (int, np.integer)):
-                raise ValueError(f"n_cells must be an integer >= 0, got {self.n_cells!r}")
-            if self.n_cells < 0:
+            if not _is_int(self.n_cells) or self.n_cells < 0:
                 raise ValueError(f"n_cells must be an integer >= 0, got {self.n_cells!r}")
             if self.n_cells > n:
                 raise ValueError(
