@@ -234,8 +234,48 @@ def test_damaged_chunk_is_redone_and_other_settings_refused(tmp_path, folder):
     # an interrupted folder resumed with another chunk size is refused, naming the setting
     (tmp_path / "h" / ".chunks").mkdir(parents=True)
     (tmp_path / "h" / ".chunks" / "manifest.json").write_text('{"chunk": 3}')
+    (tmp_path / "h" / ".chunks" / "train-000000.npz").write_bytes(b"a chunk of that run")
     with pytest.raises(ValueError, match="other settings .*chunk"):
         stream_extract(encoder, splits, tmp_path / "h", device=torch.device("cpu"), **kwargs)
+
+
+def test_a_first_run_that_wrote_no_chunk_does_not_hold_its_folder(tmp_path, folder, capsys):
+    """A first extraction refused before any chunk (a wrong option) leaves a manifest only:
+    the corrected command takes the folder, where it used to be refused as 'other settings'."""
+    out = tmp_path / "f"
+    assert main(_extract_args(tmp_path, out, "--pooling", "mean")) == 2
+    assert "pooling" in capsys.readouterr().err
+    assert (out / ".chunks" / "manifest.json").is_file()
+    assert main(_extract_args(tmp_path, out)) == 0
+    assert _features(out)["train"].shape == (30, 8)
+
+
+def test_finished_folder_names_the_settings_that_differ(tmp_path, folder, capsys):
+    out = tmp_path / "f"
+    assert main(_extract_args(tmp_path, out)) == 0
+    assert main(_extract_args(tmp_path, out, "--batch-size", "2")) == 2
+    err = capsys.readouterr().err
+    assert "other settings (batch_size, chunk differ, meta.json)" in err, err
+
+
+@pytest.mark.parametrize("size", ["0", "-4", "100000"])
+def test_image_size_out_of_range_is_refused(tmp_path, folder, capsys, size):
+    assert main(_extract_args(tmp_path, tmp_path / "f", "--image-size", size)) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"image_size must be an integer in [1, 4096] or None (the encoder's own), got {size}" in err
+    )
+    assert not (tmp_path / "f" / "meta.json").exists()
+
+
+def test_a_test_class_missing_from_train_is_refused(tmp_path, folder, capsys):
+    from PIL import Image
+
+    (folder / "test" / "zzz").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "test" / "zzz" / "0.png")
+    assert main(_extract_args(tmp_path, tmp_path / "f")) == 2
+    err = capsys.readouterr().err
+    assert "has class folders that the training split lacks: zzz" in err, err
 
 
 def _write_encoder(tmp_path):

@@ -194,6 +194,11 @@ def _hf_size(config: dict, default: int) -> int:
     return default
 
 
+#: The largest ``image_size`` taken: a side of 4,096 is 50 MiB of float32 per RGB image
+#: (DINOv2 was trained at 518).
+MAX_IMAGE_SIZE = 4096
+
+
 def load_encoder(name: str, image_size: int | None = None, pooling: str = "cls") -> Encoder:
     """An encoder by name, with its resolution and normalisation.
 
@@ -204,7 +209,7 @@ def load_encoder(name: str, image_size: int | None = None, pooling: str = "cls")
         cache), a folder holding a Hugging Face model (``config.json``), or ``module:factory`` /
         ``file.py:factory``.
     image_size : int, optional
-        Input side; default the encoder's own (224 for the named ones; for a factory the images'
+        Input side, 1 to :data:`MAX_IMAGE_SIZE`; default the encoder's own (224 for the named ones; for a factory the images'
         own size, or 224 when streaming a folder of mixed sizes).
     pooling : {"cls", "mean"}
         Class token or mean of the patch tokens.
@@ -220,6 +225,15 @@ def load_encoder(name: str, image_size: int | None = None, pooling: str = "cls")
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if image_size is not None and not (
+        isinstance(image_size, (int, np.integer))
+        and not isinstance(image_size, bool)
+        and 1 <= image_size <= MAX_IMAGE_SIZE
+    ):
+        raise ValueError(
+            f"image_size must be an integer in [1, {MAX_IMAGE_SIZE}] or None (the encoder's "
+            f"own), got {image_size!r}"
+        )
     if name in HUB:
         tried = []
         try:
@@ -558,13 +572,17 @@ def _open_folder(out: Path, identity: dict, rank: int) -> bool:
         done = json.loads(meta_path.read_text())
         if {k: done.get(k) for k in identity} == identity:
             return True
+        changed = sorted(k for k in identity if done.get(k) != identity[k])
         raise ValueError(
-            f"{out} already holds other features (meta.json); choose another --out or delete it"
+            f"{out} already holds features made with other settings ({', '.join(changed)} "
+            "differ, meta.json); choose another --out or delete it"
         )
     manifest = chunks_dir / "manifest.json"
     if rank == 0:
         chunks_dir.mkdir(parents=True, exist_ok=True)
-        if not manifest.is_file():
+        # no chunk on disk yet (a first run that stopped on a bad option or encoder): nothing
+        # to mix, so these settings start the folder
+        if not manifest.is_file() or not any(chunks_dir.glob("*.npz")):
             tmp = manifest.with_suffix(".tmp")
             tmp.write_text(json.dumps(identity, indent=1))
             os.replace(tmp, manifest)

@@ -394,6 +394,14 @@ def _list_class_folders(root: Path, classes: list[str] | None = None):
     """(files, labels, classes) of a class-per-subfolder image folder, in a fixed order."""
     if classes is None:
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    else:  # a test/ folder: a class that train/ lacks would be dropped without a word
+        extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes)
+        if extra:
+            raise ValueError(
+                f"image folder {root} has class folders that the training split lacks: "
+                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}; every class needs "
+                "training images (move or remove them)"
+            )
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-folders")
     files, labels = [], []
@@ -732,6 +740,34 @@ def load_simplex(k: int, n_per_cluster: int = 300, noise: float = 0.1, seed: int
     data = _split(f"simplex{k}", x.astype(np.float32), y)
     data.has_test_split = True
     return data
+
+
+def same_spec(a: object, b: object) -> bool:
+    """Whether two dataset specs name the same data: equal, or ``imagefolder:`` /
+    ``embeddings:`` paths that resolve to the same file (relative paths from the working
+    directory), so a run's settings match whether its data were given by a relative or an
+    absolute path.
+
+    Parameters
+    ----------
+    a, b : object
+        Specs (anything else compares with ``==``).
+
+    Returns
+    -------
+    bool
+    """
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    (kind_a, _, path_a), (kind_b, _, path_b) = a.partition(":"), b.partition(":")
+    kind = kind_a.strip().lower()
+    if kind != kind_b.strip().lower() or kind not in ("imagefolder", "embeddings"):
+        return False
+    if not (path_a and path_b):
+        return False
+    return Path(path_a).expanduser().resolve() == Path(path_b).expanduser().resolve()
 
 
 def spec_names() -> list[str]:
