@@ -291,6 +291,156 @@ def test_sweep_ignores_a_run_that_stopped_before_training(tmp_path):
     options.pop("n_neighbors")
     again = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(again, verbose=False) == []
+    # no run had trained with the refused options: sweep.yaml records the corrected ones
+    assert yaml_load(tmp_path / "s" / "sweep.yaml")["options"] == options
+
+
+def test_divergences_that_differ_only_in_case_are_one(tmp_path):
+    with pytest.raises(ValueError, match="must not repeat"):
+        sweep.plan("cluster", ["kl", "KL"], [0], {"data": "simplex:3"}, tmp_path / "s")
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ("", "is empty"),
+        ("task: cluster\n", "lacks divergences, seeds"),
+        ("- a list\n", "is not a mapping"),
+        ("task: [cluster\n", "is not valid YAML"),
+    ],
+)
+def test_a_damaged_sweep_yaml_is_named(tmp_path, capsys, text, what):
+    _tiny_cluster_sweep(tmp_path / "s")
+    (tmp_path / "s" / "sweep.yaml").write_text(text)
+    for command in (["report", str(tmp_path / "s")], _cluster_cli(tmp_path / "s")):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"sweep.yaml {what}" in err and "delete it and rerun" in err, err
+        assert len(err.splitlines()) == 1
+
+
+def _cluster_cli(out, divergences="tv", seeds="0", *extra):
+    return [
+        "sweep",
+        "cluster",
+        "--data",
+        "simplex:3",
+        "--n-steps",
+        "2",
+        "--kmeans-init",
+        "0",
+        "--divergences",
+        divergences,
+        "--seeds",
+        seeds,
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_sweep_yaml_is_replaced_whole(tmp_path):
+    _tiny_cluster_sweep(tmp_path / "s")
+    assert [p.name for p in (tmp_path / "s").iterdir() if "sweep.yaml" in p.name] == ["sweep.yaml"]
+
+
+def test_one_run_has_no_std_and_a_nan_is_never_best(tmp_path):
+    _tiny_cluster_sweep(tmp_path / "s", divergences=("tv", "kl"))
+    table = sweep.build_report(tmp_path / "s", verbose=False)
+    assert "± 0.000" not in table and "± –" in table, table  # one seed: std undefined
+    metrics = tmp_path / "s" / "runs" / "kl_s0" / "metrics.json"
+    values = json.loads(metrics.read_text())
+    values["acc"] = float("nan")
+    metrics.write_text(json.dumps(values))  # json writes NaN, and reads it back
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in sweep.build_report(tmp_path / "s", verbose=False).splitlines()
+    }
+    assert "nan ± –" in rows["kl"] and "**nan" not in rows["kl"], rows["kl"]
+
+
+def test_a_metric_some_runs_lack_has_its_own_n(tmp_path):
+    _tiny_cluster_sweep(tmp_path / "s", divergences=("tv",))
+    specs = sweep.plan(
+        "cluster",
+        ["tv"],
+        [1],
+        {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0},
+        tmp_path / "s",
+    )
+    assert sweep.run_sweep(specs, verbose=False) == []
+    metrics = tmp_path / "s" / "runs" / "tv_s0" / "metrics.json"
+    values = json.loads(metrics.read_text())
+    nmi = json.loads((tmp_path / "s" / "runs" / "tv_s1" / "metrics.json").read_text())["nmi"]
+    del values["nmi"]  # a run of a version without it
+    metrics.write_text(json.dumps(values))
+    table = sweep.build_report(tmp_path / "s", verbose=False)
+    row = next(line for line in table.splitlines() if line.startswith("| tv |"))
+    assert row.startswith("| tv | 2 |"), row
+    assert f"{nmi:.3f} ± – (n = 1)" in row.replace("**", ""), row
+
+
+@pytest.mark.parametrize(
+    "text, what", [('{"acc": 0.5', "is not valid JSON"), ("[1, 2]", "holds a list, not metrics")]
+)
+def test_a_damaged_metrics_json_is_named(tmp_path, capsys, text, what):
+    _tiny_cluster_sweep(tmp_path / "s")
+    path = tmp_path / "s" / "runs" / "tv_s0" / "metrics.json"
+    path.write_text(text)
+    assert main(["report", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} {what}" in err and "delete" in err and "rerun the sweep" in err, err
+
+
+def test_sweep_options_of_the_command_line_are_checked(tmp_path, capsys):
+    for extra, message in (
+        (("--seeds", "a"), "argument --seeds: expected a comma-separated list of int, got 'a'"),
+        (("--jobs", "0"), "argument --jobs: expected a positive integer, got '0'"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(_cluster_cli(tmp_path / "s") + list(extra))
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_sweep_whose_runs_all_fail_says_so(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(_cluster_cli(out, "tv,kl", "0", "--n-neighbors", "100000")) == 2
+    err = capsys.readouterr().err
+    assert "run tv_s0 failed: n_neighbors must be in" in err
+    assert "all 2 run(s) failed (the reasons above); fix the options and rerun" in err, err
+    assert "no finished run" not in err
+    assert main(_cluster_cli(out, "tv,kl", "0")) == 0
+    # no run trained with the refused value: sweep.yaml takes the corrected options
+    assert yaml_load(out / "sweep.yaml")["options"]["n_neighbors"] != 100000
+
+
+def test_an_interrupted_sweep_says_to_rerun_the_same_command(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    assert main(_cluster_cli(tmp_path / "s")) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command" in err and "--resume" not in err, err
+
+
+def test_a_data_path_given_relative_or_absolute_is_the_same_data(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32) + np.repeat(np.eye(5)[:3] * 4, 20, 0)
+    for name in ("emb.npz", "other.npz"):
+        np.savez(tmp_path / name, x=x, y=np.repeat(np.arange(3), 20))
+    monkeypatch.chdir(tmp_path)
+    options = {"data": "embeddings:emb.npz", "n_steps": 2, "kmeans_init": 0, "n_neighbors": 3}
+    specs = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    absolute = options | {"data": f"embeddings:{tmp_path / 'emb.npz'}"}
+    assert sweep.plan("cluster", ["kl"], [0], absolute, tmp_path / "s")
+    with pytest.raises(sweep.SettingsChanged, match="data: 'embeddings:emb.npz' there"):
+        sweep.plan(
+            "cluster", ["kl"], [0], options | {"data": "embeddings:other.npz"}, tmp_path / "s"
+        )
 
 
 def yaml_load(path):

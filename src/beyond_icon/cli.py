@@ -67,6 +67,26 @@ def _converter(annotation: str):
     return maybe
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of int, got {text!r}")
+    return values
+
+
 def _refuse(message: str):
     def convert(text: str):
         raise argparse.ArgumentTypeError(f"no longer an option: {message}")
@@ -170,14 +190,13 @@ def _sweep(args: argparse.Namespace) -> int:
     if unknown:
         known = ", ".join(sweep.BASELINES.get(args.sweep_task, ())) or "none"
         raise ValueError(f"unknown {args.sweep_task} baseline(s) {unknown}; known: {known}")
-    specs = sweep.plan(
-        args.sweep_task,
-        divergences + baselines,
-        _split_list(args.seeds, int),
-        options,
-        args.out,
-    )
+    specs = sweep.plan(args.sweep_task, divergences + baselines, args.seeds, options, args.out)
     failed = sweep.run_sweep(specs, jobs=args.jobs, verbose=not args.quiet)
+    if len(failed) == len(specs):  # nothing to report: say why, not "no finished run"
+        raise ValueError(
+            f"all {len(specs)} run(s) failed (the reasons above); fix the options and rerun "
+            "the same command"
+        )
     sweep.build_report(args.out, verbose=not args.quiet)
     print(f"wrote {args.out}/results.md")
     if failed:
@@ -252,8 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default="",
                 help="other losses run beside the divergences, one row each: pmi (TEMI's)",
             )
-        task_sweep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-        task_sweep.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+        task_sweep.add_argument(
+            "--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds"
+        )
+        task_sweep.add_argument(
+            "--jobs", type=_positive_int, default=1, help="runs in parallel processes"
+        )
         task_sweep.add_argument("--out", required=True, help="sweep folder")
         task_sweep.add_argument("--config", help="YAML file of task options")
         task_sweep.add_argument("--quiet", action="store_true")
@@ -320,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the paper in miniature on the bundled digits, one report")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (a smoke test)")
-    demo.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    demo.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=_demo)
     return parser
@@ -366,12 +389,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"beyond-icon {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        done = (
-            "written chunks are kept; rerun the same command to continue"
-            if getattr(args, "command", None) == "extract"
-            else "a run is checkpointed after an epoch at most every 30 s and at its end; rerun "
-            "with --resume to go on from its last checkpoint"
-        )
+        command = getattr(args, "command", None)
+        checkpointed = "a run is checkpointed after an epoch at most every 30 s and at its end"
+        done = {
+            "extract": "written chunks are kept; rerun the same command to continue",
+            # a sweep resumes its runs by itself (it takes no --resume)
+            "sweep": f"finished runs are kept and {checkpointed}; rerun the same command to go on",
+            "demo": f"{checkpointed}; rerun the same command to go on",
+        }.get(command, f"{checkpointed}; rerun with --resume to go on from its last checkpoint")
         print(f"\ninterrupted: {done}", file=sys.stderr)
         return 130
     finally:

@@ -27,6 +27,8 @@ import json
 import math
 import os
 import re
+import sys
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +120,10 @@ def plan(
     """The runs of a sweep; also writes (or checks) ``sweep.yaml``."""
     if not divergences or not seeds:
         raise ValueError("a sweep needs at least one divergence and one seed")
-    if len(set(divergences)) != len(divergences) or len(set(seeds)) != len(seeds):
-        raise ValueError("divergences and seeds must not repeat")
+    # the registry takes names in any case: kl and KL are one divergence
+    names = [d.strip().lower() for d in divergences]
+    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
+        raise ValueError("divergences and seeds must not repeat (names in any case)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = {k: v for k, v in options.items() if k not in ("seed", "divergence")}
@@ -131,12 +135,13 @@ def plan(
     }
     path = out / "sweep.yaml"
     if path.is_file():
-        previous = yaml.safe_load(path.read_text())
-        if previous.get("task") != task:
+        previous = read_record(out)
+        if previous["task"] != task:
             raise ValueError(
-                f"{out} holds a sweep of {previous.get('task')}, not {task}; use a new --out"
+                f"{out} holds a sweep of {previous['task']}, not {task}; use a new --out"
             )
-        record["options"] = previous.get("options", options)  # the first call's, as passed
+        if _any_trained(out):  # the options the runs were made with, as first passed
+            record["options"] = previous.get("options", options)
         record["divergences"] = list(dict.fromkeys(previous["divergences"] + list(divergences)))
         record["seeds"] = list(dict.fromkeys(previous["seeds"] + list(seeds)))
     specs = [
@@ -147,15 +152,67 @@ def plan(
     from beyond_icon.tasks.common import register_divergence_module
 
     register_divergence_module(options.get("divergence_module"))
-    for spec in specs:  # fail before any training if a divergence or option is wrong
+    # fail before any training if a divergence is unknown or an option has the wrong type;
+    # the checks that need the data (ranges against its size) come at each run's start
+    for spec in specs:
         spec.config()
         if not (task == "cluster" and spec.divergence == "pmi"):
             from beyond_icon import divergences as registry
 
             registry.get(spec.divergence)
     _check_earlier_runs(specs[0], out)
-    path.write_text(yaml.safe_dump(record, sort_keys=False))
+    _write_text(path, yaml.safe_dump(record, sort_keys=False))
     return specs
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _any_trained(out: Path) -> bool:
+    """Whether a run of the sweep folder has finished or written a checkpoint."""
+    from beyond_icon.train import CHECKPOINT
+
+    return any(
+        (folder / name).is_file()
+        for folder in (out / "runs").glob("*")
+        for name in ("metrics.json", CHECKPOINT)
+    )
+
+
+def read_record(out: str | Path) -> dict:
+    """``sweep.yaml`` of a sweep folder, checked: ``task``, ``divergences`` and ``seeds``.
+
+    Raises
+    ------
+    ValueError
+        The file is damaged (an interrupted write of an old version, an edit), naming it.
+    """
+    path = Path(out) / "sweep.yaml"
+    remedy = (
+        "delete it and rerun the sweep command with the divergences and seeds you want in the "
+        "table (finished runs are kept)"
+    )
+    try:
+        record = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid YAML ({_first_line(error)}): {remedy}") from None
+    if not record:
+        raise ValueError(f"{path} is empty: {remedy}")
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a mapping: {remedy}")
+    fields = {"task": str, "divergences": list, "seeds": list}
+    bad = [k for k, kind in fields.items() if not isinstance(record.get(k), kind)]
+    if bad:
+        raise ValueError(f"{path} lacks {', '.join(bad)}: {remedy}")
+    return record
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _check_earlier_runs(spec: RunSpec, out: Path) -> None:
@@ -284,9 +341,9 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list
             try:
                 _execute(spec, None)
             except RunBusy as busy:
-                tqdm.write(str(busy))
+                tqdm.write(str(busy), file=sys.stderr)
             except (ValueError, RuntimeError) as error:
-                tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
+                tqdm.write(f"run {Path(spec.folder).name} failed: {error}", file=sys.stderr)
                 failed.append(spec)
             bar.update(1)
     else:
@@ -300,9 +357,9 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list
                 try:
                     future.result()
                 except RunBusy as busy:
-                    tqdm.write(str(busy))
+                    tqdm.write(str(busy), file=sys.stderr)
                 except (ValueError, RuntimeError) as error:
-                    tqdm.write(f"run {Path(spec.folder).name} failed: {error}")
+                    tqdm.write(f"run {Path(spec.folder).name} failed: {error}", file=sys.stderr)
                     failed.append(spec)
                 bar.set_postfix_str(Path(spec.folder).name)
                 bar.update(1)
@@ -314,20 +371,34 @@ def run_sweep(specs: list[RunSpec], jobs: int = 1, verbose: bool = True) -> list
 
 
 def _load_runs(out: Path) -> tuple[dict, list[dict]]:
-    record = yaml.safe_load((out / "sweep.yaml").read_text())
+    record = read_record(out)
     rows = []
     for divergence in record["divergences"]:
         for seed in record["seeds"]:
             folder = out / "runs" / run_name(divergence, seed)
             if (folder / "metrics.json").is_file():
-                metrics = json.loads((folder / "metrics.json").read_text())
+                metrics = _read_metrics(folder / "metrics.json")
                 rows.append({"divergence": divergence, "seed": seed, "run": folder.name, **metrics})
     return record, rows
 
 
+def _read_metrics(path: Path) -> dict:
+    """A run's ``metrics.json``; a damaged one is named, with the way to redo the run."""
+    remedy = f"delete {path.parent} and rerun the sweep to redo that run"
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({_first_line(error)}): {remedy}") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} holds a {type(metrics).__name__}, not metrics: {remedy}")
+    return metrics
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation; the latter is NaN for one value (undefined), and
+    the tables show it as a dash."""
     array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
 
 
 def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
@@ -337,15 +408,22 @@ def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
         raise FileNotFoundError(f"{out} is not a sweep folder (no sweep.yaml)")
     record, rows = _load_runs(out)
     task = record["task"]
+    if task not in TABLE_METRICS:
+        raise ValueError(
+            f"{out / 'sweep.yaml'} names task {task!r}; known: {', '.join(TABLE_METRICS)}"
+        )
     summary: dict[str, dict] = {}
     for divergence in record["divergences"]:
         mine = [r for r in rows if r["divergence"] == divergence]
-        if mine:
-            summary[divergence] = {
-                m: (*_mean_std([r[m] for r in mine]), len(mine))
-                for m, _ in TABLE_METRICS[task]
-                if m in mine[0]
-            }
+        # a metric over the runs that have it (a run of an older version may lack one): its
+        # own n, which the table shows where it is not the row's
+        summary[divergence] = {
+            m: (*_mean_std([r[m] for r in have]), len(have))
+            for m, _ in TABLE_METRICS[task]
+            if (have := [r for r in mine if _number(r.get(m))])
+        }
+        if not summary[divergence]:
+            del summary[divergence]
     with_kmeans = [r for r in rows if "kmeans_acc" in r]
     if task == "cluster" and with_kmeans:  # k-means on the same embeddings, one value per seed
         by_seed = {r["seed"]: r for r in with_kmeans}
@@ -357,11 +435,16 @@ def aggregate(out: str | Path) -> tuple[str, list[dict], dict]:
     return task, rows, summary
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _table(task: str, summary: dict) -> str:
     metrics = [(m, hi) for m, hi in TABLE_METRICS[task] if any(m in s for s in summary.values())]
     best = {}
     for m, higher in metrics:
-        values = {name: s[m][0] for name, s in summary.items() if m in s}
+        # a NaN (a damaged or hand-edited run) is shown, never marked best
+        values = {name: s[m][0] for name, s in summary.items() if m in s and math.isfinite(s[m][0])}
         if values and m != "train_time_s":
             best[m] = (max if higher else min)(values, key=values.get)
     lines = [
@@ -375,9 +458,12 @@ def _table(task: str, summary: dict) -> str:
             if m not in s:
                 cells.append("")
                 continue
-            mean, std, _ = s[m]
-            text = f"{mean:.1f} ± {std:.1f}" if m == "train_time_s" else f"{mean:.3f} ± {std:.3f}"
-            cells.append(f"**{text}**" if best.get(m) == name else text)
+            mean, std, count = s[m]
+            digits = 1 if m == "train_time_s" else 3
+            spread = "–" if math.isnan(std) and count == 1 else f"{std:.{digits}f}"
+            text = f"{mean:.{digits}f} ± {spread}"
+            text = f"**{text}**" if best.get(m) == name else text
+            cells.append(text if count == n else f"{text} (n = {count})")
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -395,8 +481,8 @@ def build_report(out: str | Path, verbose: bool = True) -> str:
     lines = [
         f"# {task} sweep",
         "",
-        f"Mean ± sample std over seeds (n runs); best per column in bold. "
-        f"{len(rows)} finished runs.",
+        f"Mean ± sample std over seeds (n runs; – where one run leaves the std undefined); "
+        f"best per column in bold. {len(rows)} finished runs.",
         "",
         table,
         "",
@@ -427,6 +513,7 @@ def _bars(task: str, summary: dict, path: Path) -> None:
     for i, name in enumerate(names):
         means = [summary[name][m][0] if m in summary[name] else math.nan for m in metrics]
         stds = [summary[name][m][1] if m in summary[name] else 0 for m in metrics]
+        stds = [0.0 if math.isnan(v) else v for v in stds]  # one run: no error bar
         ax.bar(np.arange(len(metrics)) + i * width, means, width, yerr=stds, capsize=3, label=name)
     ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
     ax.set_ylabel("mean ± std over seeds")
@@ -450,15 +537,22 @@ def _sne_figures(out: Path, rows: list[dict]) -> None:
         if r["seed"] != seed:
             continue
         folder = out / "runs" / r["run"]
-        with np.load(folder / "embedding.npz") as emb:
-            panels.append(
-                (f"{r['divergence']} (k-NN {r['knn_acc']:.3f})", emb["test"], emb["y_test"])
-            )
-            classes = [str(c) for c in emb["classes"]]
-        with open(folder / "history.csv") as handle:
-            histories[r["divergence"]] = [
-                {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
-            ]
+        knn = f" (k-NN {r['knn_acc']:.3f})" if _number(r.get("knn_acc")) else ""
+        path = folder / "embedding.npz"
+        try:
+            with np.load(path) as emb:
+                panels.append((f"{r['divergence']}{knn}", emb["test"], emb["y_test"]))
+                classes = [str(c) for c in emb["classes"]]
+            path = folder / "history.csv"
+            with open(path) as handle:
+                histories[r["divergence"]] = [
+                    {k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)
+                ]
+        except (OSError, ValueError, TypeError, KeyError, zipfile.BadZipFile) as error:
+            what = "is missing" if not path.is_file() else f"is damaged ({_first_line(error)})"
+            raise ValueError(
+                f"{path} {what}: delete {folder} and rerun the sweep to redo that run"
+            ) from None
     report.plot_embedding_grid(
         panels, classes, out / "sne_embeddings.png", f"test-split embeddings, seed {seed}"
     )

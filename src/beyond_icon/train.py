@@ -293,6 +293,8 @@ def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) ->
     """``"key: old there, new now"`` for each setting that differs between a run made earlier
     (``saved``; a key of :data:`LEGACY_SETTINGS` it lacks takes its old behaviour) and ``now``,
     over the keys of both but ``ignore``; the checkpoint's resume check and a sweep's share it.
+    Two ``data`` specs whose paths resolve to the same file are the same setting
+    (:func:`beyond_icon.data.datasets.same_spec`).
 
     Parameters
     ----------
@@ -303,12 +305,17 @@ def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) ->
     -------
     list of str
     """
+    from beyond_icon.data.datasets import same_spec
+
     saved = {k: v for k, v in LEGACY_SETTINGS.items() if k in now} | saved
     keys = sorted(set(saved) | set(now))
     return [
         f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
         for k in keys
-        if k not in ignore and saved.get(k) != now.get(k)
+        if k not in ignore
+        and saved.get(k) != now.get(k)
+        # a data path given relative one time and absolute the other is the same data
+        and not (k == "data" and same_spec(saved.get(k), now.get(k)))
     ]
 
 
