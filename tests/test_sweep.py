@@ -595,3 +595,16 @@ def test_sne_runs_continue_on_another_device(tmp_path):
     # where p's table is cached and the evaluation's k values do not define a run either
     other = named | {"cache_dir": str(tmp_path / "cache"), "knn_k": [5]}
     assert sweep.plan("sne", ["kl"], [0], other, tmp_path / "t")
+
+
+@pytest.mark.parametrize("name", ["history.csv", "embedding.npz"])
+def test_damaged_sne_run_files_are_named(tmp_path, capsys, name):
+    out = tmp_path / "s"
+    assert _sweep(out, divergences="kl", seeds="0") == 0
+    path = out / "runs" / "kl_s0" / name
+    text = path.read_bytes()
+    path.write_bytes(text[: len(text) // 2])  # cut mid-write
+    assert main(["report", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is damaged" in err and "rerun the sweep to redo that run" in err, err
+    assert len(err.strip().splitlines()) == 1
