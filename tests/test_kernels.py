@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -547,3 +548,43 @@ def test_distance_kernels_learned_weights_and_half_precision(rng):
     torch.testing.assert_close(inside, kernels.student_t(z * 10.0), rtol=0, atol=0)
     with pytest.raises(ValueError, match="block's shape"):
         kernels.student_t(z, log_weights=torch.zeros(3, 7))
+
+
+def test_a_tiny_sigma_gives_the_nearest_neighbour_not_nan():
+    """exp(-|d|^2 / (2 sigma^2)) for a sigma tiny against the distances: each row's mass goes
+    to its nearest other point (its logit 0), where every logit was -inf and the row NaN."""
+    z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [30.0, 0.0], [30.0, 25.0]])
+    for chain in (False, True):
+        with kernels.autograd_chain() if chain else contextlib.nullcontext():
+            log_q = kernels.gaussian(z, sigma=1e-19)
+        assert not torch.isnan(log_q).any()
+        assert log_q.exp().argmax(1).tolist() == [1, 0, 1, 2]
+        torch.testing.assert_close(log_q.exp().sum(1), torch.ones(4))
+    # a moderate sigma: the shift leaves the kernel as it was (float64 reference)
+    zd = z.double()
+    sq = torch.cdist(zd, zd) ** 2
+    want = torch.log_softmax((-sq / (2 * 0.7**2)).fill_diagonal_(-math.inf), 1)
+    torch.testing.assert_close(kernels.gaussian(zd, sigma=0.7), want)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda z: kernels.gaussian(z, sigma=1e-20), "sigma=1e-20 is too small for torch.float32"),
+        (lambda z: kernels.gaussian(z * 1e20), "z's entries reach"),
+        (lambda z: kernels.student_t(z * 1e20), "z's entries reach"),
+        (lambda z: kernels.perplexity(z * 1e20, 2.0), "x's entries reach"),
+        (lambda z: kernels.student_t(z, dof=1e-40), "dof=1e-40 is too small"),
+        (lambda z: kernels.perplexity(z, 1.5, n_iter=0), "n_iter must be a positive integer"),
+    ],
+)
+def test_kernel_scales_beyond_float32_are_named_not_nan(call, message):
+    z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=message):
+        call(z)
+
+
+def test_numpy_scalars_are_kernel_parameters():
+    z = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kernels.gaussian(z, sigma=np.float32(0.5)), kernels.gaussian(z, 0.5))
+    torch.testing.assert_close(kernels.knn(z, np.int64(2)), kernels.knn(z, 2))

@@ -338,3 +338,18 @@ def test_errors_in_later_blocks_name_the_rows_of_the_batch(monkeypatch):
     log_q[6] = torch.log_softmax(log_q[6], 0)
     with pytest.raises(ValueError, match=r"row\(s\) \[6\]"):
         bi.icon_loss(log_p, log_q, "kl")
+
+
+def test_mismatched_inputs_of_the_loss_are_named():
+    log_p = torch.randn(4, 5).log_softmax(-1)
+    log_q = torch.randn(4, 5).log_softmax(-1)
+    with pytest.raises(
+        ValueError, match="log_q is torch.float32 on cpu but log_p is torch.float64"
+    ):
+        bi.icon_loss(log_p.double(), log_q, "alpha:0.5")
+    with pytest.raises(ValueError, match=r"returned \(4, 5\) for rows 0:7"):
+        bi.icon_loss(lambda r: log_p[r], lambda r: log_q[r], "kl", n_rows=7)
+    with pytest.raises(ValueError, match="n_rows must be a positive integer, got -1"):
+        bi.icon_loss(lambda r: log_p[r], lambda r: log_q[r], "kl", n_rows=-1)
+    with pytest.raises(ValueError, match=r"a row and a column at least, got \(0, 0\)"):
+        bi.icon_loss(torch.zeros(0, 0), torch.zeros(0, 0), "kl")

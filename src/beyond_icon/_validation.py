@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterator
 from contextvars import ContextVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -81,8 +83,9 @@ def check_tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def check_features(z: Tensor, name: str = "z", *, min_rows: int = 1) -> Tensor:
-    """Features: a floating (n, d) tensor, n >= min_rows, with no NaN or Inf."""
+def check_features(z: Tensor, name: str = "z", *, min_rows: int = 1, values: bool = True) -> Tensor:
+    """Features: a floating (n, d) tensor, n >= min_rows, with no NaN or Inf (unless
+    ``values`` is False: the shape and dtype only)."""
     check_tensor(z, name)
     if z.dim() != 2:
         raise ValueError(f"{name} must have shape (n, d), got {tuple(z.shape)}")
@@ -90,7 +93,7 @@ def check_features(z: Tensor, name: str = "z", *, min_rows: int = 1) -> Tensor:
         raise ValueError(f"{name} must be a floating tensor, got dtype {z.dtype}")
     if z.shape[0] < min_rows:
         raise ValueError(f"{name} needs at least {min_rows} rows, got {z.shape[0]}")
-    if checking_values():
+    if values and checking_values():
         bad = ~torch.isfinite(z.detach())
         if bool(bad.any()):
             rows = bad.any(dim=1)
@@ -110,8 +113,19 @@ def check_labels(y: Tensor, name: str = "labels", *, n: int | None = None) -> Te
     return y
 
 
+def is_int(value: object) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """A Python or NumPy real number, not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive(value: float, name: str) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    """A positive finite real (NumPy scalars too, not bool), as a Python float."""
+    if not (is_real(value) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -134,6 +148,11 @@ def check_log_distributions(
     if like is not None and log_p.shape != like.shape:
         raise ValueError(
             f"{name} has shape {tuple(log_p.shape)} but log_p has shape {tuple(like.shape)}"
+        )
+    if like is not None and (log_p.dtype, log_p.device) != (like.dtype, like.device):
+        raise ValueError(
+            f"{name} is {log_p.dtype} on {log_p.device} but log_p is {like.dtype} on "
+            f"{like.device}: give both the same dtype and device"
         )
     if not log_p.is_floating_point():
         raise ValueError(

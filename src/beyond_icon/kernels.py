@@ -25,6 +25,8 @@ from beyond_icon._validation import (
     check_labels,
     check_log_distributions,
     check_positive,
+    checking_values,
+    is_int,
     under_torch_func,
 )
 
@@ -146,8 +148,36 @@ def _at_least_float32(z: Tensor) -> Tensor:
     return wide
 
 
-def _check_pairwise(z: Tensor, name: str) -> None:
-    check_features(z, name, min_rows=2)
+def _work_dtype(z: Tensor) -> torch.dtype:
+    """The dtype the distance kernels compute in: float64 for float64 input, else float32."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def _check_pairwise(z: Tensor, name: str) -> float | None:
+    """:func:`check_features` (two rows at least), and that squared distances between the rows
+    of ``z`` cannot overflow the dtype the kernels compute in (:func:`_work_dtype`).
+
+    Returns
+    -------
+    float or None
+        ``4 d max|z|^2``, a bound on every squared distance between centred rows; None with
+        value checks off (:func:`beyond_icon.value_checks`).
+    """
+    if not checking_values() or z.numel() == 0:
+        check_features(z, name, min_rows=2)
+        return None
+    check_features(z, name, min_rows=2, values=False)
+    top = float(z.detach().abs().amax())  # one reduction and one sync, NaN and Inf included
+    if not math.isfinite(top):
+        check_features(z, name, min_rows=2)  # names the rows
+    work = _work_dtype(z)
+    bound = 4.0 * z.shape[1] * top * top
+    if bound > torch.finfo(work).max:
+        raise ValueError(
+            f"{name}'s entries reach {top:.3g}: squared distances between its rows can overflow "
+            f"{work} (the kernels compute in it); scale the features down"
+        )
+    return bound
 
 
 class _DistanceKernel(torch.autograd.Function):
@@ -179,6 +209,12 @@ class _DistanceKernel(torch.autograd.Function):
             sq.add_(norms[start:stop, None]).clamp_min_(0.0)
             if dof is None:
                 slope = None
+                if exclude_self:
+                    # shifted by each row's nearest other point (log_softmax is invariant to it):
+                    # a sigma tiny against the distances leaves that neighbour's logit at 0
+                    # instead of every logit -inf and a NaN row
+                    sq.diagonal(offset=start).fill_(math.inf)
+                    sq.sub_(sq.amin(dim=1, keepdim=True))
                 logits = sq.mul_(-0.5 / (sigma * sigma))
             else:
                 scaled = sq.div_(dof)
@@ -241,7 +277,12 @@ def _distance_kernel(
     learned = log_weights is not None and log_weights.requires_grad
     if _CHAIN.on or learned or under_torch_func(z):
         if dof is None:
-            logits = _block_distances(z, block) / (-2.0 * sigma * sigma)
+            distances = _block_distances(z, block)
+            if exclude_self:  # as in _DistanceKernel: the row's nearest other point at 0
+                nearest = distances.detach().clone()
+                _self_entries(nearest, block).fill_(math.inf)
+                distances = distances - nearest.amin(dim=1, keepdim=True)
+            logits = distances / (-2.0 * sigma * sigma)
         else:
             logits = -0.5 * (dof + 1.0) * torch.log1p(_block_distances(z, block) / dof)
         return _masked_log_softmax(_with_weights(logits, log_weights), block, exclude_self)
@@ -346,6 +387,9 @@ def gaussian(
     """
     _check_pairwise(z, "z")
     sigma = check_positive(sigma, "sigma")
+    work = _work_dtype(z)
+    if not sigma * sigma > 0.5 / torch.finfo(work).max:
+        raise ValueError(f"sigma={sigma:g} is too small for {work}: 1 / (2 sigma^2) overflows it")
     block = _row_slice(z.shape[0], rows)
     return _distance_kernel(z, block, None, sigma, log_weights, exclude_self)
 
@@ -388,8 +432,14 @@ def student_t(
     ----------
     van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
     """
-    _check_pairwise(z, "z")
+    bound = _check_pairwise(z, "z")
     dof = check_positive(dof, "dof")
+    work = _work_dtype(z)
+    if bound is not None and bound / dof > torch.finfo(work).max:
+        raise ValueError(
+            f"dof={dof:g} is too small for these distances in {work}: |z_i - z_j|^2 / dof can "
+            "overflow it (every neighbour's probability would be 0); raise dof or scale z down"
+        )
     block = _row_slice(z.shape[0], rows)
     return _distance_kernel(
         z, block, float(dof), sigma=1.0, log_weights=log_weights, exclude_self=exclude_self
@@ -471,7 +521,9 @@ def perplexity(
     ----------
     van der Maaten, L. and Hinton, G. (2008). Visualizing data using t-SNE. JMLR 9.
     """
-    check_features(x, "x", min_rows=2)
+    _check_pairwise(x, "x")
+    if not (is_int(n_iter) and n_iter >= 1):
+        raise ValueError(f"n_iter must be a positive integer, got {n_iter!r}")
     n = x.shape[0]
     perplexity = check_positive(perplexity, "perplexity")
     if not 1.0 <= perplexity < n - 1:
@@ -609,7 +661,7 @@ def knn_indices(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Te
     """
     check_features(x, "x", min_rows=2)
     n = x.shape[0]
-    if not isinstance(n_neighbors, int) or not 1 <= n_neighbors <= n - 1:
+    if not is_int(n_neighbors) or not 1 <= n_neighbors <= n - 1:
         raise ValueError(f"n_neighbors must be an integer in [1, {n - 1}], got {n_neighbors!r}")
     block = _row_slice(n, rows)
     with torch.no_grad(), _autocast_off(x):
@@ -1031,7 +1083,7 @@ def propagate(log_p: Tensor, steps: int = 2, *, exclude_self: bool = True) -> Te
     n, m = log_p.shape
     if n != m:
         raise ValueError(f"propagate needs a square (n, n) matrix, got {tuple(log_p.shape)}")
-    if not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     p = log_p.exp()
     walk, total = p, p

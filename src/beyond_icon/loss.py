@@ -24,7 +24,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from beyond_icon import divergences as _divergences
-from beyond_icon._validation import check_log_distributions, checking_values, value_checks
+from beyond_icon._validation import (
+    check_log_distributions,
+    checking_values,
+    is_int,
+    value_checks,
+)
 from beyond_icon.distributed import Shard
 
 __all__ = ["LossStats", "icon_loss", "icon_loss_rows"]
@@ -49,20 +54,36 @@ class LossStats:
 
 
 def _block(source: Tensor | RowsFn, rows: slice) -> Tensor:
-    return source(rows) if callable(source) else source[rows]
+    if not callable(source):
+        return source[rows]
+    block = source(rows)
+    asked = rows.stop - rows.start
+    if not isinstance(block, Tensor) or block.dim() != 2 or block.shape[0] != asked:
+        shape = tuple(block.shape) if isinstance(block, Tensor) else type(block).__name__
+        raise ValueError(
+            f"a rows callable returned {shape} for rows {rows.start}:{rows.stop}; it must give "
+            f"a ({asked}, m) tensor (is n_rows right?)"
+        )
+    return block
 
 
 def _n_rows(log_p: Tensor | RowsFn, log_q: Tensor | RowsFn, n_rows: int | None) -> int:
+    if n_rows is not None and not (is_int(n_rows) and n_rows >= 1):
+        raise ValueError(f"n_rows must be a positive integer, got {n_rows!r}")
     for source in (log_p, log_q):
         if isinstance(source, Tensor):
             if source.dim() != 2:
                 raise ValueError(f"log-probabilities must be (n, m), got {tuple(source.shape)}")
+            if 0 in source.shape:
+                raise ValueError(
+                    f"log-probabilities need a row and a column at least, got {tuple(source.shape)}"
+                )
             if n_rows is not None and n_rows != source.shape[0]:
                 raise ValueError(f"n_rows={n_rows} but a tensor has {source.shape[0]} rows")
             return source.shape[0]
     if n_rows is None:
         raise ValueError("when log_p and log_q are both callables, pass n_rows")
-    return n_rows
+    return int(n_rows)
 
 
 def _block_terms(
@@ -341,6 +362,12 @@ def icon_loss(
             "several views per sample, or debias p"
         )
     loss = (total / count if reduction == "mean" else total) * world_size
+    if bool(torch.isnan(loss.detach())):  # no divergence gives NaN on valid rows
+        raise ValueError(
+            f"the '{div.name}' loss is NaN: a row of q had no finite probability (a kernel "
+            f"scale such as sigma, dof or temperature tiny against the distances, or features "
+            f"too large for {loss.dtype}); check those, or compute in float64"
+        )
     if not bool(torch.isfinite(loss.detach())):
         raise ValueError(
             f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss.detach())}): q gives "
