@@ -37,3 +37,43 @@ def test_cluster_size_entropy():
     assert metrics.cluster_size_entropy(np.repeat([0, 1, 4], sizes), 5) == pytest.approx(want)
     with pytest.raises(ValueError, match="in \\[0, 3\\)"):
         metrics.cluster_size_entropy([0, 3], 3)
+
+
+def test_hungarian_accuracy_takes_any_integer_ids():
+    # -1 (noise) is a cluster of its own, not class 1 wrapped around; large ids allocate nothing
+    assert metrics.hungarian_accuracy([0, 1, -1, -1], [0, 1, 1, 1]) == 0.75
+    assert metrics.hungarian_accuracy([0, 0, 1, 1], [0, 0, 10**12, 10**12]) == 1.0
+    assert metrics.hungarian_accuracy([0.0, 0.0, 1.0, 1.0], [5, 5, 7, 7]) == 1.0  # integral floats
+    for labels, clusters, message in (
+        ([[0, 1], [1, 0]], [[1, 0], [0, 1]], "1-D"),
+        ([0, 0, 1, 1], [0.2, 0.9, 1.5, 1.1], "integer ids"),
+        ([], [], "non-empty"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            metrics.hungarian_accuracy(labels, clusters)
+
+
+def test_linear_probe_checks_its_inputs_and_is_repeatable():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y = (x[:, 0] > 0).astype(int)
+    first = metrics.linear_probe_accuracy(x, y, x, y, epochs=5)
+    assert metrics.linear_probe_accuracy(x, y, x, y, epochs=5) == first  # seeded start
+    assert metrics.linear_probe_accuracy(x, 5 * y - 1, x, 5 * y - 1, epochs=5) == first
+    for kwargs, message in (
+        (dict(train_x=x * np.nan), "train_x contains NaN"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(test_x=x[:0], test_y=y[:0]), "test_y must be a non-empty"),
+        (dict(train_y=y + 0.5), "train_y must be integer ids"),
+    ):
+        args = dict(train_x=x, train_y=y, test_x=x, test_y=y) | kwargs
+        with pytest.raises(ValueError, match=message):
+            metrics.linear_probe_accuracy(**args)
+
+
+def test_trustworthiness_checks_k_and_lengths():
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        metrics.trustworthiness(x, x[:, :2], k=0)
+    with pytest.raises(ValueError, match="20 input points but 10 embedded"):
+        metrics.trustworthiness(x, x[:10, :2])

@@ -10,6 +10,8 @@ from sklearn import metrics as sk_metrics
 from sklearn.manifold import trustworthiness as sk_trustworthiness
 from sklearn.neighbors import KNeighborsClassifier
 
+from beyond_icon._validation import is_int
+
 __all__ = [
     "adjusted_rand",
     "cluster_size_entropy",
@@ -80,7 +82,11 @@ def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int 
     Venna, J. and Kaski, S. (2001). Neighborhood preservation in nonlinear projection methods:
     an experimental study. ICANN.
     """
+    if not (is_int(k) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     high, low = _np(high).reshape(len(high), -1), _np(low)
+    if len(high) != len(low):
+        raise ValueError(f"{len(high)} input points but {len(low)} embedded points")
     if len(high) > max_points:
         keep = np.random.default_rng(seed).choice(len(high), max_points, replace=False)
         high, low = high[keep], low[keep]
@@ -129,7 +135,7 @@ def hungarian_accuracy(labels, clusters) -> float:
     labels : (n,) integer array
         True classes.
     clusters : (n,) integer array
-        Cluster assignments (any integer ids).
+        Cluster assignments (any integer ids, negative or large ones too).
 
     Returns
     -------
@@ -141,14 +147,30 @@ def hungarian_accuracy(labels, clusters) -> float:
     Kuhn, H. W. (1955). The Hungarian method for the assignment problem. Naval Research
     Logistics Quarterly 2.
     """
-    labels, clusters = _np(labels).astype(np.int64), _np(clusters).astype(np.int64)
+    labels, clusters = _ids(labels, "labels"), _ids(clusters, "clusters")
     if labels.shape != clusters.shape:
         raise ValueError(f"{len(labels)} labels but {len(clusters)} cluster assignments")
-    size = max(labels.max(), clusters.max()) + 1
-    counts = np.zeros((size, size), dtype=np.int64)
-    np.add.at(counts, (clusters, labels), 1)
+    # compact ids (any values, negative or large, e.g. -1 for noise): a (clusters, classes)
+    # table of the ids that occur, not of the largest id
+    label_ids, label_index = np.unique(labels, return_inverse=True)
+    cluster_ids, cluster_index = np.unique(clusters, return_inverse=True)
+    counts = np.zeros((len(cluster_ids), len(label_ids)), dtype=np.int64)
+    np.add.at(counts, (cluster_index, label_index), 1)
     rows, cols = linear_sum_assignment(-counts)
     return float(counts[rows, cols].sum() / len(labels))
+
+
+def _ids(values, name: str) -> np.ndarray:
+    """A non-empty 1-D array of integer ids (integral floats accepted, others refused)."""
+    array = _np(values)
+    if array.ndim != 1 or len(array) == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {array.shape}")
+    if array.dtype.kind == "f":
+        if not (np.isfinite(array).all() and np.array_equal(array, np.round(array))):
+            raise ValueError(f"{name} must be integer ids, got non-integer values")
+    elif array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer ids, got dtype {array.dtype}")
+    return array.astype(np.int64)
 
 
 def cluster_size_entropy(clusters, n_clusters: int) -> float:
@@ -248,21 +270,36 @@ def linear_probe_accuracy(
     epochs, lr, weight_decay, batch_size : training of the probe
     device : str
     seed : int
+        The probe's starting weights and the batch order.
 
     Returns
     -------
     float
     """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if not (is_int(value) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     device = torch.device(device)
-    xtr = torch.as_tensor(_np(train_x), dtype=torch.float32, device=device).flatten(1)
-    xte = torch.as_tensor(_np(test_x), dtype=torch.float32, device=device).flatten(1)
-    ytr = torch.as_tensor(_np(train_y), dtype=torch.long, device=device)
-    yte = torch.as_tensor(_np(test_y), dtype=torch.long, device=device)
+    y_train, y_test = _ids(train_y, "train_y"), _ids(test_y, "test_y")
+    _, compact = np.unique(np.concatenate([y_train, y_test]), return_inverse=True)  # 0..C-1
+    features = []
+    for name, x, y in (("train_x", train_x, y_train), ("test_x", test_x, y_test)):
+        x = _np(x).reshape(len(_np(x)), -1) if np.ndim(_np(x)) else _np(x)
+        if x.ndim != 2 or len(x) != len(y):
+            raise ValueError(f"{name} must have one row per label ({len(y)}), got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        features.append(torch.as_tensor(x, dtype=torch.float32, device=device))
+    xtr, xte = features
+    ytr = torch.as_tensor(compact[: len(y_train)], dtype=torch.long, device=device)
+    yte = torch.as_tensor(compact[len(y_train) :], dtype=torch.long, device=device)
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     n_classes = int(max(ytr.max(), yte.max())) + 1
     gen = torch.Generator().manual_seed(seed)
-    probe = torch.nn.Linear(xtr.shape[1], n_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # the probe's start from seed, not the global RNG
+        torch.manual_seed(seed)
+        probe = torch.nn.Linear(xtr.shape[1], n_classes).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     for _ in range(epochs):
