@@ -235,3 +235,21 @@ def test_calibration_converges_in_a_few_newton_steps():
     np.testing.assert_allclose(np.exp(entropy), 30.0, rtol=1e-6)
     flat = calibrate_perplexity(np.ones((2, 40)), 30.0)
     np.testing.assert_allclose(flat, 1 / 40)
+
+
+def test_affinity_parameters_and_batches_are_checked(tmp_path):
+    x = _points(30)
+    for kwargs, message in (
+        (dict(perplexity=math.inf), "perplexity must be a finite number"),
+        (dict(perplexity=3, n_neighbors=0), "n_neighbors must be a positive integer"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            PerplexityAffinity(cache_dir=tmp_path, **kwargs).fit(x)
+    affinity = PerplexityAffinity(perplexity=np.float64(3), cache_dir=tmp_path).fit(x)
+    with pytest.raises(ValueError, match="indices must be distinct"):
+        affinity.get_batch([0, 1, 1, 2])
+    with pytest.raises(ValueError, match="exaggeration must be a positive finite number"):
+        affinity.negative_log_weights([0, 1, 2], exaggeration=math.inf)
+    # anchors may repeat when neighbours are drawn for them
+    drawn = affinity.sample_neighbors([0, 0, 3], 2, np.random.default_rng(0))
+    assert drawn.shape == (3, 2)

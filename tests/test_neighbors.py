@@ -145,3 +145,10 @@ def test_query_ranges_and_blocks_agree_and_never_return_self(metric):
     np.testing.assert_array_equal(blocked, whole)
     np.testing.assert_array_equal(part, whole[130:377])
     assert (whole != np.arange(700)[:, None]).all()
+
+
+@pytest.mark.parametrize("queries", [slice(0, 6, 2), slice(5, 2)])
+def test_queries_must_be_a_contiguous_non_empty_slice(queries):
+    x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="queries"):
+        mine_neighbors(x, 2, queries=queries)

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 import torch
 from torch import Tensor
 
+from beyond_icon._validation import is_int, is_real
 from beyond_icon.neighbors import cached_neighbor_table
 
 __all__ = ["Q_SCOPES", "PerplexityAffinity", "calibrate_perplexity"]
@@ -186,8 +187,16 @@ class PerplexityAffinity:
         if x.ndim != 2:
             raise ValueError(f"x must be (n, d), got shape {x.shape}")
         n = len(x)
-        if not (isinstance(self.perplexity, (int, float)) and self.perplexity >= 1):
-            raise ValueError(f"perplexity must be a number >= 1, got {self.perplexity!r}")
+        if not (
+            is_real(self.perplexity) and math.isfinite(self.perplexity) and self.perplexity >= 1
+        ):
+            raise ValueError(f"perplexity must be a finite number >= 1, got {self.perplexity!r}")
+        if self.n_neighbors is not None and not (
+            is_int(self.n_neighbors) and self.n_neighbors >= 1
+        ):
+            raise ValueError(
+                f"n_neighbors must be a positive integer or None, got {self.n_neighbors!r}"
+            )
         k = self.n_neighbors or min(n - 1, int(math.ceil(3 * self.perplexity)))
         if not self.perplexity <= k <= n - 1:
             raise ValueError(
@@ -236,7 +245,7 @@ class PerplexityAffinity:
         if not hasattr(self, "P_"):
             raise RuntimeError("PerplexityAffinity is not fitted yet: call fit(x) first")
 
-    def _indices(self, indices: np.ndarray | Tensor) -> np.ndarray:
+    def _indices(self, indices: np.ndarray | Tensor, distinct: bool = True) -> np.ndarray:
         self._check_fitted()
         if isinstance(indices, Tensor):
             indices = indices.detach().cpu().numpy()
@@ -247,6 +256,8 @@ class PerplexityAffinity:
             )
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_samples_):
             raise ValueError(f"indices must be in [0, {self.n_samples_}), the fitted points")
+        if distinct and len(np.unique(indices)) != len(indices):  # P counted twice otherwise
+            raise ValueError("indices must be distinct: a batch holds each fitted point once")
         return indices.astype(np.int64, copy=False)
 
     def _batch_block(self, indices: np.ndarray | Tensor) -> sp.coo_matrix:
@@ -328,7 +339,7 @@ class PerplexityAffinity:
         -------
         (a, n_samples) int64 array of point indices.
         """
-        anchors = self._indices(anchors)
+        anchors = self._indices(anchors, distinct=False)
         starts, stops = self.P_.indptr[anchors], self.P_.indptr[anchors + 1]
         offset = np.where(starts > 0, self._cumulative[np.maximum(starts - 1, 0)], 0.0)
         target = (
@@ -382,8 +393,12 @@ class PerplexityAffinity:
             ``log c_ij``: 0 at neighbours and on the diagonal, ``log((n - 1 - k_i) /
             (m_i * exaggeration))`` elsewhere (``-log(exaggeration)`` with ``scope="batch"``).
         """
-        if not (isinstance(exaggeration, (int, float)) and exaggeration > 0):
-            raise ValueError(f"exaggeration must be a positive number, got {exaggeration!r}")
+        if not (
+            isinstance(exaggeration, (int, float))
+            and math.isfinite(exaggeration)
+            and exaggeration > 0
+        ):
+            raise ValueError(f"exaggeration must be a positive finite number, got {exaggeration!r}")
         if scope not in Q_SCOPES:
             raise ValueError(f"scope must be one of {Q_SCOPES}, got {scope!r}")
         indices = self._indices(indices)

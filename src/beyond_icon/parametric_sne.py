@@ -10,7 +10,6 @@ fitted once over the training set), :class:`~beyond_icon.sampling.NeighborBatchS
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from beyond_icon import divergences
 from beyond_icon import models as _models
+from beyond_icon._validation import is_int, is_real
 from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
 from beyond_icon.data import as_float
 from beyond_icon.methods import SNE, TSNE
@@ -151,16 +151,6 @@ def _kmeans_centres(z: Tensor, m: int, seed: int) -> Tensor:
     scale = float(np.abs(points).max()) or 1.0  # centres equal up to rounding are one cell
     _, first = np.unique(np.round(centres / scale, 5), axis=0, return_index=True)
     return torch.as_tensor(centres[np.sort(first)], dtype=torch.float32)
-
-
-def _is_int(value: object) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value: object) -> bool:
-    """A Python or numpy real number, not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _validate(X) -> np.ndarray:
@@ -540,7 +530,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------------------- checks
     def _check_params(self, n: int) -> None:
         def positive_int(name: str, value: object) -> None:
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
         if self.kernel not in KERNELS:
@@ -558,12 +548,12 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         if self.n_steps is not None:
             positive_int("n_steps", self.n_steps)
         widths = self.hidden if isinstance(self.hidden, (tuple, list)) else None
-        if not widths or any(not _is_int(w) or w < 1 for w in widths):
+        if not widths or any(not is_int(w) or w < 1 for w in widths):
             raise ValueError(
                 f"hidden must be a non-empty sequence of positive integers, got {self.hidden!r}"
             )
         if self.n_cells is not None:
-            if not _is_int(self.n_cells) or self.n_cells < 0:
+            if not is_int(self.n_cells) or self.n_cells < 0:
                 raise ValueError(f"n_cells must be an integer >= 0, got {self.n_cells!r}")
             if self.n_cells > n:
                 raise ValueError(
@@ -576,19 +566,19 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 )
         for name in ("lr", "exaggeration", "sigma", "dof", "perplexity"):
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and value > 0):
+            if not (is_real(value) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         for name in ("input_noise", "input_noise_power"):
             value = getattr(self, name)
-            if not (_is_real(value) and 0 <= value < math.inf):
+            if not (is_real(value) and 0 <= value < math.inf):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not (_is_real(self.exaggeration_fraction) and 0 <= self.exaggeration_fraction <= 1):
+        if not (is_real(self.exaggeration_fraction) and 0 <= self.exaggeration_fraction <= 1):
             raise ValueError(
                 f"exaggeration_fraction must be a number in [0, 1], got "
                 f"{self.exaggeration_fraction!r}"
             )
         if self.pca_components is not None and not (
-            _is_int(self.pca_components) and self.pca_components >= 0
+            is_int(self.pca_components) and self.pca_components >= 0
         ):
             raise ValueError(
                 f"pca_components must be an integer >= 0 or None (0 or None: raw inputs), got "
@@ -614,7 +604,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             raise ValueError(f"parametric SNE needs at least 3 samples, got n_samples = {n}")
         if self.n_neighbors is not None and self.affinity == "global":
             k = self.n_neighbors
-            if not _is_int(k) or k < 1:
+            if not is_int(k) or k < 1:
                 raise ValueError(f"n_neighbors must be a positive integer or None, got {k!r}")
             if k > n - 1:
                 raise ValueError(
@@ -643,7 +633,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
     def _seed(self) -> int:
         """``random_state`` as the int every random draw of a fit derives from."""
-        if not _is_int(self.random_state):
+        if not is_int(self.random_state):
             raise ValueError(
                 "random_state must be an integer (the same seed gives the same embedding on the "
                 f"CPU), got {self.random_state!r}"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from beyond_icon._validation import is_int
 from beyond_icon.affinity import PerplexityAffinity
 
 __all__ = ["NeighborBatchSampler"]
@@ -47,13 +48,13 @@ class NeighborBatchSampler:
     def __init__(self, affinity: PerplexityAffinity, n_anchors: int, n_positives: int = 1):
         affinity._check_fitted()
         n = affinity.n_samples_
-        if not isinstance(n_anchors, int) or n_anchors < 1:
+        if not is_int(n_anchors) or n_anchors < 1:
             raise ValueError(f"n_anchors must be a positive integer, got {n_anchors!r}")
-        if not isinstance(n_positives, int) or n_positives < 1:
+        if not is_int(n_positives) or n_positives < 1:
             raise ValueError(f"n_positives must be a positive integer, got {n_positives!r}")
         self.affinity = affinity
-        self.n_anchors = min(n_anchors, n)
-        self.n_positives = n_positives
+        self.n_anchors = min(int(n_anchors), n)
+        self.n_positives = int(n_positives)
 
     @property
     def steps_per_epoch(self) -> int:
