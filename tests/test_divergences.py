@@ -430,3 +430,24 @@ def test_float32_values_and_gradients_where_probabilities_underflow(name):
     divergences.get(name)(log_p, q64).sum().backward()
     torch.testing.assert_close(value.double(), reference, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(q32.grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_f_divergence_takes_f0_as_its_limit():
+    """t log t is NaN at 0 in floating point (0 * -inf) but its limit is 0: the generator of KL
+    must give KL on a sparse p, not an 'infinite' error."""
+    kl_f = divergences.f_divergence(lambda t: t * torch.log(t), name="kl_f")
+    log_p = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).log()
+    log_q = torch.full((1, 4), 0.25).log()
+    torch.testing.assert_close(kl_f(log_p, log_q), divergences.kl(log_p, log_q))
+    reverse = divergences.f_divergence(lambda t: -torch.log(t), name="rkl_f")
+    with pytest.raises(divergences.InfiniteDivergenceError, match="f\\(0\\) is infinite"):
+        reverse(log_p, log_q)
+
+
+def test_registered_names_are_found_in_any_case():
+    try:
+        registered = divergences.register(" MyTV ", divergences.tv, overwrite=True)
+        assert registered.name == "mytv"
+        assert divergences.get("MyTV") is registered and divergences.get("mytv") is registered
+    finally:
+        divergences._REGISTRY.pop("mytv", None)

@@ -137,10 +137,11 @@ def test_cluster_loss_matches_loop(rng, teacher, debias_side):
         q = np.array([sum(a[i, c] * b[j, c] / b[:, c].sum() for c in range(k)) for j in range(n)])
         p = np.array([1.0 if j != i and pair[j] == pair[i] else 0.0 for j in range(n)])
         p /= p.sum()
-        uniform = np.array([0.0 if j == i else 1 / (n - 1) for j in range(n)])
-        uniform_q = np.full(n, 1 / n)  # q keeps its self entry: uniform over all n
+        # q keeps its self entry (exclude_self=False): uniform over all n, for p too, so that
+        # p > 0 wherever q > 0
+        uniform_q = np.full(n, 1 / n)
         if debias_side in ("p", "both"):
-            p = (1 - alpha) * p + alpha * uniform
+            p = (1 - alpha) * p + alpha * uniform_q
         if debias_side in ("q", "both"):
             q = (1 - alpha) * q + alpha * uniform_q
         total += 0.5 * np.sum(np.abs(p - q))
@@ -577,3 +578,25 @@ def test_cluster_loss_without_value_checks_matches_and_syncs_only_for_its_widths
     torch.testing.assert_close(fast, checked)
     torch.testing.assert_close(fast_logits.grad, checked_logits.grad)
     assert syncs.count == 2 and all("kernels.py" in c for c in syncs.calls), syncs.calls
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_cluster_loss_debiased_p_makes_reverse_kl_finite(rng, exclude_self):
+    """p's uniform part covers q's support (the self pair unless excluded): reverse KL, infinite
+    where q > 0 = p, is finite once p is debiased, as the task's check promises."""
+    logits = torch.tensor(rng.normal(size=(6, 3)))
+    pair = torch.tensor([0, 0, 1, 1, 2, 2])
+    loss = methods.ClusterLoss(
+        "reverse_kl", debias=0.1, debias_side="p", exclude_self=exclude_self
+    )(logits, pair)
+    assert math.isfinite(float(loss))
+
+
+def test_pmi_checks_the_teacher_logits():
+    loss = methods.PMI(3)
+    student = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="teacher_logits_a contains NaN"):
+        loss(student, student, torch.full((4, 3), math.nan), student)
+    assert not torch.isnan(loss.prior).any()  # the prior was not touched
+    with pytest.raises(ValueError, match=r"teacher_logits_a must have the students' shape"):
+        loss(student, student, torch.randn(5, 3), torch.randn(5, 3))

@@ -606,6 +606,18 @@ def alpha(a: float) -> DivergenceFn:
 # --------------------------------------------------------------------------------------------
 
 
+def _limit_at_zero(f: Callable[[Tensor], Tensor]) -> float:
+    """``f(0)``, as the limit ``f(0+)`` where ``f(0)`` itself is NaN (``t log t`` at 0 is
+    ``0 * -inf``): ``f`` at 1e-300 when it agrees with ``f`` at 1e-150, else infinite."""
+    at_zero = float(f(torch.zeros(1, dtype=torch.float64))[0])
+    if not math.isnan(at_zero):
+        return at_zero
+    near, nearer = (float(f(torch.tensor([t], dtype=torch.float64))[0]) for t in (1e-150, 1e-300))
+    if math.isfinite(nearer) and abs(nearer - near) <= 1e-6 * (1.0 + abs(nearer)):
+        return nearer
+    return math.inf
+
+
 def f_divergence(
     f: Callable[[Tensor], Tensor],
     *,
@@ -617,7 +629,8 @@ def f_divergence(
 
     Boundary conventions: ``0 f(0/0) = 0``; where ``q = 0 < p`` the term is
     ``p_j * lim_{t->inf} f(t)/t`` (``slope_at_infinity``, infinite by default: an error);
-    where ``p = 0 < q`` it is ``q_j * f(0)``, and an infinite ``f(0)`` is an error.
+    where ``p = 0 < q`` it is ``q_j * f(0)``, and an infinite ``f(0)`` is an error (``f(0)`` is
+    the limit ``f(0+)`` where ``f`` gives NaN at 0, as ``t log t`` does).
 
     Parameters
     ----------
@@ -662,7 +675,7 @@ def f_divergence(
         slack = 1e-9 * (1 + chord.abs())
         if not bool(torch.all(torch.isfinite(values))) or bool(torch.any(mid > chord + slack)):
             raise ValueError(f"f-divergence '{name}': f must be finite and convex on (0, inf)")
-    f_at_zero = float(f(torch.zeros(1, dtype=torch.float64))[0])
+    f_at_zero = _limit_at_zero(f)
 
     def divergence(log_p: Tensor, log_q: Tensor) -> Tensor:
         p_pos = log_p > -math.inf
@@ -765,7 +778,8 @@ def register(
     Parameters
     ----------
     name : str
-        A non-empty name without ``:``.
+        A non-empty name without ``:``; stored stripped and in lower case, since :func:`get`
+        looks names up case-insensitively.
     fn : callable
         ``(log_p, log_q) -> (...)`` per-row values, or what :func:`f_divergence` returns.
     upper_bound : float
@@ -784,8 +798,9 @@ def register(
     -------
     Divergence
     """
-    if not isinstance(name, str) or not name or ":" in name:
+    if not isinstance(name, str) or not name.strip() or ":" in name:
         raise ValueError(f"a divergence name must be a non-empty string without ':', got {name!r}")
+    name = name.strip().lower()  # as get() looks names up
     if not callable(fn):
         raise TypeError(f"divergence '{name}' must be callable (log_p, log_q) -> (n,)")
     if name in _REGISTRY and not overwrite:

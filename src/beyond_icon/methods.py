@@ -494,7 +494,8 @@ class ClusterLoss(IConLoss):
     ``i``'s pair id (its pair-mate) or, when ``sample_index`` is given, hold the same training
     sample as ``i`` (a sample drawn twice into a batch is never a negative of itself).
     ``exclude_self`` drops ``j = i`` from q as every p here does (consistent self-pairs).
-    ``debias`` alpha mixes p, q or both (``debias_side``) with uniform over ``j != i``.
+    ``debias`` alpha mixes p, q or both (``debias_side``) with uniform over q's support:
+    ``j != i`` with ``exclude_self``, every ``j`` without it (so p > 0 wherever q > 0).
     ``neighbor_mix`` w spreads part of each row over the batch's own ``n_neighbors`` nearest
     points in ``features`` (Euclidean), the k-NN kernel of the inputs that I-Con's k-means and
     SNE rows use: ``p(j|i) = (1 - w) [j shares i's pair] / s_i + w [j in kNN_B(i)] / k`` (rows
@@ -634,7 +635,8 @@ class ClusterLoss(IConLoss):
         else:
             given = log_p
         user_p = log_p is not None
-        log_p = _debiased(lambda rows: given[rows], alpha_p)
+        # p's uniform part covers q's support: the self pair too unless it is excluded
+        log_p = _debiased(lambda rows: given[rows], alpha_p, exclude_self=self.exclude_self)
         log_q = _debiased(
             lambda rows: kernels.clusters(log_a, log_b, rows=rows, exclude_self=self.exclude_self),
             alpha_q,
@@ -923,6 +925,17 @@ class PMI(nn.Module):
         log_sb = torch.log_softmax(logits_b, dim=-1)
         ta = logits_a if teacher_logits_a is None else teacher_logits_a
         tb = logits_b if teacher_logits_b is None else teacher_logits_b
+        for name, value in (
+            ("teacher_logits_a", teacher_logits_a),
+            ("teacher_logits_b", teacher_logits_b),
+        ):
+            if value is not None:  # a NaN teacher would corrupt the prior for good
+                check_features(value, name)
+                if value.shape != logits_a.shape:
+                    raise ValueError(
+                        f"{name} must have the students' shape {tuple(logits_a.shape)}, got "
+                        f"{tuple(value.shape)}"
+                    )
         log_ta = torch.log_softmax(ta.detach(), dim=-1)
         log_tb = torch.log_softmax(tb.detach(), dim=-1)
         weight = (log_ta + log_tb).exp().sum(-1) if self.weighted else torch.ones_like(log_ta[:, 0])
