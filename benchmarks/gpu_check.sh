@@ -86,10 +86,10 @@ print(f"cluster: mining {m['mining_time_s']:.1f} s, {1e3 * m['step_time_s']:.1f}
 PY
 echo "== extract: streamed, CIFAR-10 JPEG copy at 224 x 224"
 folder="$images"
-if [ "${1:-}" = "--smoke" ]; then  # 40 images of each split, linked
+if [ "${1:-}" = "--smoke" ]; then  # 13 images of each class and split, linked
     folder="$work/few"
-    for split in train test; do
-        find "$images/$split" -name "*.jpg" | sort | awk "NR <= 40" | while read -r f; do
+    for class_dir in "$images"/train/* "$images"/test/*; do  # every class in both splits
+        find "$class_dir" -name "*.jpg" | sort | awk "NR <= 13" | while read -r f; do
             rel=${f#"$images/"}; mkdir -p "$folder/$(dirname "$rel")"; ln -s "$f" "$folder/$rel"
         done
     done
