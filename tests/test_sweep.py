@@ -507,6 +507,37 @@ def test_user_defined_divergence_module(tmp_path, name):
     assert len(list((tmp_path / f"sw_{name}" / "runs").glob("*/metrics.json"))) == 2
 
 
+SELF_REGISTERING = """
+import beyond_icon as bi
+
+triangular_reg = bi.divergences.f_divergence(lambda t: (t - 1) ** 2 / (t + 1), slope_at_infinity=1.0)
+bi.divergences.register("triangular_reg", triangular_reg)
+"""
+
+
+def test_a_divergence_file_that_registers_itself_runs_in_a_sweep(tmp_path):
+    """The guide's file calls register() itself; a sweep loads it when planning and for each
+    run in this process: the file runs once, so the name is not found taken."""
+    (tmp_path / "mine_reg.py").write_text(SELF_REGISTERING)
+    try:
+        out = tmp_path / "s"
+        assert (
+            main(
+                _cluster_cli(
+                    out,
+                    "kl,triangular_reg",
+                    "0",
+                    "--divergence-module",
+                    f"{tmp_path / 'mine_reg.py'}:triangular_reg",
+                )
+            )
+            == 0
+        )
+        assert len(list((out / "runs").glob("*/metrics.json"))) == 2
+    finally:
+        divergences._REGISTRY.pop("triangular_reg", None)
+
+
 def test_cluster_sweep_has_pmi_and_kmeans_rows(tmp_path):
     out = tmp_path / "c"
     code = main(
