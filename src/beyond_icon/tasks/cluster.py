@@ -109,9 +109,13 @@ class ClusterConfig(TaskConfig):
     )
     beta: float = option(0.6, "beta of TEMI's beta-PMI (loss=pmi)")
     n_steps: int | None = option(
-        None, "optimiser steps (default max(2000, 30 n / batch_size), whole passes)"
+        None,
+        "optimiser steps, rounded up to whole passes (default max(2000, 30 n / batch_size))",
     )
-    batch_size: int = option(256, "anchors per batch (each with one neighbour)")
+    batch_size: int = option(
+        256,
+        "anchors per batch, about (n // batch_size equal batches a pass; each anchor with a neighbour)",
+    )
     lr: float = option(1e-2, "Adam learning rate")
     schedule: str = option("step", SCHEDULE_HELP)
     optimizer: str = option("adam", "adam or adamw (decoupled weight decay, TEMI's)")

@@ -92,7 +92,8 @@ class SNEConfig(TaskConfig):
         help="widths of the MLP's hidden layers, comma separated",
     )
     n_steps: int | None = option(
-        None, "optimiser steps (none: clip(32 n / batch_size, 3000, 20000))"
+        None,
+        "optimiser steps, rounded up to whole passes (none: clip(32 n / batch_size, 3000, 20000))",
     )
     batch_size: int = option(
         256,
