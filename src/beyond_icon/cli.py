@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for task, config_cls in _task_configs().items():
         doc = (config_cls.__doc__ or "").strip().splitlines()[0]
+        doc = re.sub(r":\w+:`~?([^`]*)`", r"\1", doc).replace("``", "")  # no reST in --help
         task_parser = sub.add_parser(task, help=doc, description=doc)
         task_parser.add_argument("--out", required=True, help="run folder to write")
         task_parser.add_argument("--config", help="YAML file of options (command-line options win)")
