@@ -291,3 +291,81 @@ def test_optimiser_settings_are_checked(settings, message):
 
     with pytest.raises(ValueError, match=message):
         TrainConfig(**settings).check()
+
+
+@pytest.mark.parametrize("clip", [-1.0, 0.0, float("nan")])
+def test_grad_clip_must_be_positive(clip):
+    """A negative max norm flips the gradients (training uphill); 0 used to mean no clipping."""
+    with pytest.raises(ValueError, match="grad_clip must be a positive number or None"):
+        TrainConfig(grad_clip=clip).check()
+
+
+def test_a_new_run_removes_the_earlier_runs_checkpoint_and_metrics(tmp_path, capsys):
+    model, batches, loss_fn = _setup()
+    config = TrainConfig(epochs=1, lr=1e-2)
+    fit(
+        model,
+        batches,
+        loss_fn,
+        config,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        resume=False,
+        verbose=False,
+    )
+    (tmp_path / "metrics.json").write_text("{}")  # what a task writes last
+    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    # a new run stopped before its first save: nothing of the earlier run is left beside it
+    fit(
+        model,
+        batches,
+        loss_fn,
+        config,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        resume=False,
+        verbose=True,
+        stop_after_epochs=0,
+    )
+    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "checkpoint.pt").exists() or (
+        (tmp_path / "checkpoint.pt").stat().st_mtime_ns != before
+    )
+    assert "the earlier run's checkpoint and metrics.json were removed" in capsys.readouterr().out
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path, capsys):
+    model, batches, loss_fn = _setup()
+    fit(
+        model,
+        batches,
+        loss_fn,
+        TrainConfig(epochs=1, lr=1e-2),
+        device=torch.device("cpu"),
+        out_dir=tmp_path / "typo",
+        resume=True,
+        verbose=True,
+    )
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_a_checkpoint_keeps_the_cuda_generator_slot_and_a_short_reason(tmp_path):
+    model, batches, loss_fn = _setup()
+    fit(
+        model,
+        batches,
+        loss_fn,
+        TrainConfig(epochs=1, lr=1e-2),
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        verbose=False,
+    )
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "cuda_rng" in state and state["cuda_rng"] is None  # a CPU run; a CUDA one saves it
+    assert state["torch_rng"].device.type == "cpu"
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[:1000])  # cut: torch's zip error is long
+    with pytest.raises(ValueError) as info:
+        _resume(tmp_path)
+    assert "If you are seeing this error" not in str(info.value), str(info.value)
+    assert str(info.value).endswith("delete it or run without --resume")

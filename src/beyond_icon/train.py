@@ -204,6 +204,12 @@ class TrainConfig:
             raise ValueError(
                 f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
             )
+        if self.grad_clip is not None and not (
+            self.grad_clip > 0 and math.isfinite(self.grad_clip)
+        ):
+            raise ValueError(
+                f"grad_clip must be a positive number or None (no clipping), got {self.grad_clip!r}"
+            )
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs < self.epochs:
@@ -371,7 +377,9 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets one line
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if len(reason) > 160:  # the first sentence (torch's zip errors run on for lines)
+            reason = reason.split(". ")[0]
         raise ValueError(
             f"{path} is not a beyond-icon checkpoint that can be loaded safely "
             f"({type(error).__name__}{': ' + reason if reason else ''}); delete it or run "
@@ -508,9 +516,26 @@ def fit(
     loop = _Loop(model, batches, loss_fn, config, device, state_modules or {}, after_step, desc)
     loop.verbose = verbose and loop.rank == 0
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and loop.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)  # e.g. ParametricSNE.fit(out_dir=a new folder)
     identity = _plain(identity) if identity is not None else None
     if resume and out is not None and (out / CHECKPOINT).is_file():
         loop.restore(out / CHECKPOINT, identity)
+    elif resume and loop.verbose:  # a mistyped --out, or a run stopped before its first save
+        where = f"in {out}" if out is not None else "(no run folder)"
+        tqdm.write(f"no checkpoint {where}: {desc} starts from the beginning")
+    if not resume and out is not None and loop.rank == 0:
+        # a new run in a folder that holds an earlier one: its checkpoint (which the first save
+        # would overwrite) and its metrics.json (which says "finished") are not this run's, and
+        # an interrupted new run must not leave them beside its own config.yaml
+        stale = [out / name for name in (CHECKPOINT, "metrics.json") if (out / name).is_file()]
+        for path in stale:
+            path.unlink()
+        if stale and loop.verbose:
+            tqdm.write(
+                f"{out}: a new run (no --resume); the earlier run's checkpoint and "
+                "metrics.json were removed"
+            )
     last_epoch = (
         config.epochs if stop_after_epochs is None else min(config.epochs, stop_after_epochs)
     )
@@ -600,7 +625,11 @@ class _Loop:
                     "it starts fresh",
                     stacklevel=2,
                 )
-        torch.set_rng_state(state["torch_rng"])
+        # map_location moved every tensor to the device; the CPU generator's state must be a
+        # CPU ByteTensor, as must a CUDA generator's (the input noise draws from that one)
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self.history, self.start_epoch = state["history"], state["epoch"]
         self._clock()
         if self.verbose:
@@ -659,7 +688,8 @@ class _Loop:
         loss.backward()
         if self.world_size > 1:
             _average_gradients(self.params, self.world_size)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        clip = math.inf if self.config.grad_clip is None else self.config.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         value = loss.detach().float()
         if self.world_size > 1:  # each rank returns W x its rows' share: the mean is the loss
             from beyond_icon.distributed import all_reduce_sum
@@ -682,6 +712,9 @@ class _Loop:
                 "optimizer": self.optimizer.state_dict(),
                 "modules": {k: m.state_dict() for k, m in self.state_modules.items()},
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": (
+                    torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+                ),
                 "history": self.history,
                 "epoch": epochs_done,
                 "format": CHECKPOINT_FORMAT,
