@@ -258,3 +258,30 @@ def test_sharded_mining_equals_single_process(tmp_path):
     # again: rank 0 finds its cache and broadcasts it; rank 1's own folder is empty
     mp.spawn(_mining_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert results[0] == (want, True) and results[1] == (want, True)
+
+
+def test_two_process_cluster_picks_the_one_process_head(tmp_path):
+    """The best head is chosen on the global batch's loss, not rank 0's share of it."""
+    import json
+
+    from beyond_icon.cli import main
+
+    args = [
+        "cluster",
+        "--data",
+        "simplex:3",
+        "--n-steps",
+        "4",
+        "--seed",
+        "1",
+        "--kmeans-init",
+        "0",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+    _torchrun([*args, "--out", str(tmp_path / "two")])
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one, two = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("one", "two"))
+    assert two["best_head"] == one["best_head"]
+    assert two["acc"] == pytest.approx(one["acc"])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from beyond_icon import metrics, report
 from beyond_icon.data import as_float
-from beyond_icon.distributed import is_main
+from beyond_icon.distributed import all_reduce_sum, is_main, world
 from beyond_icon.methods import PMI, ClusterLoss
 from beyond_icon.models import ClusterHead, L2Normalize, Standardize
 from beyond_icon.neighbors import cached_neighbors
@@ -353,7 +353,9 @@ class _HeadTrainer:
                 sample_index=index if config.same_sample_positive else None,
                 features=self.standardize(x) if config.neighbor_mix > 0 else None,
             )
-        self.heads.add(losses.detach().float())
+        # each head's loss over the global batch (the mean of the ranks' shares under torchrun),
+        # so that the best head is the one process's choice whatever the number of ranks
+        self.heads.add(all_reduce_sum(losses.detach().float()) / world()[1])
         return losses.mean()
 
     def ema_update(self) -> None:
