@@ -35,3 +35,17 @@ def test_figures_are_written(tmp_path, n_classes):
     report.plot_confusion(labels, (labels + 1) % n_classes, classes, tmp_path / "c.png", "conf")
     for name in ("e", "g", "n", "t", "c"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_confusion_of_many_clusters_stays_a_bounded_figure(tmp_path):
+    """0.45 inch a cluster made 1,000 clusters a 54,000-pixel square (tens of GB) at the end of
+    a run; the figure stops growing at 40 cells a side."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 300, 3000)
+    report.plot_confusion(
+        labels, rng.integers(0, 300, 3000), [str(i) for i in range(300)], tmp_path / "c.png"
+    )
+    with Image.open(tmp_path / "c.png") as image:
+        assert max(image.size) < 2500, image.size

@@ -154,10 +154,16 @@ def plot_confusion(
     rows, cols = linear_sum_assignment(-counts)
     order = list(cols[np.argsort(rows)]) + [c for c in range(n_clusters) if c not in cols]
     counts = counts[:, order]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n_clusters, 1.0 + 0.45 * len(classes)))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xticks(range(n_clusters), [str(c) for c in order], fontsize=7)
+    # 0.45 inch a cell up to 40 cells a side, then the figure stops growing (1,000 clusters
+    # would be a 54,000-pixel square) and the labels give way to the matrix
+    width = 1.2 + 0.45 * min(n_clusters, 40)
+    height = 1.0 + 0.45 * min(len(classes), 40)
+    fig, ax = plt.subplots(figsize=(width, height))
+    ax.imshow(counts, cmap="Blues", aspect="auto", interpolation="nearest")
+    if len(classes) <= 40:
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    if n_clusters <= 40:
+        ax.set_xticks(range(n_clusters), [str(c) for c in order], fontsize=7)
     ax.set_xlabel("cluster (matched order)")
     ax.set_ylabel("class")
     if n_clusters <= 30:
