@@ -76,3 +76,17 @@ def test_step_time_warms_up_then_averages_the_timed_calls():
     seconds = step_time(step, 3)
     assert len(calls) == 4
     assert 0.01 <= seconds < 1.0
+
+
+def test_data_dependent_ops_beyond_nonzero_are_counted():
+    x = torch.tensor([1, 1, 2, 3, 3])
+    with HostSyncCounter() as syncs:
+        torch.unique_consecutive(x, return_counts=True)
+        torch.bincount(x)
+        torch.repeat_interleave(x)
+        torch.equal(x, x)
+        torch.repeat_interleave(x, x, output_size=int(x.sum()))  # int(): one read
+    names = [call.split()[0] for call in syncs.calls]
+    assert names.count("repeat_interleave") == 1, syncs.calls
+    for name in ("unique_consecutive", "bincount", "equal"):
+        assert name in names, syncs.calls

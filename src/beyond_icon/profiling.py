@@ -103,7 +103,8 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
 
     On a GPU, reading a value (``bool(t)``, ``t.item()``, ``int(t)``, ``t.tolist()``) or an op
     whose output size depends on values (``nonzero``, boolean-mask indexing,
-    ``masked_select``, ``unique``) blocks the host until the stream has run up to it. These are
+    ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``;
+    also ``equal``) blocks the host until the stream has run up to it. These are
     the same calls on every device, so counting them on the CPU finds the syncs a CUDA run would
     make (the CPU twin of ``torch.cuda.set_sync_debug_mode``). Used as a context manager::
 
@@ -116,7 +117,17 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
     """
 
     _READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})
-    _DATA_DEPENDENT = frozenset({"nonzero", "masked_select", "unique", "argwhere"})
+    _DATA_DEPENDENT = frozenset(
+        {
+            "nonzero",
+            "masked_select",
+            "unique",
+            "unique_consecutive",
+            "argwhere",
+            "bincount",  # its length is the largest value
+            "equal",  # a Python bool
+        }
+    )
 
     def __init__(self):
         super().__init__()
@@ -131,6 +142,8 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in self._READS or name in self._DATA_DEPENDENT:
             self.calls.append(f"{name} at {_caller()}")
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None:
+            self.calls.append(f"{name} (no output_size) at {_caller()}")
         elif name in ("__getitem__", "__setitem__") and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):
