@@ -34,7 +34,10 @@ def test_demo_sets_aside_runs_made_under_other_defaults(tmp_path, capsys):
     assert [p.name.split(".")[0] for p in aside] == ["cluster"]  # supcon and sne stay
     assert (aside[0] / "runs").is_dir()
     assert "moved to" in capsys.readouterr().out
-    assert "## cluster" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## cluster" in report
+    # supcon's and sne's 16 runs were reused: the wall time says it is this invocation's
+    assert "Wall time of this invocation:" in report and "16 of the 24 runs reused" in report
     assert (tmp_path / "cluster" / "sweep.yaml").is_file()
     # a setting the demo itself chooses (--quick's n_steps against a full demo's) is not a
     # changed default: refused as before, nothing moved
@@ -43,5 +46,7 @@ def test_demo_sets_aside_runs_made_under_other_defaults(tmp_path, capsys):
     saved["n_steps"] = 3000
     config.write_text(yaml.safe_dump(saved))
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 2
-    assert "holds runs made with other settings (n_steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a full demo's runs (n_steps differ)" in err, err
+    assert "give this demo another --out, or run it without --quick" in err
     assert len(list(tmp_path.glob("*.before-*"))) == 1

@@ -87,7 +87,7 @@ def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    sections = []
+    sections, reused, total = [], 0, 0
     for task, options, quick_options, text in DEMO:
         config = sweep.config_class(task)(
             **{**options, **(quick_options if quick else {})}, device="cpu"
@@ -99,9 +99,16 @@ def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: i
             specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
         except sweep.SettingsChanged as error:
             if set(error.keys) & (set(options) | set(quick_options)):
-                raise  # the demo's own settings differ (--quick against a full demo's folder)
+                # the demo's own settings differ: --quick against a full demo's folder
+                other = "a full demo's" if quick else "a --quick demo's"
+                raise ValueError(
+                    f"{folder} holds {other} runs ({', '.join(error.keys)} differ): give this "
+                    f"demo another --out, or run it {'without' if quick else 'with'} --quick"
+                ) from None
             _set_aside(folder, task, error, verbose)
             specs = sweep.plan(task, DIVERGENCES, SEEDS, dataclasses.asdict(config), folder)
+        reused += sum(spec.finished for spec in specs)
+        total += len(specs)
         failed = sweep.run_sweep(specs, jobs=jobs, verbose=verbose)
         if failed:
             raise RuntimeError(f"{len(failed)} {task} run(s) failed; rerun the demo to retry them")
@@ -116,7 +123,9 @@ def run_demo(out: str | Path, quick: bool = False, verbose: bool = True, jobs: i
         "",
         f"Three tasks x {len(DIVERGENCES)} divergences x {len(SEEDS)} seeds on the 1797 bundled "
         "8x8 digits (fixed 75/25 split). Each cell: mean ± std over seeds; best in bold.",
-        f"{'Quick settings (a smoke test). ' if quick else ''}Wall time: {elapsed:.0f} s.",
+        f"{'Quick settings (a smoke test). ' if quick else ''}Wall time of this invocation: "
+        f"{elapsed:.0f} s"
+        + (f", {reused} of the {total} runs reused from an earlier one." if reused else "."),
         "",
     ]
     for task, text, table, figures in sections:
