@@ -250,6 +250,10 @@ def test_affinity_parameters_and_batches_are_checked(tmp_path):
         affinity.get_batch([0, 1, 1, 2])
     with pytest.raises(ValueError, match="exaggeration must be a positive finite number"):
         affinity.negative_log_weights([0, 1, 2], exaggeration=math.inf)
+    torch.testing.assert_close(  # a NumPy scalar is the number it holds
+        affinity.negative_log_weights([0, 1, 2], exaggeration=np.float32(12.0)),
+        affinity.negative_log_weights([0, 1, 2], exaggeration=12.0),
+    )
     # anchors may repeat when neighbours are drawn for them
     drawn = affinity.sample_neighbors([0, 0, 3], 2, np.random.default_rng(0))
     assert drawn.shape == (3, 2)

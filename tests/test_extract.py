@@ -273,9 +273,13 @@ def test_a_test_class_missing_from_train_is_refused(tmp_path, folder, capsys):
 
     (folder / "test" / "zzz").mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / "test" / "zzz" / "0.png")
+    (folder / "test" / ".ipynb_checkpoints").mkdir()  # a hidden folder is not a class
     assert main(_extract_args(tmp_path, tmp_path / "f")) == 2
     err = capsys.readouterr().err
     assert "has class folders that the training split lacks: zzz" in err, err
+    (folder / "test" / "zzz" / "0.png").unlink()
+    (folder / "test" / "zzz").rmdir()
+    assert main(_extract_args(tmp_path, tmp_path / "g")) == 0
 
 
 def _write_encoder(tmp_path):

@@ -148,7 +148,9 @@ def test_query_ranges_and_blocks_agree_and_never_return_self(metric):
 
 
 @pytest.mark.parametrize("queries", [slice(0, 6, 2), slice(5, 2)])
-def test_queries_must_be_a_contiguous_non_empty_slice(queries):
+def test_queries_must_be_a_contiguous_forward_slice(queries):
     x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
     with pytest.raises(ValueError, match="queries"):
         mine_neighbors(x, 2, queries=queries)
+    # an empty share (a rank of a sharded search over fewer points than ranks) is a (0, k) table
+    assert mine_neighbors(x, 2, queries=slice(3, 3)).shape == (0, 2)

@@ -298,6 +298,11 @@ def test_sweep_ignores_a_run_that_stopped_before_training(tmp_path):
 def test_divergences_that_differ_only_in_case_are_one(tmp_path):
     with pytest.raises(ValueError, match="must not repeat"):
         sweep.plan("cluster", ["kl", "KL"], [0], {"data": "simplex:3"}, tmp_path / "s")
+    # across calls too: one name, one run folder, one table row
+    sweep.plan("cluster", ["kl"], [0], {"data": "simplex:3"}, tmp_path / "t")
+    specs = sweep.plan("cluster", [" KL"], [0], {"data": "simplex:3"}, tmp_path / "t")
+    assert [Path(s.folder).name for s in specs] == ["kl_s0"]
+    assert yaml_load(tmp_path / "t" / "sweep.yaml")["divergences"] == ["kl"]
 
 
 @pytest.mark.parametrize(

@@ -149,10 +149,9 @@ def check_log_distributions(
         raise ValueError(
             f"{name} has shape {tuple(log_p.shape)} but log_p has shape {tuple(like.shape)}"
         )
-    if like is not None and (log_p.dtype, log_p.device) != (like.dtype, like.device):
+    if like is not None and log_p.device != like.device:
         raise ValueError(
-            f"{name} is {log_p.dtype} on {log_p.device} but log_p is {like.dtype} on "
-            f"{like.device}: give both the same dtype and device"
+            f"{name} is on {log_p.device} but log_p is on {like.device}: give both one device"
         )
     if not log_p.is_floating_point():
         raise ValueError(

@@ -393,11 +393,7 @@ class PerplexityAffinity:
             ``log c_ij``: 0 at neighbours and on the diagonal, ``log((n - 1 - k_i) /
             (m_i * exaggeration))`` elsewhere (``-log(exaggeration)`` with ``scope="batch"``).
         """
-        if not (
-            isinstance(exaggeration, (int, float))
-            and math.isfinite(exaggeration)
-            and exaggeration > 0
-        ):
+        if not (is_real(exaggeration) and math.isfinite(exaggeration) and exaggeration > 0):
             raise ValueError(f"exaggeration must be a positive finite number, got {exaggeration!r}")
         if scope not in Q_SCOPES:
             raise ValueError(f"scope must be one of {Q_SCOPES}, got {scope!r}")

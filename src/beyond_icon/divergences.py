@@ -749,6 +749,9 @@ class Divergence:
         if validate:
             check_log_distributions(log_p, "log_p", allow_empty_rows=False)
             check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
+        if log_p.dtype != log_q.dtype:  # the wider of the two (alpha overflowed a mix)
+            common = torch.promote_types(log_p.dtype, log_q.dtype)
+            log_p, log_q = log_p.to(common), log_q.to(common)
         out = self.fn(log_p, log_q)
         if not isinstance(out, Tensor) or out.shape != log_p.shape[:-1]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

@@ -27,6 +27,7 @@ from beyond_icon._validation import (
     check_positive,
     checking_values,
     is_int,
+    is_real,
     under_torch_func,
 )
 
@@ -160,16 +161,19 @@ def _check_pairwise(z: Tensor, name: str) -> float | None:
     Returns
     -------
     float or None
-        ``4 d max|z|^2``, a bound on every squared distance between centred rows; None with
-        value checks off (:func:`beyond_icon.value_checks`).
+        ``4 d max|z - mean(z)|^2``, a bound on every squared distance between the rows;
+        None with value checks off (:func:`beyond_icon.value_checks`).
     """
     if not checking_values() or z.numel() == 0:
         check_features(z, name, min_rows=2)
         return None
     check_features(z, name, min_rows=2, values=False)
-    top = float(z.detach().abs().amax())  # one reduction and one sync, NaN and Inf included
-    if not math.isfinite(top):
+    values = z.detach()
+    # the spread about the mean, which the kernels centre on: a large common offset is fine
+    top = float((values - values.mean(dim=0, keepdim=True)).abs().amax())  # one sync
+    if not math.isfinite(top):  # NaN or Inf in z (or a mean that overflows)
         check_features(z, name, min_rows=2)  # names the rows
+        raise ValueError(f"{name}'s mean overflows {z.dtype}; scale the features down")
     work = _work_dtype(z)
     bound = 4.0 * z.shape[1] * top * top
     if bound > torch.finfo(work).max:
@@ -476,7 +480,7 @@ def cosine(
     Chen, T. et al. (2020). A simple framework for contrastive learning of visual
     representations. ICML.
     """
-    _check_pairwise(z, "z")
+    check_features(z, "z", min_rows=2)  # no distances: finite values are enough
     temperature = check_positive(temperature, "temperature")
     block = _row_slice(z.shape[0], rows)
     with _autocast_off(z):
@@ -1038,7 +1042,7 @@ def debias(
     Chuang, C.-Y. et al. (2020). Debiased contrastive learning. NeurIPS.
     """
     check_log_distributions(log_p, "log_p", allow_empty_rows=True)
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+    if not (is_real(alpha) and 0.0 <= alpha <= 1.0):
         raise ValueError(f"debias alpha must be in [0, 1], got {alpha!r}")
     if alpha == 0.0:
         return log_p

@@ -93,7 +93,10 @@ def _block_terms(
     if validate:
         check_log_distributions(log_p, "log_p", allow_empty_rows=True)
         check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
-    elif log_p.shape != log_q.shape:
+    if log_p.dtype != log_q.dtype:  # e.g. float32 labels' p against a float64 q: the wider
+        common = torch.promote_types(log_p.dtype, log_q.dtype)
+        log_p, log_q = log_p.to(common), log_q.to(common)
+    if not validate and log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
     has_mass = log_p.detach().amax(dim=-1) != -math.inf  # NaN rows count (and propagate)
     if not validate and not checking_values():
@@ -182,7 +185,7 @@ def _sum_and_count(
         return _blocked_sum_and_count(log_p, log_q, div, rows, validate)
     if chunk_size >= rows.stop - rows.start:
         return _one_block(log_p, log_q, div, rows, validate)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
     # the recomputation in backward must take the branch the forward took, whatever the
@@ -335,9 +338,7 @@ def icon_loss(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if chunk_size is not None and (
-        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
-    ):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     div = _divergences.get(divergence)
     if shard is None:
@@ -362,13 +363,13 @@ def icon_loss(
             "several views per sample, or debias p"
         )
     loss = (total / count if reduction == "mean" else total) * world_size
-    if bool(torch.isnan(loss.detach())):  # no divergence gives NaN on valid rows
-        raise ValueError(
-            f"the '{div.name}' loss is NaN: a row of q had no finite probability (a kernel "
-            f"scale such as sigma, dof or temperature tiny against the distances, or features "
-            f"too large for {loss.dtype}); check those, or compute in float64"
-        )
     if not bool(torch.isfinite(loss.detach())):
+        if math.isnan(float(loss.detach())):  # no divergence gives NaN on valid rows
+            raise ValueError(
+                f"the '{div.name}' loss is NaN: a row of q had no finite probability (a kernel "
+                f"scale such as sigma, dof or temperature tiny against the distances, or "
+                f"features too large for {loss.dtype}); check those, or compute in float64"
+            )
         raise ValueError(
             f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss.detach())}): q gives "
             "some neighbour a tiny probability that p does not. Debias q, compute in float64, "

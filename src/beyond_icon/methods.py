@@ -22,6 +22,8 @@ from beyond_icon._validation import (
     check_labels,
     check_positive,
     checking_values,
+    is_int,
+    is_real,
 )
 from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
 from beyond_icon.distributed import Shard, all_gather_with_grad, world
@@ -558,17 +560,13 @@ class ClusterLoss(IConLoss):
         super().__init__(divergence, chunk_size)
         if debias_side not in _SIDES:
             raise ValueError(f"debias_side must be one of {_SIDES}, got {debias_side!r}")
-        if isinstance(debias, bool) or not isinstance(debias, (int, float)) or not 0 <= debias <= 1:
+        if not is_real(debias) or not 0 <= debias <= 1:
             raise ValueError(f"debias must be a number in [0, 1], got {debias!r}")
-        if not isinstance(propagate_steps, int) or propagate_steps < 1:
+        if not is_int(propagate_steps) or propagate_steps < 1:
             raise ValueError(f"propagate_steps must be an integer >= 1, got {propagate_steps!r}")
-        if not isinstance(n_neighbors, int) or n_neighbors < 1:
+        if not is_int(n_neighbors) or n_neighbors < 1:
             raise ValueError(f"n_neighbors must be an integer >= 1, got {n_neighbors!r}")
-        if (
-            isinstance(neighbor_mix, bool)
-            or not isinstance(neighbor_mix, (int, float))
-            or not 0 <= neighbor_mix < 1
-        ):
+        if not is_real(neighbor_mix) or not 0 <= neighbor_mix < 1:
             raise ValueError(f"neighbor_mix must be a number in [0, 1), got {neighbor_mix!r}")
         if propagate_steps > 1 and neighbor_mix == 0:
             raise ValueError("propagate_steps > 1 walks the k-NN graph: set neighbor_mix > 0")
@@ -894,7 +892,7 @@ class PMI(nn.Module):
         weighted: bool = True,
     ):
         super().__init__()
-        if not isinstance(n_clusters, int) or n_clusters < 2:
+        if not is_int(n_clusters) or n_clusters < 2:
             raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
         self.beta = check_positive(beta, "beta")
         if not 0.0 <= momentum < 1.0:

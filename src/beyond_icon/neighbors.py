@@ -84,8 +84,8 @@ def mine_neighbors(
     verbose : bool
         Show a progress bar.
     queries : slice, optional
-        Search only for this contiguous, non-empty range of points (their rows only are
-        returned).
+        Search only for this contiguous range of points (their rows only are returned; an
+        empty range gives a (0, k) table).
     return_distances : bool
         Also return the squared Euclidean distances (``metric="euclidean"``) or the cosine
         similarities (``metric="cosine"``) of the neighbours.
@@ -138,8 +138,8 @@ def mine_neighbors(
         if not isinstance(queries, slice) or queries.step not in (None, 1):
             raise ValueError(f"queries must be a contiguous slice, got {queries!r}")
         first, last, _ = queries.indices(n)
-        if first >= last:
-            raise ValueError(f"queries {queries!r} selects no point of {n}")
+        if first > last:  # an empty share (a rank of a small sharded search) is fine
+            raise ValueError(f"queries {queries!r} runs backwards over {n} points")
     out = torch.empty(last - first, k, dtype=torch.long)
     out_values = torch.empty(last - first, k, dtype=torch.float32)
     # one buffer for every block of similarities: a fresh (4096 x 60k) float32 matrix per block

@@ -103,8 +103,8 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
 
     On a GPU, reading a value (``bool(t)``, ``t.item()``, ``int(t)``, ``t.tolist()``) or an op
     whose output size depends on values (``nonzero``, boolean-mask indexing,
-    ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` without ``output_size``;
-    also ``equal``) blocks the host until the stream has run up to it. These are
+    ``masked_select``, ``unique``, ``bincount``, ``repeat_interleave`` of tensor repeats
+    without ``output_size``; also ``equal``) blocks the host until the stream has run up to it. These are
     the same calls on every device, so counting them on the CPU finds the syncs a CUDA run would
     make (the CPU twin of ``torch.cuda.set_sync_debug_mode``). Used as a context manager::
 
@@ -143,7 +143,11 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
         if name in self._READS or name in self._DATA_DEPENDENT:
             self.calls.append(f"{name} at {_caller()}")
         elif name == "repeat_interleave" and kwargs.get("output_size") is None:
-            self.calls.append(f"{name} (no output_size) at {_caller()}")
+            # the output's length is data when repeats is a tensor (or the one-argument form,
+            # where the input is the repeats); an integer repeats is not
+            repeats = kwargs.get("repeats", args[1] if len(args) > 1 else None)
+            if repeats is None or isinstance(repeats, torch.Tensor):
+                self.calls.append(f"{name} (no output_size) at {_caller()}")
         elif name in ("__getitem__", "__setitem__") and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):

@@ -120,9 +120,9 @@ def plan(
     """The runs of a sweep; also writes (or checks) ``sweep.yaml``."""
     if not divergences or not seeds:
         raise ValueError("a sweep needs at least one divergence and one seed")
-    # the registry takes names in any case: kl and KL are one divergence
-    names = [d.strip().lower() for d in divergences]
-    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
+    # the registry takes names in any case: kl and KL are one divergence, one run folder
+    divergences = [d.strip().lower() for d in divergences]
+    if len(set(divergences)) != len(divergences) or len(set(seeds)) != len(seeds):
         raise ValueError("divergences and seeds must not repeat (names in any case)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

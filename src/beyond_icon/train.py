@@ -379,7 +379,7 @@ def load_checkpoint(
     except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets one line
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         if len(reason) > 160:  # the first sentence (torch's zip errors run on for lines)
-            reason = reason.split(". ")[0]
+            reason = reason.split(". ")[0][:160]
         raise ValueError(
             f"{path} is not a beyond-icon checkpoint that can be loaded safely "
             f"({type(error).__name__}{': ' + reason if reason else ''}); delete it or run "

@@ -395,7 +395,11 @@ def _list_class_folders(root: Path, classes: list[str] | None = None):
     if classes is None:
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     else:  # a test/ folder: a class that train/ lacks would be dropped without a word
-        extra = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in classes)
+        extra = sorted(
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and d.name not in classes and not d.name.startswith(".")
+        )
         if extra:
             raise ValueError(
                 f"image folder {root} has class folders that the training split lacks: "
