@@ -300,66 +300,38 @@ def test_grad_clip_must_be_positive(clip):
         TrainConfig(grad_clip=clip).check()
 
 
-def test_a_new_run_removes_the_earlier_runs_checkpoint_and_metrics(tmp_path, capsys):
+def _fit_small(out, **kwargs):
+    """One epoch of the small model into ``out`` (on the CPU)."""
     model, batches, loss_fn = _setup()
-    config = TrainConfig(epochs=1, lr=1e-2)
+    settings = {"resume": False, "verbose": False} | kwargs
     fit(
         model,
         batches,
         loss_fn,
-        config,
+        TrainConfig(epochs=1, lr=1e-2),
         device=torch.device("cpu"),
-        out_dir=tmp_path,
-        resume=False,
-        verbose=False,
+        out_dir=out,
+        **settings,
     )
+
+
+def test_a_new_run_removes_the_earlier_runs_checkpoint_and_metrics(tmp_path, capsys):
+    _fit_small(tmp_path)
     (tmp_path / "metrics.json").write_text("{}")  # what a task writes last
-    before = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
     # a new run stopped before its first save: nothing of the earlier run is left beside it
-    fit(
-        model,
-        batches,
-        loss_fn,
-        config,
-        device=torch.device("cpu"),
-        out_dir=tmp_path,
-        resume=False,
-        verbose=True,
-        stop_after_epochs=0,
-    )
+    _fit_small(tmp_path, verbose=True, stop_after_epochs=0)
     assert not (tmp_path / "metrics.json").exists()
-    assert not (tmp_path / "checkpoint.pt").exists() or (
-        (tmp_path / "checkpoint.pt").stat().st_mtime_ns != before
-    )
+    assert not (tmp_path / "checkpoint.pt").exists()
     assert "the earlier run's checkpoint and metrics.json were removed" in capsys.readouterr().out
 
 
 def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path, capsys):
-    model, batches, loss_fn = _setup()
-    fit(
-        model,
-        batches,
-        loss_fn,
-        TrainConfig(epochs=1, lr=1e-2),
-        device=torch.device("cpu"),
-        out_dir=tmp_path / "typo",
-        resume=True,
-        verbose=True,
-    )
+    _fit_small(tmp_path / "typo", resume=True, verbose=True)
     assert "no checkpoint in" in capsys.readouterr().out
 
 
 def test_a_checkpoint_keeps_the_cuda_generator_slot_and_a_short_reason(tmp_path):
-    model, batches, loss_fn = _setup()
-    fit(
-        model,
-        batches,
-        loss_fn,
-        TrainConfig(epochs=1, lr=1e-2),
-        device=torch.device("cpu"),
-        out_dir=tmp_path,
-        verbose=False,
-    )
+    _fit_small(tmp_path)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert "cuda_rng" in state and state["cuda_rng"] is None  # a CPU run; a CUDA one saves it
     assert state["torch_rng"].device.type == "cpu"
