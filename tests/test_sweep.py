@@ -345,9 +345,25 @@ def _cluster_cli(out, divergences="tv", seeds="0", *extra):
     ]
 
 
-def test_sweep_yaml_is_replaced_whole(tmp_path):
+def test_sweep_yaml_is_replaced_whole(tmp_path, monkeypatch):
+    """Written to a temporary file and renamed: a write stopped before the rename leaves the
+    earlier sweep.yaml whole (written in place, it would hold the new record or half of it)."""
     _tiny_cluster_sweep(tmp_path / "s")
-    assert [p.name for p in (tmp_path / "s").iterdir() if "sweep.yaml" in p.name] == ["sweep.yaml"]
+    before = (tmp_path / "s" / "sweep.yaml").read_text()
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.plan(
+            "cluster",
+            ["kl"],
+            [0, 1],
+            {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0},
+            tmp_path / "s",
+        )
+    assert (tmp_path / "s" / "sweep.yaml").read_text() == before
 
 
 def test_one_run_has_no_std_and_a_nan_is_never_best(tmp_path):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from beyond_icon import divergences
 from beyond_icon import models as _models
-from beyond_icon._validation import is_int, is_real
+from beyond_icon._validation import check_positive, is_int, is_real
 from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
 from beyond_icon.data import as_float
 from beyond_icon.methods import SNE, TSNE
@@ -565,9 +565,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                     "set n_cells=0 or backbone='mlp'"
                 )
         for name in ("lr", "exaggeration", "sigma", "dof", "perplexity"):
-            value = getattr(self, name)
-            if not (is_real(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            check_positive(getattr(self, name), name)
         for name in ("input_noise", "input_noise_power"):
             value = getattr(self, name)
             if not (is_real(value) and 0 <= value < math.inf):

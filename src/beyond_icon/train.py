@@ -295,6 +295,26 @@ LEGACY_SETTINGS = {
 }
 
 
+def remove_earlier_run(out: Path) -> list[Path]:
+    """Remove an earlier run's ``checkpoint.pt`` and ``metrics.json`` from ``out`` for a new run
+    (no resume): the first would be overwritten at the first save, the second says "finished",
+    and neither may stand beside the new run's config.yaml if it stops early.
+
+    Parameters
+    ----------
+    out : Path
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    stale = [out / name for name in (CHECKPOINT, "metrics.json") if (out / name).is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """``"key: old there, new now"`` for each setting that differs between a run made earlier
     (``saved``; a key of :data:`LEGACY_SETTINGS` it lacks takes its old behaviour) and ``now``,
@@ -525,12 +545,7 @@ def fit(
         where = f"in {out}" if out is not None else "(no run folder)"
         tqdm.write(f"no checkpoint {where}: {desc} starts from the beginning")
     if not resume and out is not None and loop.rank == 0:
-        # a new run in a folder that holds an earlier one: its checkpoint (which the first save
-        # would overwrite) and its metrics.json (which says "finished") are not this run's, and
-        # an interrupted new run must not leave them beside its own config.yaml
-        stale = [out / name for name in (CHECKPOINT, "metrics.json") if (out / name).is_file()]
-        for path in stale:
-            path.unlink()
+        stale = remove_earlier_run(out)
         if stale and loop.verbose:
             tqdm.write(
                 f"{out}: a new run (no --resume); the earlier run's checkpoint and "

@@ -149,15 +149,11 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
-    from beyond_icon.train import CHECKPOINT
+    from beyond_icon.train import CHECKPOINT, remove_earlier_run
 
     if out is not None and not (resume and (out / CHECKPOINT).is_file()):
-        if not resume and is_main():
-            # a new run: the config.yaml written here is not the earlier run's, so neither are
-            # its checkpoint and metrics.json (a failure before training would leave them
-            # beside this record; train.fit removes them too, for callers without begin)
-            for name in (CHECKPOINT, "metrics.json"):
-                (out / name).unlink(missing_ok=True)
+        if not resume and is_main():  # before this config.yaml, not at training's start only
+            remove_earlier_run(out)
         write_config(config, out)
     verbose = verbose and is_main()
     if verbose:

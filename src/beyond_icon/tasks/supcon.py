@@ -236,9 +236,8 @@ def run(
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    device, dataset, out, verbose = begin(
-        config, out, verbose, resume
-    )  # checked before any training
+    # checked before any training
+    device, dataset, out, verbose = begin(config, out, verbose, resume)
     if not config.debias > 0:
         check_finite_where_p_is_zero(
             config.divergence,
