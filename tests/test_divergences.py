@@ -451,3 +451,24 @@ def test_registered_names_are_found_in_any_case():
         assert divergences.get("MyTV") is registered and divergences.get("mytv") is registered
     finally:
         divergences._REGISTRY.pop("mytv", None)
+
+
+def test_infinite_error_names_the_registered_name():
+    """An f_divergence built with the default name 'f' and registered as 'mine' reports its
+    infinite rows as 'mine', the name the user asked for; under its own name it stays 'f'."""
+    reverse = divergences.f_divergence(lambda t: -torch.log(t))
+    log_p = torch.tensor([[0.5, 0.5, 0.0, 0.0]]).log()
+    log_q = torch.full((1, 4), 0.25).log()
+    try:
+        registered = divergences.register("mine", reverse)
+        with pytest.raises(divergences.InfiniteDivergenceError) as caught:
+            divergences.get("mine")(log_p, log_q)
+        assert str(caught.value).startswith("divergence 'mine' is infinite: q > 0 where p = 0")
+        assert caught.value.divergence == "mine" and "'f'" not in str(caught.value)
+        assert registered.name == "mine"
+    finally:
+        divergences._REGISTRY.pop("mine", None)
+    with pytest.raises(divergences.InfiniteDivergenceError, match="divergence 'f' is infinite"):
+        divergences.get(reverse)(log_p, log_q)
+    with pytest.raises(divergences.InfiniteDivergenceError, match="divergence 'kl' is infinite"):
+        divergences.get("kl")(log_q, log_p)  # a built-in keeps its own name

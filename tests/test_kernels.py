@@ -249,6 +249,26 @@ def test_clusters_exclude_self(rng):
     torch.testing.assert_close(excl, off / off.sum(1, keepdim=True))
 
 
+@pytest.mark.parametrize("rows", [None, slice(1, 3)])
+def test_clusters_one_hot_singleton_with_exclude_self_is_refused(rows):
+    # point 2 alone in cluster 0 with an exact one-hot assignment: excluding itself leaves
+    # its row no mass (0/0); a named error, not a NaN row
+    a = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]).log()
+    with pytest.raises(ValueError, match="row 2 of the cluster kernel has no mass outside"):
+        kernels.clusters(a, rows=rows, exclude_self=True)
+    columns, mask = torch.tensor([[1], [0], [1]]), torch.ones(3, 1, dtype=torch.bool)
+    for log_assign in (a, torch.stack([a, a])):  # one head, and two
+        with pytest.raises(ValueError, match="row 2 of the cluster kernel has no mass outside"):
+            kernels.clusters_at(log_assign, columns, mask, rows=rows, exclude_self=True)
+    # the other rows, the kernel without exclude_self and soft assignments stay finite
+    assert torch.isfinite(kernels.clusters(a, rows=slice(0, 2), exclude_self=True)).any(1).all()
+    assert not kernels.clusters(a).isnan().any()
+    soft = torch.log_softmax(torch.tensor([[-30.0, 30.0], [-30.0, 30.0], [30.0, -30.0]]), -1)
+    assert torch.allclose(kernels.clusters(soft, exclude_self=True).logsumexp(1), torch.zeros(3))
+    listed = kernels.clusters_at(soft, columns, mask, exclude_self=True)
+    assert torch.allclose(listed.logsumexp(1), torch.zeros(3), atol=1e-6)
+
+
 def test_debias_matches_formula(rng):
     y = torch.tensor([0, 0, 1, 1, 1, 2])
     log_p = kernels.labels(y, dtype=torch.float64)

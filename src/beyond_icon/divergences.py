@@ -61,7 +61,13 @@ _DEBIAS_HINT = (
 
 
 class InfiniteDivergenceError(ValueError):
-    """The divergence is infinite because the supports of p and q do not fit."""
+    """The divergence is infinite because the supports of p and q do not fit.
+
+    ``divergence`` holds the name the message gives (None when unknown)."""
+
+    def __init__(self, message: str, divergence: str | None = None):
+        super().__init__(message)
+        self.divergence = divergence
 
 
 def _raise_if(mask_fn: Callable[[], Tensor], name: str, what: str) -> None:
@@ -77,7 +83,8 @@ def _raise_if(mask_fn: Callable[[], Tensor], name: str, what: str) -> None:
         shown = rows[:5].tolist()
         more = "" if rows.numel() <= 5 else f" and {rows.numel() - 5} more"
         raise InfiniteDivergenceError(
-            f"divergence '{name}' is infinite: {what} in row(s) {shown}{more}. {_DEBIAS_HINT}"
+            f"divergence '{name}' is infinite: {what} in row(s) {shown}{more}. {_DEBIAS_HINT}",
+            name,
         )
 
 
@@ -752,7 +759,16 @@ class Divergence:
         if log_p.dtype != log_q.dtype:  # the wider of the two (alpha overflowed a mix)
             common = torch.promote_types(log_p.dtype, log_q.dtype)
             log_p, log_q = log_p.to(common), log_q.to(common)
-        out = self.fn(log_p, log_q)
+        try:
+            out = self.fn(log_p, log_q)
+        except InfiniteDivergenceError as error:
+            # an f_divergence built as name="f" (its default) but registered as 'mine': the
+            # user looks for the name they registered
+            named = error.divergence
+            if named is None or named == self.name:
+                raise
+            message = str(error).replace(f"'{named}'", f"'{self.name}'", 1)
+            raise InfiniteDivergenceError(message, self.name) from None
         if not isinstance(out, Tensor) or out.shape != log_p.shape[:-1]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(

@@ -679,6 +679,19 @@ def knn_indices(x: Tensor, n_neighbors: int, *, rows: slice | None = None) -> Te
         return scores.topk(n_neighbors, dim=1, largest=False).indices
 
 
+def _refuse_no_mass_outside_self(empty: Tensor, block: slice) -> None:
+    """A one-line error for the first row of the cluster kernel (``empty``, over ``block``)
+    that ``exclude_self`` leaves with no mass: 0/0 would be a NaN row."""
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0]) + block.start
+        raise ValueError(
+            f"row {row} of the cluster kernel has no mass outside itself: its assignment is "
+            "exactly one-hot on a cluster no other point shares, so exclude_self leaves nothing "
+            "to normalise; use soft assignments (a log_softmax of finite logits has no exact "
+            "zeros) or exclude_self=False"
+        )
+
+
 def clusters(
     log_assign: Tensor,
     teacher: Tensor | None = None,
@@ -736,7 +749,10 @@ def clusters(
     log_q = torch.where(positive, safe.log(), torch.full_like(safe, -math.inf))
     log_q = log_q + la_max + lb_max.T
     if exclude_self:
-        log_q = _masked_log_softmax(log_q, block, True)
+        _self_entries(log_q, block).fill_(-math.inf)
+        if checking_values():
+            _refuse_no_mass_outside_self(torch.isneginf(log_q).all(dim=1), block)
+        log_q = torch.log_softmax(log_q, dim=-1)
     return log_q.to(log_assign.dtype)
 
 
@@ -862,7 +878,11 @@ def clusters_at(
     lb = teacher - torch.logsumexp(teacher, dim=-2, keepdim=True)  # log b_jc / sum_l b_lc
     listed = _listed_log_q(la, lb, columns, mask)
     if exclude_self:  # renormalise by 1 - q(i|i), from leave-one-out cluster masses
-        listed = listed - _log_mass_of_others(la, teacher, block)
+        others = _log_mass_of_others(la, teacher, block)
+        if checking_values():
+            empty = torch.isneginf(others[..., 0]).reshape(-1, others.shape[-2]).any(0)
+            _refuse_no_mass_outside_self(empty, block)
+        listed = listed - others
     # the rest: 1 - the listed mass, in float64; it enters every f-divergence linearly
     # (as f(0) r_i), so an absolute rounding error of the listed values is all it carries
     other = (1.0 - listed.double().exp().sum(dim=-1, keepdim=True)).clamp_min(0.0)
