@@ -282,12 +282,12 @@ def test_sweep_compares_the_loss_except_for_the_pmi_baseline(tmp_path):
 
 
 def test_sweep_ignores_a_run_that_stopped_before_training(tmp_path):
-    """A run refused by its own checks (config.yaml written, nothing trained) does not block
+    """A run refused by its own checks (its folder untouched, nothing trained) does not block
     the corrected sweep."""
     options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0, "n_neighbors": 100000}
     specs = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(specs, verbose=False) == specs  # failed: n_neighbors too large
-    assert (Path(specs[0].folder) / "config.yaml").is_file()
+    assert not (Path(specs[0].folder) / "config.yaml").exists()  # refused before the folder
     options.pop("n_neighbors")
     again = sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
     assert sweep.run_sweep(again, verbose=False) == []

@@ -33,6 +33,7 @@ from beyond_icon.neighbors import cached_neighbors
 from beyond_icon.tasks.common import (
     TaskConfig,
     begin,
+    claim_run,
     check_finite_where_p_is_zero,
     finish,
     identity,
@@ -379,6 +380,7 @@ class _HeadTrainer:
         )
         state = {"pmi": self.pmi, "heads": self.heads}
         state |= {"teacher": self.teacher} if self.teacher is not None else {}
+        claim_run(config, out, resume)  # every option checked: the folder is the run's now
         return fit(
             self.model,
             self.batches,

@@ -16,6 +16,7 @@ from beyond_icon.data import Dataset
 __all__ = [
     "TaskConfig",
     "begin",
+    "claim_run",
     "coerce",
     "config_from_dict",
     "finish",
@@ -124,12 +125,11 @@ def _recipe(config: TaskConfig) -> dict:
 
 
 def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: bool = False):
-    """The start of every task's run: process group, device, data, run folder, config.yaml.
+    """The start of every task's run: process group, device, data and the run folder's path.
 
-    Returns (device, dataset, out folder or None, verbose on this rank). A run resumed from a
-    checkpoint keeps the folder's config.yaml until :func:`finish` (given the config) rewrites
-    it, so that a resume refused for other settings leaves the run's record as it was (a
-    resume that extends the budget and is interrupted again leaves the earlier budget there).
+    Nothing in the folder is touched yet: the task checks its options against the data first,
+    then calls :func:`claim_run`, so that a run refused for a typo leaves an earlier run in the
+    same folder as it was.
 
     Parameters
     ----------
@@ -137,7 +137,7 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     out : path, optional
     verbose : bool
     resume : bool
-        Whether the run continues the folder's checkpoint.
+        Whether the run continues the folder's checkpoint (kept for the tasks' one call shape).
 
     Returns
     -------
@@ -149,16 +149,34 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     device = start(config)
     dataset = load_task_data(config)
     out = prepare_run_dir(out)
-    from beyond_icon.train import CHECKPOINT, remove_earlier_run
-
-    if out is not None and not (resume and (out / CHECKPOINT).is_file()):
-        if not resume and is_main():  # before this config.yaml, not at training's start only
-            remove_earlier_run(out)
-        write_config(config, out)
     verbose = verbose and is_main()
     if verbose:
         print(dataset.describe())
     return device, dataset, out, verbose
+
+
+def claim_run(config: TaskConfig, out: Path | None, resume: bool) -> None:
+    """Take the run folder once the task's checks have passed: a new run (no ``resume``, or
+    no checkpoint to resume) removes an earlier run's checkpoint and metrics and writes its
+    config.yaml. A run resumed from a checkpoint keeps the folder's config.yaml until
+    :func:`finish` (given the config) rewrites it, so that a resume refused for other
+    settings leaves the run's record as it was (a resume that extends the budget and is
+    interrupted again leaves the earlier budget there).
+
+    Parameters
+    ----------
+    config : TaskConfig
+    out : Path or None
+    resume : bool
+    """
+    from beyond_icon.distributed import is_main
+    from beyond_icon.train import CHECKPOINT, remove_earlier_run
+
+    if out is None or not is_main() or (resume and (out / CHECKPOINT).is_file()):
+        return
+    if not resume:  # before this config.yaml, not at training's start only
+        remove_earlier_run(out)
+    write_config(config, out)
 
 
 def finish(

@@ -20,7 +20,7 @@ import numpy as np
 from beyond_icon import metrics, report
 from beyond_icon.distributed import is_main
 from beyond_icon.parametric_sne import KERNELS, RECIPE, ParametricSNE
-from beyond_icon.tasks.common import TaskConfig, begin, finish, option
+from beyond_icon.tasks.common import TaskConfig, begin, claim_run, finish, option
 from beyond_icon.train import SCHEDULE_HELP, write_csv
 
 __all__ = ["KERNELS", "ParametricSNE", "SNEConfig", "SNEResult", "grad_norm_summary", "run"]
@@ -215,6 +215,8 @@ def run(
             f"{classes} classes; raise --n-test"
         )
     estimator = config.estimator(verbose)
+    estimator._check_params(len(dataset.x_train))  # before the folder is touched
+    claim_run(config, out, resume)
     estimator.fit(dataset.x_train, out_dir=out, resume=resume)
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return SNEResult(

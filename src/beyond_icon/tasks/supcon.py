@@ -26,6 +26,7 @@ from beyond_icon.models import ProjectionHead, Standardize, build_backbone
 from beyond_icon.tasks.common import (
     TaskConfig,
     begin,
+    claim_run,
     check_finite_where_p_is_zero,
     finish,
     identity,
@@ -63,7 +64,11 @@ class SupConConfig(TaskConfig):
     )
     projection_dim: int = option(128, "output size of the projection head fed to the loss")
     epochs: int = option(20, "passes over the train split")
-    batch_size: int = option(256, "images per batch (two views each)")
+    batch_size: int = option(
+        256,
+        "images per batch (two views each); an epoch's n // batch_size batches share the "
+        "remainder, so a batch holds up to twice this minus one",
+    )
     lr: float = option(1e-3, "Adam learning rate")
     weight_decay: float = option(0.0, "Adam weight decay")
     schedule: str = option("none", SCHEDULE_HELP + "; after warmup_epochs")
@@ -167,9 +172,14 @@ def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bo
     )
     augment = _augmentation(dataset, config, device)
     n = len(x_train)
-    batch = min(config.batch_size, n)
-    if batch < 2:
+    if n < 2:
         raise ValueError("supervised contrastive learning needs at least 2 training samples")
+    if config.batch_size < 2:
+        raise ValueError(
+            f"batch_size must be at least 2 (with one image a view's only other point is its "
+            f"positive: nothing to contrast), got {config.batch_size}"
+        )
+    batch = min(config.batch_size, n)
 
     def batches(generator):  # each batch with the seed of its augmentations
         order = torch.randperm(n, generator=generator)
@@ -195,6 +205,7 @@ def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bo
         amp=config.amp,
         seed=config.seed,
     )
+    claim_run(config, out, resume)  # every option checked: the folder is the run's now
     with rules_compiled(config.compile):
         history = fit(
             model,
