@@ -33,8 +33,8 @@ from beyond_icon.neighbors import cached_neighbors
 from beyond_icon.tasks.common import (
     TaskConfig,
     begin,
-    claim_run,
     check_finite_where_p_is_zero,
+    claim_run,
     finish,
     identity,
     option,

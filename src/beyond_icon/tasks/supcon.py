@@ -26,8 +26,8 @@ from beyond_icon.models import ProjectionHead, Standardize, build_backbone
 from beyond_icon.tasks.common import (
     TaskConfig,
     begin,
-    claim_run,
     check_finite_where_p_is_zero,
+    claim_run,
     finish,
     identity,
     option,
