@@ -272,3 +272,32 @@ def test_a_dataset_refuses_labels_outside_its_classes():
         )
     with pytest.raises(ValueError, match="got -1 to 0"):
         datasets.Dataset("d", np.zeros((2, 1)), np.array([-1, 0]), np.zeros((1, 1)), np.zeros(1))
+
+
+def test_a_split_made_here_keeps_each_samples_source_row(tmp_path):
+    """The 75/25 split of a file without one records each sample's row: whole() gives the
+    file back in its order, and a subset keeps the rows of what it takes."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)).astype(np.float32), np.arange(40) % 4
+    np.savez(tmp_path / "e.npz", x=x, y=y)
+    loaded = data.load(f"embeddings:{tmp_path / 'e.npz'}")
+    assert not loaded.has_test_split
+    for split in ("train", "test"):
+        rows = getattr(loaded, f"{split}_rows")
+        assert np.array_equal(getattr(loaded, f"x_{split}"), x[rows])
+        assert np.array_equal(getattr(loaded, f"y_{split}"), y[rows])
+    whole = loaded.whole()
+    assert np.array_equal(whole.x_train, x) and np.array_equal(whole.y_train, y)
+    assert np.array_equal(whole.train_rows, np.arange(40)) and len(whole.x_test) == 0
+    part = whole.subset(n_train=12)
+    assert len(part.x_train) == 12 and np.array_equal(part.x_train, x[part.train_rows])
+    assert np.all(np.diff(part.train_rows) > 0)  # still in the file's order
+    # an image folder without test/: the rows survive the folder's cache
+    _write_image_folder(tmp_path / "flat", split_dirs=False, mode="L")
+    first = data.load(f"imagefolder:{tmp_path / 'flat'}")
+    cached = data.load(f"imagefolder:{tmp_path / 'flat'}")
+    assert np.array_equal(first.train_rows, cached.train_rows)
+    assert np.array_equal(cached.whole().x_train[cached.train_rows], cached.x_train)
+    # a dataset with a split of its own knows no rows; whole() still joins its splits
+    own = datasets.Dataset("own", x[:30], y[:30], x[30:], y[30:])
+    assert own.train_rows is None and np.array_equal(own.whole().x_train, x)

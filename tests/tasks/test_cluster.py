@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import run_task
 
+from beyond_icon import metrics
 from beyond_icon.cli import main
 from beyond_icon.tasks import cluster
 
@@ -342,3 +343,26 @@ def test_resuming_another_tasks_run_names_the_task_first(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert "other settings (task: 'supcon' there, 'cluster' now, " in error
     assert re.search(r"and \d+ more\); resume with the same settings", error)
+
+
+def test_data_without_a_test_split_is_clustered_whole_in_its_order(tmp_path):
+    """An embeddings file has no test split: every point is trained on, clustered and scored
+    (the paper's protocol), and assignments.npz lists them in the file's order."""
+    path = _mixture(tmp_path, k=4, n=40)
+    y = np.load(path)["y"]
+    out = tmp_path / "run"
+    base = {"data": f"embeddings:{path}", "n_steps": 60, "batch_size": 64, "device": "cpu"}
+    result = cluster.run(cluster.ClusterConfig(**base, kmeans_init=0), out=out, verbose=False)
+    assert result.metrics["evaluated_on"] == "all"
+    saved = np.load(out / "assignments.npz")
+    assert np.array_equal(saved["labels"], y) and len(saved["clusters"]) == len(y)
+    assert np.array_equal(saved["rows"], np.arange(len(y)))
+    assert result.metrics["acc"] == pytest.approx(metrics.hungarian_accuracy(y, saved["clusters"]))
+    # a subset of all the points, with each one's row in the file
+    part = cluster.run(
+        cluster.ClusterConfig(**base, n_train=50, kmeans_init=0), out=tmp_path / "p", verbose=False
+    )
+    saved = np.load(tmp_path / "p" / "assignments.npz")
+    assert len(part.assignments) == 50 and np.array_equal(saved["labels"], y[saved["rows"]])
+    with pytest.raises(ValueError, match="n_test does not apply: gmm has no test split"):
+        cluster.run(cluster.ClusterConfig(**base, n_test=10), verbose=False)

@@ -41,6 +41,10 @@ class Dataset:
     classes : list of str
     has_test_split : bool
         False when the split was made here (75/25, stratified, fixed).
+    train_rows, test_rows : (N,) integer arrays, optional
+        Where a split was made here: each sample's row in the source (the file, or the
+        folder's sorted images), so that :meth:`whole` restores the source order and a task
+        can say which input row each result belongs to. None when unknown.
     """
 
     name: str
@@ -50,6 +54,8 @@ class Dataset:
     y_test: np.ndarray
     classes: list[str] = field(default_factory=list)
     has_test_split: bool = True
+    train_rows: np.ndarray | None = None
+    test_rows: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -90,12 +96,50 @@ class Dataset:
         self, n_train: int | None = None, n_test: int | None = None, seed: int = 0
     ) -> Dataset:
         """A stratified random subset of each split (``None`` keeps a split whole)."""
+        keep_train = _stratified_take(self.y_train, n_train, seed)
+        keep_test = _stratified_take(self.y_test, n_test, seed + 1)
+
+        def take(array, keep):
+            return array if array is None or keep is None else array[keep]
+
         return Dataset(
             self.name,
-            *_stratified_take(self.x_train, self.y_train, n_train, seed),
-            *_stratified_take(self.x_test, self.y_test, n_test, seed + 1),
+            take(self.x_train, keep_train),
+            take(self.y_train, keep_train),
+            take(self.x_test, keep_test),
+            take(self.y_test, keep_test),
             classes=self.classes,
             has_test_split=self.has_test_split,
+            train_rows=take(self.train_rows, keep_train),
+            test_rows=take(self.test_rows, keep_test),
+        )
+
+    def whole(self) -> Dataset:
+        """Every sample as the train split, with an empty test split: for a dataset whose split
+        was made here (``has_test_split`` False), in the source's row order where it is known
+        (``train_rows``), else the train split then the test split.
+
+        Returns
+        -------
+        Dataset
+        """
+        x = np.concatenate([self.x_train, self.x_test])
+        y = np.concatenate([self.y_train, self.y_test])
+        rows = None
+        if self.train_rows is not None and self.test_rows is not None:
+            rows = np.concatenate([self.train_rows, self.test_rows])
+            order = np.argsort(rows, kind="stable")
+            x, y, rows = x[order], y[order], rows[order]
+        return Dataset(
+            self.name,
+            x,
+            y,
+            x[:0],
+            y[:0],
+            classes=self.classes,
+            has_test_split=False,
+            train_rows=rows,
+            test_rows=None if rows is None else rows[:0],
         )
 
     def describe(self) -> str:
@@ -117,21 +161,22 @@ def as_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def _stratified_take(x, y, n, seed):
-    if n is None or n >= len(x):
-        return x, y
+def _stratified_take(y, n, seed):
+    """The sorted indices of a stratified random subset of ``n`` of the labels ``y`` (None:
+    all of them)."""
+    if n is None or n >= len(y):
+        return None
     if n < 1:
         raise ValueError(f"a subset needs at least one sample, got {n}")
     from sklearn.model_selection import train_test_split
 
     # stratified when what is left out can hold every class too (scikit-learn's condition)
     classes = len(np.unique(y))
-    stratify = _stratify(y, n) if len(x) - n >= classes else None
+    stratify = _stratify(y, n) if len(y) - n >= classes else None
     keep, _ = train_test_split(
-        np.arange(len(x)), train_size=n, stratify=stratify, random_state=seed
+        np.arange(len(y)), train_size=n, stratify=stratify, random_state=seed
     )
-    keep = np.sort(keep)
-    return x[keep], y[keep]
+    return np.sort(keep)
 
 
 def _stratify(y, n):
@@ -143,7 +188,7 @@ def _stratify(y, n):
 def _nonfinite_rows(x: np.ndarray, block: int = 65536) -> np.ndarray:
     """Indices of rows holding NaN or Inf, checked in blocks of rows (a memory-mapped array is
     read once and never copied whole)."""
-    if x.dtype.kind not in "fc":
+    if x.dtype.kind not in "fc" or not len(x):
         return np.zeros(0, dtype=np.int64)
     flat = x.reshape(len(x), -1)
     bad = [
@@ -175,6 +220,8 @@ def _split(name, x, y, classes=None, test_fraction=0.25):
         y[idx_test],
         classes or [],
         has_test_split=False,
+        train_rows=np.asarray(idx_train, dtype=np.int64),
+        test_rows=np.asarray(idx_test, dtype=np.int64),
     )
 
 
@@ -503,6 +550,10 @@ def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
         if cache and cached.is_file():
             with np.load(cached, allow_pickle=False) as data:
                 if str(data["key"]) == key:
+                    rows = {  # a cache written before the rows were kept has none
+                        name: data[name] if name in data.files else None
+                        for name in ("train_rows", "test_rows")
+                    }
                     return Dataset(
                         root.name,
                         data["x_train"],
@@ -511,6 +562,7 @@ def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
                         data["y_test"],
                         [str(c) for c in data["classes"]],
                         has_test_split=bool(data["has_test_split"]),
+                        **rows,
                     )
     if (root / "train").is_dir():
         x_train, y_train, classes, size = _read_class_folders(root / "train", None, None)
@@ -532,6 +584,8 @@ def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
             has_test_split=data.has_test_split,
             key=key,
         )
+        if data.train_rows is not None:
+            arrays |= dict(train_rows=data.train_rows, test_rows=data.test_rows)
         for cached in cache_files:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)

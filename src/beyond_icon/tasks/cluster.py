@@ -8,6 +8,12 @@ along that graph), q = the cluster-sharing kernel of the head's soft assignments
 against an EMA teacher's); every row is an anchor, so the loss is symmetric in the pair.
 Several heads train at once; the one with the lowest loss over the last epoch is evaluated.
 ``loss="pmi"`` trains TEMI's beta-PMI instead (the KL-family reference).
+
+A dataset with a test split of its own (CIFAR-10, Fashion-MNIST, digits) is trained on its
+train split and scored on its test split. One without (an ``embeddings:`` file, an image folder
+without ``test/``) is clustered and scored whole, every point, as in the paper:
+``assignments.npz`` then lists the points in the file's order, with their row numbers
+(``rows``) when ``--n-train`` takes a subset.
 """
 
 from __future__ import annotations
@@ -145,7 +151,8 @@ class ClusterResult:
     metrics : dict
         What ``metrics.json`` holds.
     assignments : array
-        The evaluated head's clusters of the evaluation split.
+        The evaluated head's clusters of the evaluation split (the test split, or every point
+        of data without one, in the source's order).
     history : list of dict
         One row per optimiser step.
     """
@@ -160,7 +167,9 @@ def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
     as it is: rows are made float32 only when a batch uses them."""
 
     def flat(x):
-        return x if x.dtype == np.float16 and x.ndim == 2 else as_float(x).reshape(len(x), -1)
+        if x.dtype == np.float16 and x.ndim == 2:
+            return x
+        return as_float(x).reshape(len(x), int(np.prod(x.shape[1:])))  # 0 rows too
 
     train, test = flat(dataset.x_train), flat(dataset.x_test)
     components = config.pca_components
@@ -174,10 +183,9 @@ def _features(dataset, config) -> tuple[np.ndarray, np.ndarray]:
 
         # fewer points than components: as many components as points (PCA's most)
         pca = PCA(min(components, len(train)), random_state=0).fit(train)
-        train, test = (
-            pca.transform(train).astype(np.float32),
-            pca.transform(test).astype(np.float32),
-        )
+        train = pca.transform(train).astype(np.float32)
+        # a dataset clustered whole has an empty test split (scikit-learn refuses 0 rows)
+        test = pca.transform(test).astype(np.float32) if len(test) else train[:0]
     return train, test
 
 
@@ -545,7 +553,8 @@ def _kmeans(config, standardize, train_x, eval_x, eval_y, k: int) -> tuple[dict,
 def run(
     config: ClusterConfig, out: str | Path | None = None, resume: bool = False, verbose: bool = True
 ) -> ClusterResult:
-    """Train the head(s) on the train split, then cluster the evaluation split.
+    """Train the head(s) on the train split, then cluster the evaluation split: the test split
+    of data that has one, else every point (train and evaluation are then the whole data).
 
     Parameters
     ----------
@@ -563,7 +572,8 @@ def run(
     ClusterResult
         Empty metrics on ranks other than 0 under torchrun.
     """
-    device, dataset, out, verbose = begin(config, out, verbose, resume)
+    # clustering is transductive: data without a test split of its own is clustered whole
+    device, dataset, out, verbose = begin(config, out, verbose, resume, whole=True)
     train_x, test_x = _features(dataset, config)
     k = dataset.n_classes if config.n_clusters is None else config.n_clusters
     _check(config, len(train_x), k)
@@ -603,17 +613,20 @@ def run(
         "mining_time_s": mining_time,
         **peak_gpu_memory(device),
         "neighbors_from_cache": from_cache,
-        "evaluated_on": "test" if on_test else "train",
+        "evaluated_on": "test" if on_test else "all",
     }
 
     def write(out: Path) -> None:
         write_csv(history, out / "history.csv")
+        # rows: each point's row in the source, for data clustered whole (in that order)
+        rows = dataset.train_rows if not on_test and dataset.train_rows is not None else None
         np.savez(
             out / "assignments.npz",
             clusters=assignments,
             labels=eval_y,
             kmeans=kmeans_assign,
             selflabel=self_assign,
+            **({} if rows is None else {"rows": rows}),
         )
         title = f"{dataset.name}: {config.loss} {config.divergence}, acc {result['acc']:.3f}"
         report.plot_confusion(eval_y, assignments, dataset.classes, out / "confusion.png", title)

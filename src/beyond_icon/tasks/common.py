@@ -124,7 +124,13 @@ def _recipe(config: TaskConfig) -> dict:
     return {} if config.recipe is None else {"recipe": config.recipe}
 
 
-def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: bool = False):
+def begin(
+    config: TaskConfig,
+    out: str | Path | None,
+    verbose: bool,
+    resume: bool = False,
+    whole: bool = False,
+):
     """The start of every task's run: process group, device, data and the run folder's path.
 
     Nothing in the folder is touched yet: the task checks its options against the data first,
@@ -138,6 +144,9 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     verbose : bool
     resume : bool
         Whether the run continues the folder's checkpoint (kept for the tasks' one call shape).
+    whole : bool
+        Every sample of a dataset without its own test split as the train split
+        (:func:`load_task_data`).
 
     Returns
     -------
@@ -147,7 +156,7 @@ def begin(config: TaskConfig, out: str | Path | None, verbose: bool, resume: boo
     from beyond_icon.distributed import is_main
 
     device = start(config)
-    dataset = load_task_data(config)
+    dataset = load_task_data(config, whole)
     out = prepare_run_dir(out)
     verbose = verbose and is_main()
     if verbose:
@@ -274,12 +283,16 @@ def peak_gpu_memory(device: Any) -> dict:
     return {"peak_gpu_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20}
 
 
-def load_task_data(config: Any) -> Dataset:
+def load_task_data(config: Any, whole: bool = False) -> Dataset:
     """The dataset named by ``config.data``, cut to ``n_train`` / ``n_test`` if set.
 
     Parameters
     ----------
     config : TaskConfig
+    whole : bool
+        For a dataset without a test split of its own (split 75/25 here): every sample as
+        the train split, in the source's order (:meth:`Dataset.whole`), ``n_train`` a subset
+        of all of them and ``n_test`` refused. A dataset with its own test split keeps it.
 
     Returns
     -------
@@ -292,6 +305,13 @@ def load_task_data(config: Any) -> Dataset:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer (or unset), got {value!r}")
     dataset = data_registry.load(config.data, data_dir=config.data_dir, download=config.download)
+    if whole and not dataset.has_test_split:
+        if config.n_test is not None:
+            raise ValueError(
+                f"n_test does not apply: {dataset.name} has no test split of its own, so "
+                f"every point is used; leave n_test unset (n_train takes a subset of all points)"
+            )
+        dataset = dataset.whole()
     for name, split in (("n_train", dataset.x_train), ("n_test", dataset.x_test)):
         asked = getattr(config, name)
         if asked is not None and asked > len(split):
