@@ -129,6 +129,16 @@ def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatc
     np.testing.assert_allclose(resumed.embedding_, whole.embedding_, rtol=1e-5, atol=1e-5)
 
 
+def test_resume_on_other_points_is_refused(digits, tmp_path):
+    """The checkpoint keeps a fingerprint of X: resuming on other points of the same shape is
+    refused by name, not continued on an affinity fitted to different data."""
+    params = {**FAST, "n_steps": 6}
+    ParametricSNE(**params).fit(digits.x_train, out_dir=tmp_path)
+    other = digits.x_train[::-1].copy()
+    with pytest.raises(ValueError, match="data_fingerprint: '300x1x8x8 uint8 #"):
+        ParametricSNE(**{**params, "n_steps": 12}).fit(other, out_dir=tmp_path, resume=True)
+
+
 def test_batch_affinity_is_the_papers_per_batch_p(digits):
     est = ParametricSNE(affinity="batch", **FAST).fit(digits.x_train)
     assert est.affinity_ is None and len(est.history_) == 6

@@ -24,7 +24,7 @@ from beyond_icon import divergences
 from beyond_icon import models as _models
 from beyond_icon._validation import check_positive, is_int, is_real
 from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
-from beyond_icon.data import as_float
+from beyond_icon.data import as_float, fingerprint
 from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import MLP, CellMLP, Standardize, build_backbone
 from beyond_icon.sampling import NeighborBatchSampler
@@ -838,7 +838,7 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
                 for k, v in self.get_params().items()
                 if k not in ("verbose", "cache_dir", "device", "amp")
             }
-            | {"n_samples": n, "recipe": RECIPE},
+            | {"n_samples": n, "recipe": RECIPE, "data_fingerprint": fingerprint(x)},
         )
         self.n_steps_ = len(self.history_)
         self.embedding_ = self.transform(x)

@@ -295,6 +295,11 @@ LEGACY_SETTINGS = {
 }
 
 
+#: Keys of a run's identity that an earlier version did not record: a run saved without one
+#: is not refused for it (its value then is unknown, not different).
+UNRECORDED_SETTINGS = ("data_fingerprint",)
+
+
 def remove_earlier_run(out: Path) -> list[Path]:
     """Remove an earlier run's ``checkpoint.pt`` and ``metrics.json`` from ``out`` for a new run
     (no resume): the first would be overwritten at the first save, the second says "finished",
@@ -339,6 +344,8 @@ def setting_differences(saved: dict, now: dict, ignore: tuple[str, ...] = ()) ->
         f"{k}: {saved.get(k)!r} there, {now.get(k)!r} now"
         for k in keys
         if k not in ignore
+        # a run saved before its data were fingerprinted: its data cannot be told apart
+        and not (k in UNRECORDED_SETTINGS and k not in saved)
         and saved.get(k) != now.get(k)
         # a data path given relative one time and absolute the other is the same data
         and not (k == "data" and same_spec(saved.get(k), now.get(k)))

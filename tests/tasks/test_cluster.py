@@ -366,3 +366,32 @@ def test_data_without_a_test_split_is_clustered_whole_in_its_order(tmp_path):
     assert len(part.assignments) == 50 and np.array_equal(saved["labels"], y[saved["rows"]])
     with pytest.raises(ValueError, match="n_test does not apply: gmm has no test split"):
         cluster.run(cluster.ClusterConfig(**base, n_test=10), verbose=False)
+
+
+def test_resume_on_other_data_under_the_same_spec_is_refused(tmp_path, capsys):
+    """The checkpoint holds a fingerprint of the data: a file overwritten with other points
+    (the same shape, or other widths) is refused on --resume with one line, not resumed on
+    the old statistics or stopped by a state-dict size mismatch."""
+    path = _mixture(tmp_path, k=4, n=40)
+    out = str(tmp_path / "run")
+    args = ["cluster", "--data", f"embeddings:{path}", "--n-steps", "5", "--batch-size", "64"]
+    fast = [*args, "--kmeans-init", "0", "--n-heads", "2", "--device", "cpu", "--out", out]
+    assert main([*fast, "--quiet"]) == 0
+    assert main([*fast, "--quiet", "--resume", "--n-steps", "10"]) == 0  # the same data
+    original = dict(np.load(path))
+    rng = np.random.default_rng(1)
+    for width in (8, 5):
+        y = np.repeat(np.arange(4), 40)
+        np.savez(path, x=rng.normal(size=(160, width)).astype(np.float32), y=y)
+        capsys.readouterr()
+        assert main([*fast, "--quiet", "--resume", "--n-steps", "15"]) == 2
+        err = capsys.readouterr().err
+        assert "data_fingerprint: '160x8 float32" in err and err.count("\n") == 1, err
+    # a checkpoint written before the fingerprint was kept resumes as before
+    from beyond_icon import train
+
+    checkpoint = torch.load(tmp_path / "run" / train.CHECKPOINT, weights_only=False)
+    del checkpoint["identity"]["data_fingerprint"]
+    torch.save(checkpoint, tmp_path / "run" / train.CHECKPOINT)
+    np.savez(path, **original)
+    assert main([*fast, "--quiet", "--resume", "--n-steps", "15"]) == 0

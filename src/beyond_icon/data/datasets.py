@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from beyond_icon.data.idx import read_idx
 
-__all__ = ["DATA_ENV", "Dataset", "load", "spec_names"]
+__all__ = ["DATA_ENV", "Dataset", "fingerprint", "load", "spec_names"]
 
 DATA_ENV = "BEYOND_ICON_DATA"
 SPLIT_SEED = 0  # fixed: every run of every task sees the same split
@@ -114,6 +114,10 @@ class Dataset:
             test_rows=take(self.test_rows, keep_test),
         )
 
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of both splits (arrays and labels)."""
+        return fingerprint(self.x_train, self.y_train, self.x_test, self.y_test)
+
     def whole(self) -> Dataset:
         """Every sample as the train split, with an empty test split: for a dataset whose split
         was made here (``has_test_split`` False), in the source's row order where it is known
@@ -159,6 +163,37 @@ def as_float(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint8:  # one pass, no float32 temporary (the same values as astype / 255)
         return np.divide(x, np.float32(255.0), dtype=np.float32)
     return x.astype(np.float32, copy=False)
+
+
+FINGERPRINT_ROWS = 1024
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """A short description and hash of ``arrays`` (a run's data), to tell the data a run was
+    trained on from other data under the same name: each array's shape and dtype, and a SHA-1
+    of every label-sized array (1-D) and of ``FINGERPRINT_ROWS`` evenly spaced rows of the
+    others (a memory-mapped table is not read whole).
+
+    Parameters
+    ----------
+    *arrays : arrays
+        E.g. ``x_train, y_train, x_test, y_test``.
+
+    Returns
+    -------
+    str
+        ``"60000x784 uint8, 60000 int64, ... #1a2b3c4d5e6f"``.
+    """
+    digest = hashlib.sha1()
+    shapes = []
+    for array in arrays:
+        array = np.asarray(array) if not isinstance(array, np.ndarray) else array
+        shapes.append("x".join(map(str, array.shape)) + f" {array.dtype}")
+        digest.update(shapes[-1].encode())
+        if array.ndim > 1 and len(array) > FINGERPRINT_ROWS:
+            array = array[np.linspace(0, len(array) - 1, FINGERPRINT_ROWS).astype(np.int64)]
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return f"{', '.join(shapes)} #{digest.hexdigest()[:12]}"
 
 
 def _stratified_take(y, n, seed):

@@ -375,7 +375,7 @@ class _HeadTrainer:
             for t, s in zip(self.teacher.parameters(), self.model.parameters()):
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
-    def fit(self, out: Path | None, resume: bool, verbose: bool) -> list[dict]:
+    def fit(self, out: Path | None, resume: bool, verbose: bool, run_identity: dict) -> list[dict]:
         config = self.config
         n_steps = config.n_steps or max(2000, math.ceil(30 * self.n / self.batch))
         train_config = TrainConfig(
@@ -401,7 +401,7 @@ class _HeadTrainer:
             after_step=self.ema_update,
             desc=f"cluster[{config.divergence if config.loss == 'icon' else 'pmi'}]",
             verbose=verbose,
-            identity=identity(config),
+            identity=run_identity,
         )
 
     def best_head(self) -> int:
@@ -581,7 +581,7 @@ def run(
     standardize = Standardize.fit_rows(train_x)
     neighbors, from_cache, mining_time = _mine(config, train_x, device, verbose)
     trainer = _HeadTrainer(config, train_x, neighbors, standardize, k, device)
-    history = trainer.fit(out, resume, verbose)
+    history = trainer.fit(out, resume, verbose, identity(config, dataset))
     if not is_main():  # the other ranks helped train; rank 0 evaluates and writes
         return ClusterResult({}, np.zeros(0, dtype=np.int64), history)
     on_test = dataset.has_test_split

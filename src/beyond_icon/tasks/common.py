@@ -104,12 +104,15 @@ class TaskConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
-def identity(config: TaskConfig) -> dict:
-    """The settings that define a run (stored in its checkpoint, checked on resume).
+def identity(config: TaskConfig, dataset: Dataset | None = None) -> dict:
+    """The settings that define a run (stored in its checkpoint, checked on resume), and with
+    ``dataset`` the data's :meth:`~beyond_icon.data.Dataset.fingerprint`, so that a resume on
+    other data under the same spec (a file overwritten) is refused.
 
     Parameters
     ----------
     config : TaskConfig
+    dataset : Dataset, optional
 
     Returns
     -------
@@ -117,7 +120,8 @@ def identity(config: TaskConfig) -> dict:
     """
     values = dataclasses.asdict(config)
     kept = {k: v for k, v in values.items() if k not in config.not_identity}
-    return kept | {"task": config.task} | _recipe(config)
+    data = {} if dataset is None else {"data_fingerprint": dataset.fingerprint()}
+    return kept | {"task": config.task} | _recipe(config) | data
 
 
 def _recipe(config: TaskConfig) -> dict:

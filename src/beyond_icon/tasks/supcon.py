@@ -217,7 +217,7 @@ def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bo
             resume=resume,
             desc=f"supcon[{config.divergence}]",
             verbose=verbose,
-            identity=identity(config),
+            identity=identity(config, dataset),
         )
     return model, history
 
