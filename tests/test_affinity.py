@@ -194,6 +194,11 @@ def test_cache_is_reused_and_a_corrupt_one_rebuilt(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="perplexity 50 needs more"):
         PerplexityAffinity(perplexity=50.0, cache_dir=tmp_path).fit(_points(40))
+    # too few points, or more neighbours than there are other points: named for what they are
+    with pytest.raises(ValueError, match="needs at least 2 points, got 1"):
+        PerplexityAffinity(perplexity=1.0, cache_dir=tmp_path).fit(_points(1))
+    with pytest.raises(ValueError, match=r"n_neighbors = 40 needs more than 40 points, got 30"):
+        PerplexityAffinity(perplexity=3.0, cache_dir=tmp_path, n_neighbors=40).fit(_points(30))
     with pytest.raises(RuntimeError, match="not fitted"):
         PerplexityAffinity().get_batch(np.arange(3))
     fitted = PerplexityAffinity(perplexity=3.0, cache_dir=tmp_path, n_neighbors=9).fit(_points(30))

@@ -104,8 +104,11 @@ def test_validation_errors(rng):
 def test_overflow_is_reported_not_returned():
     log_p = torch.log(torch.tensor([[0.5, 0.5]]))
     log_q = torch.tensor([[0.0, -200.0]])  # q = (1, 1e-87): chi2 ~ 1e86 > float32 max
-    with pytest.raises(ValueError, match="overflowed torch.float32"):
+    with pytest.raises(ValueError, match="overflowed torch.float32") as info:
         bi.icon_loss(log_p, log_q, "chi2")
+    # the message names the usual cause and the remedies a CLI user has
+    assert "kernel scale (sigma, dof, temperature)" in str(info.value)
+    assert "bounded divergence" in str(info.value)
     assert math.isfinite(float(bi.icon_loss(log_p.double(), log_q.double(), "chi2")))
 
 

@@ -269,11 +269,21 @@ def test_supcon_all_singletons_single_view_is_an_error_two_views_are_fine():
         (lambda: methods.SupCon("nonsense"), "unknown divergence"),
         (lambda: methods.SimCLR()(torch.randn(4, 3), torch.randn(5, 3)), "must match"),
         (lambda: methods.ClusterLoss(debias_side="x"), "debias_side"),
+        # at debias 1 the debiased side is uniform: the loss is constant or trains to nothing
+        (lambda: methods.SupCon(debias=1.0), r"debias must be a number in \[0, 1\)"),
+        (lambda: methods.SupCon(debias=-0.1), r"debias must be a number in \[0, 1\)"),
+        (lambda: methods.SupCon(debias="0.1"), r"debias must be a number in \[0, 1\)"),
+        (lambda: methods.ClusterLoss(debias=1.0), r"debias must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_supcon_names_a_features_argument_that_is_not_a_tensor():
+    with pytest.raises(TypeError, match="z must be a torch.Tensor, got ndarray"):
+        methods.SupCon()(np.zeros((4, 3), dtype=np.float32), torch.tensor([0, 1, 0, 1]))
 
 
 # --------------------------------------------------------------------------------------------

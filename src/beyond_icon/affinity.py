@@ -197,6 +197,13 @@ class PerplexityAffinity:
             raise ValueError(
                 f"n_neighbors must be a positive integer or None, got {self.n_neighbors!r}"
             )
+        if n < 2:
+            raise ValueError(f"a perplexity affinity needs at least 2 points, got {n}")
+        if self.n_neighbors is not None and self.n_neighbors > n - 1:
+            raise ValueError(
+                f"n_neighbors = {self.n_neighbors} needs more than {self.n_neighbors} points, "
+                f"got {n}: at most n - 1 = {n - 1}"
+            )
         k = self.n_neighbors or min(n - 1, int(math.ceil(3 * self.perplexity)))
         if not self.perplexity <= k <= n - 1:
             raise ValueError(

@@ -372,8 +372,9 @@ def icon_loss(
             )
         raise ValueError(
             f"the '{div.name}' loss overflowed {loss.dtype} (value {float(loss.detach())}): q gives "
-            "some neighbour a tiny probability that p does not. Debias q, compute in float64, "
-            "or use a bounded divergence ('tv', 'jsd', 'hellinger')"
+            "some neighbour a tiny probability that p does not, e.g. under a kernel scale "
+            "(sigma, dof, temperature) too small for the distances; raise it, use a bounded "
+            "divergence ('tv', 'jsd', 'hellinger'), or (in Python) debias q or compute in float64"
         )
     if return_stats:
         return loss, LossStats(n_rows=count, n_empty=n - count)

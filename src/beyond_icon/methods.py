@@ -21,6 +21,7 @@ from beyond_icon._validation import (
     check_features,
     check_labels,
     check_positive,
+    check_tensor,
     checking_values,
     is_int,
     is_real,
@@ -115,6 +116,17 @@ def _unique_ids(ids: Tensor) -> Tensor:
     """Make per-rank ids (pair or sample indices) globally unique: id * world + rank."""
     rank, world_size = world()
     return ids * world_size + rank
+
+
+def _check_debias(debias: object) -> float:
+    """``debias`` as a float in [0, 1): at 1 the mixed distribution is uniform and carries
+    nothing of the data (the loss is constant, or trains towards uniform p)."""
+    if not is_real(debias) or not 0 <= debias < 1:
+        raise ValueError(
+            f"debias must be a number in [0, 1), got {debias!r} (at 1 the debiased side is "
+            "uniform and carries nothing of the data)"
+        )
+    return float(debias)
 
 
 def _debiased(
@@ -422,7 +434,7 @@ class SupCon(IConLoss):
         self.temperature = check_positive(temperature, "temperature")
         self.sigma = check_positive(sigma, "sigma")
         self.normalize = normalize
-        self.debias = debias
+        self.debias = _check_debias(debias)
 
     def log_q(self, z: Tensor, rows: slice) -> Tensor:
         if self.metric == "cosine":
@@ -432,6 +444,7 @@ class SupCon(IConLoss):
         return kernels.gaussian(z, self.sigma, rows=rows)
 
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        check_tensor(z, "z")
         if z.dim() == 3:
             n, n_views, d = z.shape
             check_labels(labels, "labels", n=n)
@@ -560,8 +573,7 @@ class ClusterLoss(IConLoss):
         super().__init__(divergence, chunk_size)
         if debias_side not in _SIDES:
             raise ValueError(f"debias_side must be one of {_SIDES}, got {debias_side!r}")
-        if not is_real(debias) or not 0 <= debias <= 1:
-            raise ValueError(f"debias must be a number in [0, 1], got {debias!r}")
+        _check_debias(debias)
         if not is_int(propagate_steps) or propagate_steps < 1:
             raise ValueError(f"propagate_steps must be an integer >= 1, got {propagate_steps!r}")
         if not is_int(n_neighbors) or n_neighbors < 1:

@@ -105,7 +105,7 @@ class ClusterConfig(TaskConfig):
         None, "k of the batch's k-NN graph that neighbor_mix spreads p over (default: n_neighbors)"
     )
     propagate_steps: int = option(1, "k-NN walk length for p (1 = no walk)")
-    debias: float = option(0.0, "mix with uniform, alpha in [0, 1]")
+    debias: float = option(0.0, "mix with uniform, alpha in [0, 1)")
     debias_side: str = option("p", "p, q or both")
     exclude_self: bool = option(False, "drop j = i from q, as p does (consistent self-pairs)")
     same_sample_positive: bool = option(
