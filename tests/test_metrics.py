@@ -77,3 +77,50 @@ def test_trustworthiness_checks_k_and_lengths():
         metrics.trustworthiness(x, x[:, :2], k=0)
     with pytest.raises(ValueError, match="20 input points but 10 embedded"):
         metrics.trustworthiness(x, x[:10, :2])
+
+
+def test_knn_accuracy_checks_its_inputs():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 4))
+    y = (x[:, 0] > 0).astype(int)
+    assert metrics.knn_accuracy(x, y, x, y, k=1) == 1.0
+    for kwargs, message in (
+        (dict(test_x=x[:, :3]), "train_x has 4 features per row but test_x has 3"),
+        (dict(test_y=y[:20]), r"test_x must have one row per label \(20\)"),
+        (dict(test_x=x[:0], test_y=y[:0]), "test_y must be a non-empty"),
+        (dict(train_x=x * np.inf), "train_x contains NaN or Inf"),
+        (dict(train_y=y + 0.5), "train_y must be integer ids"),
+        (dict(k=0), "k must be a positive integer"),
+        (dict(metric="manhattan"), "metric must be 'euclidean' or 'cosine'"),
+    ):
+        args = dict(train_x=x, train_y=y, test_x=x, test_y=y) | kwargs
+        with pytest.raises(ValueError, match=message):
+            metrics.knn_accuracy(**args)
+
+
+def test_linear_probe_names_a_feature_count_mismatch():
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    with pytest.raises(ValueError, match="train_x has 3 features per row but test_x has 2"):
+        metrics.linear_probe_accuracy(x, y, x[:, :2], y, epochs=1)
+
+
+@pytest.mark.parametrize("score", [metrics.nmi, metrics.adjusted_rand])
+def test_partition_scores_refuse_empty_mismatched_or_non_integer_ids(score):
+    y = np.array([0, 0, 1, 1])
+    assert score(y, np.array([5, 5, -1, -1])) == 1.0  # any integer ids
+    with pytest.raises(ValueError, match="labels must be a non-empty 1-D array"):
+        score(np.array([], dtype=int), np.array([], dtype=int))
+    with pytest.raises(ValueError, match="4 labels but 3 cluster assignments"):
+        score(y, y[:3])
+    with pytest.raises(ValueError, match="clusters must be integer ids"):
+        score(y, y + 0.5)
+
+
+def test_cluster_size_entropy_refuses_non_integer_ids():
+    with pytest.raises(ValueError, match="clusters must be integer ids"):
+        metrics.cluster_size_entropy(np.array([0.2, 1.7, 1.0]), 2)
+    with pytest.raises(ValueError, match="clusters must be a non-empty"):
+        metrics.cluster_size_entropy(np.array([], dtype=int), 2)
+    with pytest.raises(ValueError, match="n_clusters must be an integer >= 2"):
+        metrics.cluster_size_entropy(np.array([0, 1]), 2.5)

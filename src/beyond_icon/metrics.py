@@ -47,11 +47,40 @@ def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 5, metric: str = "eu
     -------
     float
     """
-    train_x, test_x = _np(train_x).reshape(len(train_x), -1), _np(test_x).reshape(len(test_x), -1)
+    if not (is_int(k) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if metric not in ("euclidean", "cosine"):
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    train_y, test_y = _ids(train_y, "train_y"), _ids(test_y, "test_y")
+    train_x, test_x = _labelled_features(train_x, train_y, test_x, test_y)
     k = min(k, len(train_x))
     model = KNeighborsClassifier(n_neighbors=k, metric=metric, algorithm="brute", n_jobs=-1)
-    model.fit(train_x, _np(train_y))
-    return float((model.predict(test_x) == _np(test_y)).mean())
+    model.fit(train_x, train_y)
+    return float((model.predict(test_x) == test_y).mean())
+
+
+def _labelled_features(
+    train_x, train_y: np.ndarray, test_x, test_y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test features flattened to (n, d), one row per label, finite, with the same
+    number of features."""
+    features = []
+    for name, x, y in (("train_x", train_x, train_y), ("test_x", test_x, test_y)):
+        x = _np(x)
+        x = x.reshape(len(x), -1) if x.ndim else x
+        if x.ndim != 2 or len(x) != len(y):
+            raise ValueError(f"{name} must have one row per label ({len(y)}), got shape {x.shape}")
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        features.append(x)
+    if features[0].shape[1] != features[1].shape[1]:
+        raise ValueError(
+            f"train_x has {features[0].shape[1]} features per row but test_x has "
+            f"{features[1].shape[1]}"
+        )
+    return features[0], features[1]
 
 
 def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int = 0) -> float:
@@ -147,9 +176,7 @@ def hungarian_accuracy(labels, clusters) -> float:
     Kuhn, H. W. (1955). The Hungarian method for the assignment problem. Naval Research
     Logistics Quarterly 2.
     """
-    labels, clusters = _ids(labels, "labels"), _ids(clusters, "clusters")
-    if labels.shape != clusters.shape:
-        raise ValueError(f"{len(labels)} labels but {len(clusters)} cluster assignments")
+    labels, clusters = _partitions(labels, clusters)
     # compact ids (any values, negative or large, e.g. -1 for noise): a (clusters, classes)
     # table of the ids that occur, not of the largest id
     label_ids, label_index = np.unique(labels, return_inverse=True)
@@ -173,6 +200,14 @@ def _ids(values, name: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _partitions(labels, clusters) -> tuple[np.ndarray, np.ndarray]:
+    """Classes and cluster assignments: integer ids, one of each per point."""
+    labels, clusters = _ids(labels, "labels"), _ids(clusters, "clusters")
+    if labels.shape != clusters.shape:
+        raise ValueError(f"{len(labels)} labels but {len(clusters)} cluster assignments")
+    return labels, clusters
+
+
 def cluster_size_entropy(clusters, n_clusters: int) -> float:
     """Normalised entropy of the cluster sizes, ``H(sizes / n) / log(n_clusters)``.
 
@@ -189,11 +224,9 @@ def cluster_size_entropy(clusters, n_clusters: int) -> float:
         1 for equal sizes, 0 when every point is in one cluster. A collapsed partition is the
         failure mode of cluster losses without a balancing term.
     """
-    clusters = _np(clusters).astype(np.int64).ravel()
-    if n_clusters < 2:
-        raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
-    if len(clusters) == 0:
-        raise ValueError("no points to measure")
+    if not (is_int(n_clusters) and n_clusters >= 2):
+        raise ValueError(f"n_clusters must be an integer >= 2, got {n_clusters!r}")
+    clusters = _ids(clusters, "clusters")
     if clusters.min() < 0 or clusters.max() >= n_clusters:
         raise ValueError(
             f"clusters must be in [0, {n_clusters}), got {clusters.min()}..{clusters.max()}"
@@ -223,7 +256,7 @@ def nmi(labels, clusters) -> float:
     ----------
     Strehl, A. and Ghosh, J. (2002). Cluster ensembles. JMLR 3.
     """
-    return float(sk_metrics.normalized_mutual_info_score(_np(labels), _np(clusters)))
+    return float(sk_metrics.normalized_mutual_info_score(*_partitions(labels, clusters)))
 
 
 def adjusted_rand(labels, clusters) -> float:
@@ -244,7 +277,7 @@ def adjusted_rand(labels, clusters) -> float:
     ----------
     Hubert, L. and Arabie, P. (1985). Comparing partitions. Journal of Classification 2.
     """
-    return float(sk_metrics.adjusted_rand_score(_np(labels), _np(clusters)))
+    return float(sk_metrics.adjusted_rand_score(*_partitions(labels, clusters)))
 
 
 def linear_probe_accuracy(
@@ -282,15 +315,10 @@ def linear_probe_accuracy(
     device = torch.device(device)
     y_train, y_test = _ids(train_y, "train_y"), _ids(test_y, "test_y")
     _, compact = np.unique(np.concatenate([y_train, y_test]), return_inverse=True)  # 0..C-1
-    features = []
-    for name, x, y in (("train_x", train_x, y_train), ("test_x", test_x, y_test)):
-        x = _np(x).reshape(len(_np(x)), -1) if np.ndim(_np(x)) else _np(x)
-        if x.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"{name} must have one row per label ({len(y)}), got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or Inf")
-        features.append(torch.as_tensor(x, dtype=torch.float32, device=device))
-    xtr, xte = features
+    xtr, xte = (
+        torch.as_tensor(x, dtype=torch.float32, device=device)
+        for x in _labelled_features(train_x, y_train, test_x, y_test)
+    )
     ytr = torch.as_tensor(compact[: len(y_train)], dtype=torch.long, device=device)
     yte = torch.as_tensor(compact[len(y_train) :], dtype=torch.long, device=device)
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
