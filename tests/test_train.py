@@ -341,3 +341,21 @@ def test_a_checkpoint_keeps_the_cuda_generator_slot_and_a_short_reason(tmp_path)
         _resume(tmp_path)
     assert "If you are seeing this error" not in str(info.value), str(info.value)
     assert str(info.value).endswith("delete it or run without --resume")
+
+
+def test_a_resume_without_a_checkpoint_is_said_even_when_quiet(tmp_path):
+    with pytest.warns(UserWarning, match="no checkpoint in .*starts from the beginning"):
+        history = _resume(tmp_path / "empty")
+    assert sorted({h["epoch"] for h in history}) == [0, 1]  # both epochs, from the start
+
+
+def test_a_cuda_device_is_named_as_requested(monkeypatch):
+    from beyond_icon.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda:5' was requested but no CUDA GPU"):
+        resolve_device("cuda:5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"'cuda:5' .* has 2 CUDA GPU\(s\): cuda:0 to cuda:1"):
+        resolve_device("cuda:5")

@@ -82,8 +82,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            "device 'cuda' was requested but no CUDA GPU is available; use --device cpu"
+            f"device '{device}' was requested but no CUDA GPU is available; use --device cpu"
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(
+                f"device '{device}' was requested but this machine has {count} CUDA GPU(s): "
+                f"cuda:0 to cuda:{count - 1}"
+            )
     return device
 
 
@@ -548,9 +555,13 @@ def fit(
     identity = _plain(identity) if identity is not None else None
     if resume and out is not None and (out / CHECKPOINT).is_file():
         loop.restore(out / CHECKPOINT, identity)
-    elif resume and loop.verbose:  # a mistyped --out, or a run stopped before its first save
+    elif resume and loop.rank == 0:  # a mistyped --out, or a run stopped before its first save
         where = f"in {out}" if out is not None else "(no run folder)"
-        tqdm.write(f"no checkpoint {where}: {desc} starts from the beginning")
+        notice = f"no checkpoint {where}: {desc} starts from the beginning"
+        if loop.verbose:
+            tqdm.write(notice)
+        else:  # --quiet hides progress, not a resume that did not happen
+            warnings.warn(notice, UserWarning, stacklevel=2)
     if not resume and out is not None and loop.rank == 0:
         stale = remove_earlier_run(out)
         if stale and loop.verbose:

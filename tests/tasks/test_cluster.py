@@ -180,6 +180,8 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
         ({"propagate_steps": 2, "neighbor_mix": 0.0}, "propagate_steps > 1 walks the k-NN graph"),
         ({"debias": 2.0}, "debias must be a number in [0, 1)"),
         ({"debias": 1.0}, "debias must be a number in [0, 1)"),
+        ({"loss": "pmi", "beta": 0.0}, "beta must be a positive finite number (loss=pmi)"),
+        ({"kmeans_init": -3}, "kmeans_init must be an integer >= 0 (0: no k-means baseline)"),
         ({"neighbor_mix": 0.5, "batch_neighbors": 512}, "batch_neighbors must be in [1, 511]"),
         ({"batch_neighbors": 20.0}, "batch_neighbors must be in [1, 511]"),
         ({"self_label_steps": -1}, "self_label_steps must be a non-negative integer"),
@@ -195,7 +197,7 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
-    config = cluster.ClusterConfig(data="simplex:4", kmeans_init=0, **options)
+    config = cluster.ClusterConfig(data="simplex:4", **{"kmeans_init": 0} | options)
     with pytest.raises(ValueError, match=re.escape(message)):
         cluster.run(config, verbose=False)
 
@@ -396,3 +398,9 @@ def test_resume_on_other_data_under_the_same_spec_is_refused(tmp_path, capsys):
     torch.save(checkpoint, tmp_path / "run" / train.CHECKPOINT)
     np.savez(path, **original)
     assert main([*fast, "--quiet", "--resume", "--n-steps", "15"]) == 0
+
+
+def test_beta_is_read_by_the_pmi_loss_alone():
+    """beta is TEMI's; the I-Con loss ignores it as the PMI loss ignores the divergence."""
+    config = cluster.ClusterConfig(data="simplex:3", kmeans_init=0, beta=0.0, n_steps=3)
+    assert 0 <= cluster.run(config, verbose=False).metrics["acc"] <= 1

@@ -151,3 +151,16 @@ def test_a_divergence_infinite_where_p_is_zero_needs_debias():
     config = supcon.SupConConfig(data="simplex:3", divergence="jeffreys", epochs=1)
     with pytest.raises(ValueError, match="'jeffreys' is infinite where p = 0 < q"):
         supcon.run(config, verbose=False)
+
+
+def test_options_that_cannot_apply_are_refused_in_one_line(tmp_path):
+    import pytest
+
+    for options, message in (
+        ({"flip": True}, "flip applies to grey images; simplex3 holds vectors of 2 features"),
+        ({"debias": 1.0}, r"debias must be a number in \[0, 1\)"),
+    ):
+        config = supcon.SupConConfig(data="simplex:3", epochs=1, **options)
+        with pytest.raises(ValueError, match=message):
+            supcon.run(config, out=tmp_path / "run", verbose=False)
+        assert not (tmp_path / "run" / "config.yaml").exists()  # refused before the claim

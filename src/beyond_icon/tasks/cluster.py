@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from beyond_icon import metrics, report
+from beyond_icon._validation import is_real
 from beyond_icon.data import as_float
 from beyond_icon.distributed import all_reduce_sum, is_main, world
 from beyond_icon.methods import PMI, ClusterLoss
@@ -218,6 +219,13 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         )
     if config.loss == "pmi" and config.n_positives != 1:
         raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
+    if config.loss == "pmi" and not (is_real(config.beta) and 0 < config.beta < math.inf):
+        raise ValueError(f"beta must be a positive finite number (loss=pmi), got {config.beta!r}")
+    if not (isinstance(config.kmeans_init, int) and config.kmeans_init >= 0):
+        raise ValueError(
+            "kmeans_init must be an integer >= 0 (0: no k-means baseline), "
+            f"got {config.kmeans_init!r}"
+        )
     points = _batch_points(config, n_train)
     if config.batch_neighbors is not None and (
         isinstance(config.batch_neighbors, bool)
@@ -307,7 +315,10 @@ class _HeadTrainer:
             else None
         )
         self.icon = _icon_loss(config, len(train_x))
-        self.pmi = nn.ModuleList(PMI(k, beta=config.beta) for _ in range(config.n_heads)).to(device)
+        # beta is read by loss=pmi alone (like divergence by loss=icon); the modules exist
+        # either way, so that both losses keep the same checkpoint layout
+        beta = {"beta": config.beta} if config.loss == "pmi" else {}
+        self.pmi = nn.ModuleList(PMI(k, **beta) for _ in range(config.n_heads)).to(device)
         # a memory-mapped table is read a batch at a time; anything else is held on the device
         self.x = train_x if isinstance(train_x, np.memmap) else torch.as_tensor(train_x).to(device)
         self.knn = torch.as_tensor(neighbors)

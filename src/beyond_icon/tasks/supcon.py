@@ -145,6 +145,11 @@ def embed(
 
 def _augmentation(dataset: Dataset, config: SupConConfig, device: torch.device) -> Augment:
     augment = Augment.for_shape(dataset.input_shape, flip=config.flip)
+    if config.flip and augment.kind == "vector":
+        raise ValueError(
+            f"flip applies to grey images; {dataset.name} holds vectors of "
+            f"{dataset.input_shape[0]} features (augmented by Gaussian noise): drop --flip"
+        )
     if augment.kind == "vector":  # noise relative to each feature's spread
         spread = torch.as_tensor(as_float(dataset.x_train)).std(0).to(device)
         augment.noise = 0.1 * spread
