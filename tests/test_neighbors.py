@@ -116,6 +116,25 @@ def test_ties_resolve_to_the_lowest_indices_whatever_k():
         assert list(wide[0, :2]) == [40, 50]
 
 
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_ties_wider_than_the_margin_still_go_to_the_lowest_indices(metric):
+    """150 copies of each of three points: each copy's k-th neighbour is tied with far more
+    than TIE_MARGIN others. The table for k is the first k columns of a larger one (what the
+    cache reuses) and holds the lowest-index copies."""
+    rng = np.random.default_rng(0)
+    copies = np.repeat(rng.normal(size=(3, 4)), 150, axis=0)
+    x = np.concatenate([copies, rng.normal(size=(40, 4))]).astype(np.float32)
+    order = rng.permutation(len(x))
+    x = x[order]
+    wide = mine_neighbors(x, 60, metric=metric, key_block=128)
+    for k in (1, 5, 20):
+        narrow = mine_neighbors(x, k, metric=metric, key_block=128)
+        assert np.array_equal(narrow, wide[:, :k]), k
+    group = np.flatnonzero(order < 150)  # the rows that are copies of the first point
+    first = group[0]
+    assert list(wide[first, :5]) == list(group[1:6])
+
+
 def test_cache_prefers_the_exact_k_then_the_smallest_larger(tmp_path):
     """A lookup takes the table for exactly k when it exists, else the smallest larger one, in
     numeric order (as text, "k10" sorts before "k9")."""
@@ -154,3 +173,26 @@ def test_queries_must_be_a_contiguous_forward_slice(queries):
         mine_neighbors(x, 2, queries=queries)
     # an empty share (a rank of a sharded search over fewer points than ranks) is a (0, k) table
     assert mine_neighbors(x, 2, queries=slice(3, 3)).shape == (0, 2)
+
+
+def test_an_approximate_table_is_reused_for_its_own_k_only(tmp_path):
+    """An approximate search for a larger k is not the search for k: reusing it would make a
+    run's neighbours depend on the runs before it."""
+    from beyond_icon.neighbors import _lookup, _store
+
+    indices = np.tile(np.arange(1, 11), (12, 1)) % 12
+    values = np.ones((12, 10), dtype=np.float32)
+    for key in ("knn-v2-abc-cosine-approx", "knn-v2-abc-cosine"):
+        _store(tmp_path, key, 10, indices, values)
+        assert _lookup(tmp_path, key, 12, 10) is not None
+    assert _lookup(tmp_path, "knn-v2-abc-cosine-approx", 12, 5) is None
+    assert _lookup(tmp_path, "knn-v2-abc-cosine", 12, 5)[0].shape == (12, 5)
+
+
+def test_tables_cached_before_ties_were_ordered_are_not_read(tmp_path):
+    x = np.random.default_rng(2).normal(size=(30, 3)).astype(np.float32)
+    indices, values, cached = cached_neighbor_table(x, 4, tmp_path)
+    assert not cached
+    (path,) = tmp_path.glob("knn-v2-*.npz")
+    path.rename(tmp_path / path.name.replace("knn-v2-", "knn-"))  # the old name
+    assert not cached_neighbor_table(x, 4, tmp_path)[2]

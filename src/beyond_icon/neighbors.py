@@ -31,7 +31,8 @@ METHODS = ("auto", "exact", "nndescent")
 EXACT_LIMIT = 200_000
 TIE_MARGIN = 16
 """Extra candidates per block of the exact search, so that ties at the k-th neighbour (duplicate
-points) resolve to the lowest indices whatever k is (up to this many tied points)."""
+points) resolve to the lowest indices whatever k is; a row tied beyond it is searched again over
+its whole tie (:func:`_widen_ties`)."""
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,8 @@ def mine_neighbors(
             # the merge below orders them (topk alone on a 4,096 x 60k block of random data: 0.36 ->
             # 0.26 s; the whole search of Fashion-MNIST 60k, k = 90: 12 -> 11 s)
             top_sim, top_pos = sims.topk(min(k + TIE_MARGIN, len(block)), dim=1, sorted=False)
+            if top_sim.shape[1] < len(block):
+                _widen_ties(sims, top_sim, top_pos, k)
             merged_sim = torch.cat([best_sim, top_sim], dim=1)
             merged_idx = torch.cat([best_idx, cols[top_pos]], dim=1)
             # higher similarity first, ties by lower index: a table for k is the first k
@@ -186,6 +189,19 @@ def mine_neighbors(
     if return_distances:
         return out.numpy(), out_values.numpy()
     return out.numpy()
+
+
+def _widen_ties(sims: torch.Tensor, top_sim: torch.Tensor, top_pos: torch.Tensor, k: int) -> None:
+    """Rows whose k-th similarity is tied with more columns than the margin holds (many
+    duplicates) get, in place, their candidates by (similarity, then lowest index): without it
+    ``topk`` keeps an arbitrary subset of the tie, and a table for k would differ from the first
+    k columns of a table for a larger k (which the cache reuses)."""
+    kth = top_sim.topk(min(k, top_sim.shape[1]), dim=1).values[:, -1]
+    for r in (top_sim.min(dim=1).values == kth).nonzero().flatten().tolist():
+        candidates = (sims[r] >= kth[r]).nonzero().flatten()  # in index order
+        values = sims[r, candidates]
+        keep = values.argsort(descending=True, stable=True)[: top_pos.shape[1]]
+        top_pos[r], top_sim[r] = candidates[keep], values[keep]
 
 
 def _nndescent(x: np.ndarray, k: int, metric: str, seed: int, verbose: bool):
@@ -279,8 +295,8 @@ def cached_neighbor_table(
         Neighbours per point.
     cache_dir : path, optional
         Where the table is cached (default ``~/.cache/beyond-icon``); the file is
-        ``knn-<fingerprint>-<metric>-k<k>.npz``. A cached table for a larger ``k`` is reused
-        by truncation. A read-only place is tolerated: the table is returned uncached.
+        ``knn-v2-<fingerprint>-<metric>-k<k>.npz``. A cached exact table for a larger ``k`` is
+        reused by truncation (ties are ordered by index, so it is the table for ``k``). A read-only place is tolerated: the table is returned uncached.
     metric : {"cosine", "euclidean"}
         See :func:`mine_neighbors`.
     method : {"auto", "exact", "nndescent"}
@@ -305,7 +321,9 @@ def cached_neighbor_table(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     method = resolve_method(method, n, device)
     cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "beyond-icon"
-    key = f"knn-{_fingerprint(x)}-{metric}{'-approx' if method == 'nndescent' else ''}"
+    # v2: exact tables order ties by index (see _widen_ties), so a larger table cut to k is the
+    # table for k; tables from before may not be, and are not read
+    key = f"knn-v2-{_fingerprint(x)}-{metric}{'-approx' if method == 'nndescent' else ''}"
     from beyond_icon.distributed import world
 
     rank, world_size = world()
@@ -325,11 +343,15 @@ def cached_neighbor_table(
 
 
 def _lookup(cache: Path, key: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached table for exactly ``k``, else the smallest larger one cut to ``k``."""
+    """The cached table for exactly ``k``, else (exact tables) the smallest larger one cut to
+    ``k``. An approximate table for a larger k is not the search for k, so it is not reused:
+    a run's neighbours do not depend on which runs came before it."""
     stored = []
     for found in cache.glob(f"{key}-k*.npz") if cache.is_dir() else []:
         stored_k = found.name[len(key) + 2 : -len(".npz")]
-        if stored_k.isdigit() and int(stored_k) >= k:
+        if not stored_k.isdigit():
+            continue
+        if int(stored_k) == k or (int(stored_k) > k and not key.endswith("-approx")):
             stored.append((int(stored_k), found))
     for _, found in sorted(stored):  # numerically: "k100" sorted before "k50" as text
         table = _load_table(found, n, k)
