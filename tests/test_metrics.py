@@ -86,7 +86,10 @@ def test_knn_accuracy_checks_its_inputs():
     assert metrics.knn_accuracy(x, y, x, y, k=1) == 1.0
     for kwargs, message in (
         (dict(test_x=x[:, :3]), "train_x has 4 features per row but test_x has 3"),
-        (dict(test_y=y[:20]), r"test_x must have one row per label \(20\)"),
+        (dict(test_y=y[:20]), r"test_x must have one row of features per label \(20\)"),
+        (dict(train_x=x[:0]), r"train_x must have one row of features per label \(30\)"),
+        (dict(train_x=x[:, :0]), r"train_x must have one row of features per label"),
+        (dict(train_x=np.zeros(())), r"train_x must have one row of features per label"),
         (dict(test_x=x[:0], test_y=y[:0]), "test_y must be a non-empty"),
         (dict(train_x=x * np.inf), "train_x contains NaN or Inf"),
         (dict(train_y=y + 0.5), "train_y must be integer ids"),

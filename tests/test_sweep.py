@@ -660,3 +660,15 @@ def test_damaged_sne_run_files_are_named(tmp_path, capsys, name):
     err = capsys.readouterr().err
     assert f"{path} is damaged" in err and "rerun the sweep to redo that run" in err, err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_cluster_run_scored_on_the_75_percent_split_is_not_mixed_with_whole_data_runs(tmp_path):
+    """Cluster recipe 2 clusters data without a test split whole; a run written before it
+    (no recipe in its config.yaml: recipe 1, its 75% train split) is refused by name."""
+    options = {"data": "simplex:3", "n_steps": 2, "kmeans_init": 0}
+    specs = sweep.plan("cluster", ["kl"], [0], options, tmp_path / "s")
+    assert sweep.run_sweep(specs, verbose=False) == []
+    _written_before(specs[0], "recipe")
+    with pytest.raises(sweep.SettingsChanged, match="recipe: 1 there, 2 now") as error:
+        sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
+    assert error.value.keys == ["recipe"] and "an earlier recipe" in str(error.value)

@@ -67,9 +67,12 @@ def _labelled_features(
     features = []
     for name, x, y in (("train_x", train_x, train_y), ("test_x", test_x, test_y)):
         x = _np(x)
-        x = x.reshape(len(x), -1) if x.ndim else x
-        if x.ndim != 2 or len(x) != len(y):
-            raise ValueError(f"{name} must have one row per label ({len(y)}), got shape {x.shape}")
+        x = x[:, None] if x.ndim == 1 else x  # one feature per point
+        if x.ndim < 2 or len(x) != len(y) or not np.prod(x.shape[1:]):
+            raise ValueError(
+                f"{name} must have one row of features per label ({len(y)}), got shape {x.shape}"
+            )
+        x = x.reshape(len(x), -1)
         if x.dtype.kind not in "fiu":
             raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
         if not np.isfinite(x).all():

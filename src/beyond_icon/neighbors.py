@@ -94,8 +94,8 @@ def mine_neighbors(
     Returns
     -------
     indices : (n, k) int64 array
-        Self matches are excluded; ties across blocks go to the lower index (within a block
-        ``topk`` does not promise an order among exact ties, e.g. duplicate points).
+        Self matches are excluded; exact ties (duplicate points) go to the lower index, so
+        the table for k is the first k columns of the table for any larger k.
     values : (n, k) float32 array
         Only with ``return_distances``.
     """
@@ -195,13 +195,13 @@ def _widen_ties(sims: torch.Tensor, top_sim: torch.Tensor, top_pos: torch.Tensor
     """Rows whose k-th similarity is tied with more columns than the margin holds (many
     duplicates) get, in place, their candidates by (similarity, then lowest index): without it
     ``topk`` keeps an arbitrary subset of the tie, and a table for k would differ from the first
-    k columns of a table for a larger k (which the cache reuses)."""
+    k columns of a table for a larger k (which the cache reuses). A stable sort of such a row's
+    whole block, 64 rows at a time; no row is sorted when none is tied that widely."""
     kth = top_sim.topk(min(k, top_sim.shape[1]), dim=1).values[:, -1]
-    for r in (top_sim.min(dim=1).values == kth).nonzero().flatten().tolist():
-        candidates = (sims[r] >= kth[r]).nonzero().flatten()  # in index order
-        values = sims[r, candidates]
-        keep = values.argsort(descending=True, stable=True)[: top_pos.shape[1]]
-        top_pos[r], top_sim[r] = candidates[keep], values[keep]
+    tied = (top_sim.min(dim=1).values == kth).nonzero().flatten()
+    for chunk in tied.split(64):  # empty when no row is tied beyond the margin
+        order = sims[chunk].argsort(dim=1, descending=True, stable=True)[:, : top_pos.shape[1]]
+        top_pos[chunk], top_sim[chunk] = order, sims[chunk].gather(1, order)
 
 
 def _nndescent(x: np.ndarray, k: int, metric: str, seed: int, verbose: bool):

@@ -298,6 +298,13 @@ def test_a_split_made_here_keeps_each_samples_source_row(tmp_path):
     cached = data.load(f"imagefolder:{tmp_path / 'flat'}")
     assert np.array_equal(first.train_rows, cached.train_rows)
     assert np.array_equal(cached.whole().x_train[cached.train_rows], cached.x_train)
+    # a cache written before the rows were kept is rebuilt, not read without them
+    cache = tmp_path / "flat" / ".beyond-icon-cache.npz"
+    with np.load(cache) as stored:
+        old = {k: stored[k] for k in stored.files if k not in ("train_rows", "test_rows")}
+    np.savez(cache, **old)
+    rebuilt = data.load(f"imagefolder:{tmp_path / 'flat'}")
+    assert np.array_equal(rebuilt.train_rows, first.train_rows)
     # a dataset with a split of its own knows no rows; whole() still joins its splits
     own = datasets.Dataset("own", x[:30], y[:30], x[30:], y[30:])
     assert own.train_rows is None and np.array_equal(own.whole().x_train, x)

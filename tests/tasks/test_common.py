@@ -96,6 +96,19 @@ def test_finish_writes_files_then_metrics_and_prints_one_line(tmp_path, capsys):
             ["--perplexity", "500"],
             "perplexity 500 needs more than",
         ),
+        # options checked by the training loop's own config, also before the folder is touched
+        (
+            "cluster",
+            ["--n-steps", "5", "--kmeans-init", "0", "--n-heads", "2"],
+            ["--weight-decay", "-1"],
+            "weight_decay must be a number >= 0",
+        ),
+        (
+            "supcon",
+            ["--epochs", "1", "--backbone", "mlp", "--probe-epochs", "1"],
+            ["--warmup-epochs", "1"],
+            "warmup_epochs must be an integer in [0, epochs = 1)",
+        ),
     ],
 )
 def test_a_refused_run_leaves_an_earlier_run_in_its_folder(

@@ -121,7 +121,9 @@ class Dataset:
     def whole(self) -> Dataset:
         """Every sample as the train split, with an empty test split: for a dataset whose split
         was made here (``has_test_split`` False), in the source's row order where it is known
-        (``train_rows``), else the train split then the test split.
+        (``train_rows``), else the train split then the test split (an ``extract`` folder:
+        the order of its ``files_train.txt`` then ``files_test.txt``). The samples are read
+        into memory (a memory-mapped table too).
 
         Returns
         -------
@@ -584,8 +586,11 @@ def load_imagefolder(path: str | Path, cache: bool = True) -> Dataset:
     for cached in cache_files:
         if cache and cached.is_file():
             with np.load(cached, allow_pickle=False) as data:
-                if str(data["key"]) == key:
-                    rows = {  # a cache written before the rows were kept has none
+                # a split made here and cached before its source rows were kept is rebuilt:
+                # clustered whole, it would not come back in the folder's order
+                stale = not bool(data["has_test_split"]) and "train_rows" not in data.files
+                if str(data["key"]) == key and not stale:
+                    rows = {
                         name: data[name] if name in data.files else None
                         for name in ("train_rows", "test_rows")
                     }

@@ -12,8 +12,9 @@ Several heads train at once; the one with the lowest loss over the last epoch is
 A dataset with a test split of its own (CIFAR-10, Fashion-MNIST, digits) is trained on its
 train split and scored on its test split. One without (an ``embeddings:`` file, an image folder
 without ``test/``) is clustered and scored whole, every point, as in the paper:
-``assignments.npz`` then lists the points in the file's order, with their row numbers
-(``rows``) when ``--n-train`` takes a subset.
+``assignments.npz`` then lists the points in the source's order (an ``extract`` folder's:
+its ``files_train.txt`` then ``files_test.txt``), with their row numbers in the source
+(``rows``) wherever the split was made here.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from beyond_icon import metrics, report
-from beyond_icon._validation import is_real
+from beyond_icon._validation import is_int, is_real
 from beyond_icon.data import as_float
 from beyond_icon.distributed import all_reduce_sum, is_main, world
 from beyond_icon.methods import PMI, ClusterLoss
@@ -65,6 +66,9 @@ class ClusterConfig(TaskConfig):
     """Settings of one ``beyond-icon cluster`` run."""
 
     task: ClassVar[str] = "cluster"
+    # 2: data without a test split of its own is clustered and scored whole (1: its 75% train
+    # split), so a run of 1 is neither resumed on all points nor mixed into a sweep's table
+    recipe: ClassVar[int] = 2
     # evaluation only: the k-means baseline, and self-labelling (a stage after the training,
     # scored apart), which may be added to a finished run with --resume
     not_identity: ClassVar[tuple[str, ...]] = TaskConfig.not_identity + (
@@ -221,7 +225,7 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
     if config.loss == "pmi" and not (is_real(config.beta) and 0 < config.beta < math.inf):
         raise ValueError(f"beta must be a positive finite number (loss=pmi), got {config.beta!r}")
-    if not (isinstance(config.kmeans_init, int) and config.kmeans_init >= 0):
+    if not (is_int(config.kmeans_init) and config.kmeans_init >= 0):
         raise ValueError(
             "kmeans_init must be an integer >= 0 (0: no k-means baseline), "
             f"got {config.kmeans_init!r}"
@@ -399,6 +403,7 @@ class _HeadTrainer:
         )
         state = {"pmi": self.pmi, "heads": self.heads}
         state |= {"teacher": self.teacher} if self.teacher is not None else {}
+        train_config.check()  # lr, schedule, warmup: before the folder is touched
         claim_run(config, out, resume)  # every option checked: the folder is the run's now
         return fit(
             self.model,

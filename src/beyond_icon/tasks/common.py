@@ -95,8 +95,13 @@ class TaskConfig:
     )
     data_dir: str | None = option(None, "where to look for dataset files")
     download: bool = option(False, "download the dataset when it is not found locally")
-    n_train: int | None = option(None, "stratified subset of the train split")
-    n_test: int | None = option(None, "stratified subset of the test split")
+    n_train: int | None = option(
+        None,
+        "stratified subset of the train split (cluster: of all points of data without a test split)",
+    )
+    n_test: int | None = option(
+        None, "stratified subset of the test split (cluster: refused for data without one)"
+    )
     divergence_module: str | None = option(
         None, "register a user-defined divergence from path.py:NAME (then --divergence NAME)"
     )

@@ -210,6 +210,7 @@ def _train(config: SupConConfig, dataset, device, out, resume: bool, verbose: bo
         amp=config.amp,
         seed=config.seed,
     )
+    train_config.check()  # lr, schedule, warmup: before the folder is touched
     claim_run(config, out, resume)  # every option checked: the folder is the run's now
     with rules_compiled(config.compile):
         history = fit(
