@@ -75,50 +75,31 @@ def test_finish_writes_files_then_metrics_and_prints_one_line(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "acc=0.5000 n=3"
 
 
+_FAST = {  # a few seconds of training each
+    "cluster": ["--n-steps", "5", "--kmeans-init", "0", "--n-heads", "2"],
+    "supcon": ["--epochs", "1", "--backbone", "mlp", "--probe-epochs", "1"],
+    "sne": ["--n-steps", "4", "--batch-size", "100", "--perplexity", "10"],
+}
+
+
 @pytest.mark.parametrize(
-    "task, fast, bad, message",
+    "task, bad, message",
     [
-        (
-            "cluster",
-            ["--n-steps", "5", "--kmeans-init", "0", "--n-heads", "2"],
-            ["--n-clusters", "1"],
-            "n_clusters must be in [2,",
-        ),
-        (
-            "supcon",
-            ["--epochs", "1", "--backbone", "mlp", "--probe-epochs", "1"],
-            ["--batch-size", "1"],
-            "batch_size must be at least 2",
-        ),
-        (
-            "sne",
-            ["--n-steps", "4", "--batch-size", "100", "--perplexity", "10"],
-            ["--perplexity", "500"],
-            "perplexity 500 needs more than",
-        ),
+        ("cluster", ["--n-clusters", "1"], "n_clusters must be in [2,"),
+        ("supcon", ["--batch-size", "1"], "batch_size must be at least 2"),
+        ("sne", ["--perplexity", "500"], "perplexity 500 needs more than"),
         # options checked by the training loop's own config, also before the folder is touched
-        (
-            "cluster",
-            ["--n-steps", "5", "--kmeans-init", "0", "--n-heads", "2"],
-            ["--weight-decay", "-1"],
-            "weight_decay must be a number >= 0",
-        ),
-        (
-            "supcon",
-            ["--epochs", "1", "--backbone", "mlp", "--probe-epochs", "1"],
-            ["--warmup-epochs", "1"],
-            "warmup_epochs must be an integer in [0, epochs = 1)",
-        ),
+        ("cluster", ["--weight-decay", "-1"], "weight_decay must be a number >= 0"),
+        ("supcon", ["--warmup-epochs", "1"], "warmup_epochs must be an integer in [0, epochs = 1)"),
     ],
 )
-def test_a_refused_run_leaves_an_earlier_run_in_its_folder(
-    tmp_path, capsys, task, fast, bad, message
-):
+def test_a_refused_run_leaves_an_earlier_run_in_its_folder(tmp_path, capsys, task, bad, message):
     """Options are checked against the data before the folder is touched: a typo in a new
     run's options (no --resume) deletes nothing of the finished run already there."""
     from beyond_icon.cli import main
 
     out = tmp_path / "run"
+    fast = _FAST[task]
     data = ["--data", "digits", "--n-train", "200", "--n-test", "80", "--device", "cpu"]
     assert main([task, *data, *fast, "--out", str(out), "--quiet"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
