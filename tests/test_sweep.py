@@ -672,3 +672,14 @@ def test_a_cluster_run_scored_on_the_75_percent_split_is_not_mixed_with_whole_da
     with pytest.raises(sweep.SettingsChanged, match="recipe: 1 there, 2 now") as error:
         sweep.plan("cluster", ["tv"], [0], options, tmp_path / "s")
     assert error.value.keys == ["recipe"] and "an earlier recipe" in str(error.value)
+
+
+def test_a_sweep_starts_new_runs_without_a_missing_checkpoint_warning(tmp_path):
+    """Only a run with a checkpoint is resumed; a new one starts without the warning that a
+    user's --resume on an empty folder gets."""
+    import warnings
+
+    specs = sweep.plan("cluster", ["kl"], [0], {"data": "simplex:3", "n_steps": 2}, tmp_path / "s")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="no checkpoint")
+        assert sweep.run_sweep(specs, verbose=False) == []

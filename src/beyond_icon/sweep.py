@@ -311,6 +311,7 @@ def _execute(spec: RunSpec, threads: int | None) -> dict:
     import torch
 
     from beyond_icon.tasks.common import register_divergence_module
+    from beyond_icon.train import CHECKPOINT
 
     if threads:
         torch.set_num_threads(threads)
@@ -319,7 +320,11 @@ def _execute(spec: RunSpec, threads: int | None) -> dict:
     with run_lock(Path(spec.folder)):
         if spec.finished:  # finished by another sweep while this one was planning
             return json.loads((Path(spec.folder) / "metrics.json").read_text())
-        result = task_module(spec.task).run(config, out=spec.folder, resume=True, verbose=False)
+        # an interrupted run goes on from its checkpoint; one that never saved starts afresh
+        # (without a "no checkpoint" warning for every new run of the sweep)
+        resume = (Path(spec.folder) / CHECKPOINT).is_file()
+        task = task_module(spec.task)
+        result = task.run(config, out=spec.folder, resume=resume, verbose=False)
     return result.metrics
 
 
