@@ -372,7 +372,9 @@ def earlier_recipe(differences: list[str]) -> bool:
     -------
     bool
     """
-    return any(line.startswith("recipe:") for line in differences)
+    # a run of another task differs in recipe too, but is not an earlier recipe of this one
+    keys = {line.split(":", 1)[0] for line in differences}
+    return "recipe" in keys and "task" not in keys
 
 
 def _plain(value: Any) -> Any:
@@ -436,7 +438,8 @@ def load_checkpoint(
                 else "resume with the same settings, or use another --out"
             )
             # what the run is first (another task, an earlier recipe), then at most 5 fields
-            differ.sort(key=lambda line: line.split(":", 1)[0] not in ("task", "recipe"))
+            first = {"task": 0, "recipe": 1}
+            differ.sort(key=lambda line: first.get(line.split(":", 1)[0], 2))
             shown = ", ".join(differ[:5]) + (
                 f", and {len(differ) - 5} more" if len(differ) > 5 else ""
             )
