@@ -130,6 +130,15 @@ def check_positive(value: float, name: str) -> float:
     return float(value)
 
 
+def common_dtype(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """``log_p`` and ``log_q`` in the wider of their two dtypes (e.g. a float32 labels' p
+    against a float64 q), unchanged when they already share one."""
+    if log_p.dtype == log_q.dtype:
+        return log_p, log_q
+    common = torch.promote_types(log_p.dtype, log_q.dtype)
+    return log_p.to(common), log_q.to(common)
+
+
 def check_log_distributions(
     log_p: Tensor,
     name: str = "log_p",

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from beyond_icon._validation import check_log_distributions, checking_values
+from beyond_icon._validation import check_log_distributions, checking_values, common_dtype
 
 __all__ = [
     "Divergence",
@@ -756,9 +756,7 @@ class Divergence:
         if validate:
             check_log_distributions(log_p, "log_p", allow_empty_rows=False)
             check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
-        if log_p.dtype != log_q.dtype:  # the wider of the two (alpha overflowed a mix)
-            common = torch.promote_types(log_p.dtype, log_q.dtype)
-            log_p, log_q = log_p.to(common), log_q.to(common)
+        log_p, log_q = common_dtype(log_p, log_q)
         try:
             out = self.fn(log_p, log_q)
         except InfiniteDivergenceError as error:

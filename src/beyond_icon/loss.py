@@ -27,6 +27,7 @@ from beyond_icon import divergences as _divergences
 from beyond_icon._validation import (
     check_log_distributions,
     checking_values,
+    common_dtype,
     is_int,
     value_checks,
 )
@@ -93,9 +94,7 @@ def _block_terms(
     if validate:
         check_log_distributions(log_p, "log_p", allow_empty_rows=True)
         check_log_distributions(log_q, "log_q", allow_empty_rows=False, like=log_p)
-    if log_p.dtype != log_q.dtype:  # e.g. float32 labels' p against a float64 q: the wider
-        common = torch.promote_types(log_p.dtype, log_q.dtype)
-        log_p, log_q = log_p.to(common), log_q.to(common)
+    log_p, log_q = common_dtype(log_p, log_q)
     if not validate and log_p.shape != log_q.shape:
         raise ValueError(f"log_p {tuple(log_p.shape)} and log_q {tuple(log_q.shape)} differ")
     has_mass = log_p.detach().amax(dim=-1) != -math.inf  # NaN rows count (and propagate)

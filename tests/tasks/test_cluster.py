@@ -180,7 +180,7 @@ def test_kmeans_baseline_can_be_skipped(tmp_path):
         ({"propagate_steps": 2, "neighbor_mix": 0.0}, "propagate_steps > 1 walks the k-NN graph"),
         ({"debias": 2.0}, "debias must be a number in [0, 1)"),
         ({"debias": 1.0}, "debias must be a number in [0, 1)"),
-        ({"loss": "pmi", "beta": 0.0}, "beta must be a positive finite number (loss=pmi)"),
+        ({"loss": "pmi", "beta": 0.0}, "beta must be a positive finite number"),
         ({"kmeans_init": -3}, "kmeans_init must be an integer >= 0 (0: no k-means baseline)"),
         ({"neighbor_mix": 0.5, "batch_neighbors": 512}, "batch_neighbors must be in [1, 511]"),
         ({"batch_neighbors": 20.0}, "batch_neighbors must be in [1, 511]"),

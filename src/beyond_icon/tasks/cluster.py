@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from beyond_icon import metrics, report
-from beyond_icon._validation import is_int, is_real
+from beyond_icon._validation import check_positive, is_int
 from beyond_icon.data import as_float
 from beyond_icon.distributed import all_reduce_sum, is_main, world
 from beyond_icon.methods import PMI, ClusterLoss
@@ -223,8 +223,8 @@ def _check(config: ClusterConfig, n_train: int, k: int) -> None:
         )
     if config.loss == "pmi" and config.n_positives != 1:
         raise ValueError("loss=pmi trains on pairs: n_positives must be 1")
-    if config.loss == "pmi" and not (is_real(config.beta) and 0 < config.beta < math.inf):
-        raise ValueError(f"beta must be a positive finite number (loss=pmi), got {config.beta!r}")
+    if config.loss == "pmi":  # the I-Con loss does not read beta
+        check_positive(config.beta, "beta")
     if not (is_int(config.kmeans_init) and config.kmeans_init >= 0):
         raise ValueError(
             "kmeans_init must be an integer >= 0 (0: no k-means baseline), "
@@ -589,7 +589,7 @@ def run(
         Empty metrics on ranks other than 0 under torchrun.
     """
     # clustering is transductive: data without a test split of its own is clustered whole
-    device, dataset, out, verbose = begin(config, out, verbose, resume, whole=True)
+    device, dataset, out, verbose = begin(config, out, verbose, whole=True)
     train_x, test_x = _features(dataset, config)
     k = dataset.n_classes if config.n_clusters is None else config.n_clusters
     _check(config, len(train_x), k)

@@ -137,7 +137,6 @@ def begin(
     config: TaskConfig,
     out: str | Path | None,
     verbose: bool,
-    resume: bool = False,
     whole: bool = False,
 ):
     """The start of every task's run: process group, device, data and the run folder's path.
@@ -151,8 +150,6 @@ def begin(
     config : TaskConfig
     out : path, optional
     verbose : bool
-    resume : bool
-        Whether the run continues the folder's checkpoint (kept for the tasks' one call shape).
     whole : bool
         Every sample of a dataset without its own test split as the train split
         (:func:`load_task_data`).

@@ -202,7 +202,7 @@ def run(
         or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in ks)
     ):
         raise ValueError(f"knn_k must be a non-empty list of positive integers, got {ks!r}")
-    _, dataset, out, verbose = begin(config, out, verbose, resume)  # checked before training
+    _, dataset, out, verbose = begin(config, out, verbose)  # checked before training
     if max(ks) >= len(dataset.x_train):
         raise ValueError(
             f"knn_k must be below the {len(dataset.x_train)} training points, got {max(ks)}"

@@ -254,7 +254,7 @@ def run(
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     # checked before any training
-    device, dataset, out, verbose = begin(config, out, verbose, resume)
+    device, dataset, out, verbose = begin(config, out, verbose)
     if not config.debias > 0:
         check_finite_where_p_is_zero(
             config.divergence,
