@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 from pathlib import Path
 from types import ModuleType
@@ -8,6 +9,15 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+
+# Under pytest-xdist (``make test`` runs ``-n auto``) every worker is a process of its own:
+# each takes its share of the cores, for its torch and for the processes its tests start, so
+# that two workers on 2 cores do not run 4 threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 
 def load_benchmark(name: str) -> ModuleType:
@@ -72,7 +82,7 @@ def torchrun(args: list[str], nproc: int = 2):
         "beyond_icon",
         *args,
     ]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
+
 from beyond_icon.cli import main
 
+# Both tests start from one quick demo (about 40 s on 2 cores), on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("demo")
 
-def test_quick_demo_writes_the_report(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    return out
+
+
+def test_quick_demo_writes_the_report(quick_demo):
+    tmp_path = quick_demo
     report = (tmp_path / "report.md").read_text()
     for task in ("cluster", "supcon", "sne"):
         assert f"## {task}" in report
@@ -19,12 +33,13 @@ def test_quick_demo_writes_the_report(tmp_path):
             assert (tmp_path / figure).is_file(), figure
 
 
-def test_demo_sets_aside_runs_made_under_other_defaults(tmp_path, capsys):
+def test_demo_sets_aside_runs_made_under_other_defaults(quick_demo, tmp_path, capsys):
     """A demo folder from an earlier version (its runs made under a default that changed since)
     is moved aside, not mixed into the report and not deleted; the demo starts that task anew."""
     import yaml
 
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+    tmp_path = tmp_path / "demo"
+    shutil.copytree(quick_demo, tmp_path)  # a finished quick demo, as a user would have it
     config = next((tmp_path / "cluster" / "runs").glob("*/config.yaml"))
     saved = yaml.safe_load(config.read_text())
     saved["neighbor_mix"] = 0.0  # the cluster task's default before 0.75

@@ -44,11 +44,13 @@ def test_well_separated_mixture_is_recovered(tmp_path, divergence, loss):
     assert result.metrics["acc"] > 0.95, result.metrics
 
 
-@pytest.mark.parametrize("divergence", ["kl", "tv", "jsd", "hellinger"])
+@pytest.mark.parametrize("divergence", ["tv", "kl"])
 def test_defaults_recover_simplex10(divergence):
     """Default settings, untouched (only the k-means baseline is skipped): ten equidistant
     clusters are recovered exactly. Before 10 heads and lr 1e-2 became the defaults, TV
-    reached 0.677 +- 0.081 here over three seeds."""
+    reached 0.677 +- 0.081 here over three seeds. The default divergence (TV) and I-Con's
+    (KL) only: each run takes 1.5 minutes of one core. JSD and Hellinger train with the
+    other defaults, for fewer steps, in test_well_separated_mixture_is_recovered."""
     config = cluster.ClusterConfig(data="simplex:10", divergence=divergence, kmeans_init=0)
     result = cluster.run(config, verbose=False)
     assert result.metrics["acc"] == 1.0, result.metrics
