@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from beyond_icon import models as _models
 from beyond_icon._validation import check_positive, is_int, is_real
 from beyond_icon.affinity import Q_SCOPES, PerplexityAffinity
 from beyond_icon.data import as_float, fingerprint
+from beyond_icon.distributed import world
 from beyond_icon.methods import SNE, TSNE
 from beyond_icon.models import MLP, CellMLP, Standardize, build_backbone
 from beyond_icon.sampling import NeighborBatchSampler
@@ -228,6 +230,14 @@ class Projection(nn.Module):
         return torch.addmm(bias, x.reshape(len(x), -1), weight.T, beta=-1.0)
 
 
+@dataclass(frozen=True)
+class _BatchRows:
+    """The number of rows of a whole batch, carried beside its indices: ``shard_batch``
+    splits the indices over torchrun's processes and hands this to each of them whole."""
+
+    total: int
+
+
 class InputNoise(nn.Module):
     """Gaussian noise added to the inputs in training mode only, a regulariser that makes the
     map smoother between training points: standard deviation ``std`` on every feature, or
@@ -239,9 +249,20 @@ class InputNoise(nn.Module):
         self.std = float(std)
         self.register_buffer("weight", None if weight is None else weight.float().reshape(1, -1))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rows: tuple[int, int] | None = None) -> Tensor:
+        """``x`` plus the noise in training mode.
+
+        ``rows = (total, start)``: ``x`` holds rows ``start, start + 1, ...`` of a batch of
+        ``total`` rows spread over processes (torchrun); the noise of the whole batch is
+        drawn and this part of it added, so that every process, seeded alike, adds the noise
+        one process would add to those rows, and their generators stay in step."""
         if self.training and self.std > 0:
-            noise = torch.randn_like(x)
+            if rows is None:
+                noise = torch.randn_like(x)
+            else:
+                total, start = rows
+                noise = torch.randn((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
+                noise = noise[start : start + len(x)]
             weight = getattr(self, "weight", None)  # an InputNoise pickled before it had none
             if weight is not None:
                 noise = noise * weight
@@ -755,7 +776,11 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             def batches(generator: torch.Generator, epoch: int) -> list:
                 steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
                 return [
-                    (index, float(self.exaggeration if step < exaggerated else 1.0))
+                    (
+                        index,
+                        float(self.exaggeration if step < exaggerated else 1.0),
+                        _BatchRows(len(index)),
+                    )
                     for index, step in zip(sampler.epoch(generator), steps)
                 ]
 
@@ -766,7 +791,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
 
             def batches(generator: torch.Generator, epoch: int) -> list:
                 order = torch.randperm(n, generator=generator)
-                return [(index, 1.0) for (index,) in split_batches(batch, order)]
+                return [
+                    (index, 1.0, _BatchRows(len(index))) for (index,) in split_batches(batch, order)
+                ]
 
         kernel_args = (self.divergence, float(self.perplexity))
         # with p per batch the scope does not apply: q is the batch's plain kernel
@@ -778,38 +805,48 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         else:
             loss = TSNE(*kernel_args, dof=float(self.dof), **scope)
         xf, p_space = xf.to(device), p_space.to(device)
-        stem, rest = self.model_[0], self.model_[1:]
-        if isinstance(self.model_[2], _models.MLP):  # any MLP, benchmarks' subclasses too
+        stem, noise, body, head = self.model_[0], self.model_[1], self.model_[2], self.model_[3:]
+        if isinstance(body, _models.MLP):  # any MLP, benchmarks' subclasses too
             # the MLP's fixed first layer (PCA or standardisation), applied once, not every step
             flat = flat.to(device)
             with torch.no_grad():
                 inputs = torch.cat([stem(flat[s : s + 16384]) for s in range(0, n, 16384)])
+            stem = nn.Identity()
         else:
-            inputs, rest = xf, self.model_
+            inputs = xf
+        rank, world_size = world()
 
-        body = self.model_[2]
+        def noisy(index: Tensor, batch: _BatchRows) -> Tensor:
+            """The rows' inputs with their noise: under torchrun, this rank's part of the
+            noise of the whole batch (``shard_batch`` cut it into consecutive parts)."""
+            x = stem(inputs.index_select(0, index))
+            if world_size == 1:
+                return noise(x)
+            sizes = torch.arange(batch.total).tensor_split(world_size)
+            return noise(x, rows=(batch.total, sum(len(part) for part in sizes[:rank])))
+
         if isinstance(body, CellMLP):
             # a noisy input's cell is looked up among the NEAR_CELLS cells nearest its clean
             # input's cell, not among all m; both found at the first step, after a --resume
             # has restored the landmarks
-            noise, head, cells = self.model_[1], self.model_[3:], {}
+            cells = {}
 
-            def network(index: Tensor) -> Tensor:
+            def network(index: Tensor, batch: _BatchRows) -> Tensor:
                 if not cells:
                     cells["near"] = body.neighbouring_cells(NEAR_CELLS)
                     cells["clean"] = body.cells(inputs)
-                x = noise(inputs.index_select(0, index))
+                x = noisy(index, batch)
                 clean = cells["clean"].index_select(0, index)
                 return head(body(x, cells=body.cells_near(x, clean, cells["near"])))
         else:
 
-            def network(index: Tensor) -> Tensor:
-                return rest(inputs.index_select(0, index))
+            def network(index: Tensor, batch: _BatchRows) -> Tensor:
+                return head(body(noisy(index, batch)))
 
-        def loss_fn(item: tuple[Tensor, float]) -> Tensor:
-            index, exaggeration = item
+        def loss_fn(item: tuple[Tensor, float, _BatchRows]) -> Tensor:
+            index, exaggeration, batch = item
             index = index.to(device)
-            z = network(index).float()
+            z = network(index, batch).float()
             if self.affinity_ is None:
                 return loss(p_space[index], z)
             return loss(None, z, indices=index, exaggeration=exaggeration)
