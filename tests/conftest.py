@@ -15,7 +15,8 @@ import torch
 # that two workers on 2 cores do not run 4 threads.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _threads = max(1, (_cores or 1) // _workers)
     torch.set_num_threads(_threads)
     os.environ["OMP_NUM_THREADS"] = str(_threads)
 
@@ -72,12 +73,9 @@ def torchrun(args: list[str], nproc: int = 2):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port of its own: no race between parallel test workers
         "--nproc_per_node",
         str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
         "-m",
         "beyond_icon",
         *args,

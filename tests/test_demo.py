@@ -15,7 +15,9 @@ pytestmark = pytest.mark.xdist_group("demo")
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    with pytest.MonkeyPatch.context() as patch:  # set up before conftest's private home
+        patch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
     return out
 
 

@@ -822,8 +822,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             x = stem(inputs.index_select(0, index))
             if world_size == 1:
                 return noise(x)
-            sizes = torch.arange(batch.total).tensor_split(world_size)
-            return noise(x, rows=(batch.total, sum(len(part) for part in sizes[:rank])))
+            part, longer = divmod(batch.total, world_size)  # tensor_split's cut
+            return noise(x, rows=(batch.total, rank * part + min(rank, longer)))
 
         if isinstance(body, CellMLP):
             # a noisy input's cell is looked up among the NEAR_CELLS cells nearest its clean

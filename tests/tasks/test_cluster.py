@@ -49,8 +49,9 @@ def test_defaults_recover_simplex10(divergence):
     """Default settings, untouched (only the k-means baseline is skipped): ten equidistant
     clusters are recovered exactly. Before 10 heads and lr 1e-2 became the defaults, TV
     reached 0.677 +- 0.081 here over three seeds. The default divergence (TV) and I-Con's
-    (KL) only: each run takes 1.5 minutes of one core. JSD and Hellinger train with the
-    other defaults, for fewer steps, in test_well_separated_mixture_is_recovered."""
+    (KL) only: each run takes 1.5 minutes of one core. JSD and Hellinger are not tested at
+    the defaults here: test_well_separated_mixture_is_recovered trains them for 75 steps of
+    64 anchors on four Gaussian clusters (accuracy above 0.95)."""
     config = cluster.ClusterConfig(data="simplex:10", divergence=divergence, kmeans_init=0)
     result = cluster.run(config, verbose=False)
     assert result.metrics["acc"] == 1.0, result.metrics
