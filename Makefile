@@ -6,8 +6,16 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint format bench bench-sne docs dist clean
 
+# A .venv that is not this checkout's is made again, not trusted: one copied or moved with
+# the checkout (to another path or machine) starts its scripts with the old path's python and
+# imports the old src/, so its stamp would stand while every command failed (FileNotFoundError).
+VENV_HERE := $(shell $(BIN)/python -c "import importlib.util as u, os, sys; s = u.find_spec('beyond_icon'); sys.exit(not (s and s.origin and os.path.realpath(s.origin).startswith(os.path.realpath('src') + os.sep)))" 2>/dev/null && test -x "$$(sed -n '1s/^..//p' $(BIN)/beyond-icon)" && echo yes)
+ifneq ($(VENV_HERE),yes)
+.PHONY: $(STAMP)
+endif
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(if $(VENV_HERE),,--clear) $(VENV)
 	$(BIN)/pip install --upgrade pip
 	# The CPU build of torch lies on local disk for this torch version; a bare "torch" would pull CUDA.
 	$(BIN)/pip install torch==2.13.0
