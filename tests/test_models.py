@@ -296,3 +296,65 @@ def test_cell_mlp_takes_the_two_level_lookup_from_1024_landmarks():
     assert "coarse" in big.state_dict()
     small = models.CellMLP(3, torch.randn(1023, 3, generator=g), hidden=(4,))
     assert not small._two_level() and "coarse" not in small.state_dict()
+
+
+def test_cell_directions_span_each_cells_principal_plane_in_float64():
+    rng = np.random.default_rng(0)
+    landmarks = torch.as_tensor(rng.normal(size=(4, 6)) * 5, dtype=torch.float32)
+    cells = torch.as_tensor(np.r_[np.zeros(30), np.ones(12), [2], np.full(3, 3)]).long()
+    # cell 0 spread along two directions, the others at random; cell 2 holds one point
+    spread = rng.normal(size=(46, 6)) * 0.05
+    spread[:30, :2] += rng.normal(size=(30, 2)) * [3.0, 1.0]
+    inputs = landmarks[cells] + torch.as_tensor(spread, dtype=torch.float32)
+    bases = models.cell_directions(inputs, cells, landmarks, 2)
+    assert bases.shape == (4, 2, 6) and bases.dtype == torch.float32
+    for cell in (0, 1, 3):
+        offsets = (inputs[cells == cell] - landmarks[cell]).double().numpy()
+        reference = np.linalg.svd(offsets, full_matrices=False)[2][:2]
+        found = bases[cell].double().numpy()
+        np.testing.assert_allclose(found @ found.T, np.eye(2), atol=1e-5)  # orthonormal rows
+        # the same plane (signs and order within it aside: compare the projectors)
+        np.testing.assert_allclose(found.T @ found, reference.T @ reference, atol=1e-4)
+    assert abs(float(bases[0, 0, 0])) > 0.99  # cell 0: its widest direction first
+    assert not bases[2].any()  # one point: no direction
+
+
+def test_cell_mlp_local_maps_start_at_zero_and_are_each_cells_linear_map():
+    """out = MLP path + B A_c U_c (x - mu_c): zero at the start; after a change of A, the
+    added part is exactly that linear map of the row's offset, with its gradient."""
+    rng = torch.Generator().manual_seed(0)
+    landmarks = torch.randn(7, 5, generator=rng) * 4
+    inputs = landmarks[torch.arange(70) % 7] + torch.randn(70, 5, generator=rng)
+    net = models.CellMLP(5, landmarks, hidden=(6,), local_dims=3, inputs=inputs)
+    plain = models.CellMLP(5, landmarks, hidden=(6,))
+    plain.load_state_dict(net.state_dict(), strict=False)
+    x = inputs[:20] + 0.1 * torch.randn(20, 5, generator=rng)
+    torch.testing.assert_close(net(x), plain(x))  # A_c = 0: the CellMLP without the maps
+    with torch.no_grad():
+        net.local.weight.normal_(generator=rng)
+    cells = net.cells(x)
+    a = net.local.weight[cells].view(20, 2, 3)
+    u = torch.einsum("nqd,nd->nq", net.local_basis[cells], x - landmarks[cells])
+    added = torch.einsum("nrq,nq->nr", a, u) @ net.local_out.weight.T
+    torch.testing.assert_close(net(x), plain(x) + added)
+    net(x).sum().backward()
+    unused = sorted(set(range(7)) - set(cells.tolist()))
+    assert not unused or not net.local.weight.grad[unused].any()
+    assert net.local.weight.grad[cells].abs().sum() > 0
+    assert "local_dims=3" in repr(net) and "local_dims" not in repr(plain)
+    copy = models.CellMLP(5, landmarks, hidden=(6,), local_dims=3, inputs=inputs[:14])
+    copy.load_state_dict(net.state_dict())  # the bases are saved with the weights
+    torch.testing.assert_close(copy(x), net(x))
+
+
+def test_cell_mlp_local_maps_refuse_bad_settings():
+    landmarks = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="needs the training inputs"):
+        models.CellMLP(3, landmarks, local_dims=2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="local_dims must be a non-negative integer"):
+            models.CellMLP(3, landmarks, local_dims=bad, inputs=landmarks)
+    with pytest.raises(ValueError, match="local_rank must be a positive integer"):
+        models.CellMLP(3, landmarks, local_dims=1, inputs=landmarks, local_rank=0)
+    wide = models.CellMLP(3, landmarks, local_dims=9, inputs=landmarks.repeat(3, 1))
+    assert wide.local_dims == 3  # at most the input's dimension

@@ -11,6 +11,7 @@ from sklearn.exceptions import NotFittedError
 
 import beyond_icon as bi
 from beyond_icon import data, metrics
+from beyond_icon.models import CellMLP
 from beyond_icon.parametric_sne import ParametricSNE
 
 FAST = {"n_steps": 6, "batch_size": 100, "perplexity": 10.0, "device": "cpu"}
@@ -259,6 +260,9 @@ def test_get_params_come_from_init():
         (np.zeros((20, 4)), {"n_cells": 2.5}, "n_cells must be an integer >= 0"),
         (np.zeros((20, 4)), {"n_cells": True}, "n_cells must be an integer >= 0"),
         (np.zeros((20, 4)), {"n_cells": 21}, "more than the 20 training points"),
+        (np.zeros((20, 4)), {"local_dims": -1}, "local_dims must be an integer >= 0"),
+        (np.zeros((20, 4)), {"local_dims": 2.0}, "local_dims must be an integer >= 0"),
+        (np.zeros((20, 4)), {"local_dims": False}, "local_dims must be an integer >= 0"),
         (np.zeros((20, 4)), {"hidden": ()}, "hidden must be a non-empty sequence"),
         (np.zeros((20, 4)), {"hidden": (64, 0)}, "hidden must be a non-empty sequence"),
         (np.zeros((20, 4)), {"hidden": 64}, "hidden must be a non-empty sequence"),
@@ -440,11 +444,13 @@ def test_cells_take_any_seed_of_the_tasks_and_old_pickles_load(digits):
     assert np.isfinite(est.embedding_).all()
     state = est.__getstate__()
     del state["n_cells"], state["hidden"], state["q_scope"], state["input_noise_power"]
+    del state["local_dims"]
     old = ParametricSNE.__new__(ParametricSNE)
     old.__setstate__(state)
     assert old.get_params()["n_cells"] == 0 and old.get_params()["hidden"] == (256, 256)
     assert old.get_params()["q_scope"] == "global"  # before q_scope existed: the train split's
     assert old.get_params()["input_noise_power"] == 0.0  # before it: the same on every feature
+    assert old.get_params()["local_dims"] == 0  # before the cells' own maps: none
     np.testing.assert_allclose(
         pickle.loads(pickle.dumps(old)).transform(digits.x_test), est.transform(digits.x_test)
     )
@@ -549,3 +555,14 @@ def test_the_default_weights_the_noise_by_the_pca_spread_and_power_0_does_not(di
     expected = noise_weights(raw.model_[0](pixels), 0.5)
     torch.testing.assert_close(raw.model_[1].weight.flatten(), expected)
     assert expected.min() == 0  # digits' always-blank corner pixels get no noise
+
+
+def test_local_dims_gives_each_cell_its_map_along_its_own_directions(digits):
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    body = est.model_[2]
+    assert isinstance(body, CellMLP) and body.local_dims == 5  # the default
+    assert body.local_basis.shape == (len(body.landmarks), 5, body.landmarks.shape[1])
+    assert body.local_basis.abs().sum() > 0
+    plain = ParametricSNE(**{**FAST, "local_dims": 0}).fit(digits.x_train)
+    assert getattr(plain.model_[2], "local_basis", None) is None
+    assert isinstance(plain.model_[2], CellMLP)

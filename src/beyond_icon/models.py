@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from beyond_icon._validation import under_torch_func
+from beyond_icon._validation import is_int, under_torch_func
 
 __all__ = [
     "BACKBONES",
@@ -166,13 +166,52 @@ def coarse_index(landmarks: Tensor, groups: int, candidates: int) -> tuple[Tenso
     return centres.to(landmarks.device), lists.to(landmarks.device)
 
 
+@torch.no_grad()
+def cell_directions(inputs: Tensor, cells: Tensor, landmarks: Tensor, dims: int) -> Tensor:
+    """Each cell's own principal directions: the top right singular vectors of its training
+    points' offsets from its landmark.
+
+    ``U_c`` holds the first ``dims`` rows of ``V^T`` in ``X_c - mu_c = U S V^T``, where ``X_c``
+    are the rows of ``inputs`` in cell ``c``; a cell with fewer than 2 points, or fewer than
+    ``dims``, has zero rows beyond them (no direction to map along).
+
+    Parameters
+    ----------
+    inputs : (n, d) tensor
+        The training inputs.
+    cells : (n,) integer tensor
+        The cell of each row.
+    landmarks : (m, d) tensor
+        ``mu_c``.
+    dims : int
+        Directions per cell.
+
+    Returns
+    -------
+    (m, dims, d) float32 tensor
+    """
+    m, d = landmarks.shape
+    inputs, landmarks = inputs.float().cpu(), landmarks.float().cpu()
+    cells = cells.cpu()
+    bases = torch.zeros(m, dims, d)
+    order = torch.argsort(cells)
+    counts = torch.bincount(cells, minlength=m)
+    starts = torch.cumsum(counts, 0) - counts
+    for cell in torch.nonzero(counts >= 2).flatten().tolist():
+        members = order[starts[cell] : starts[cell] + counts[cell]]
+        directions = torch.linalg.svd(inputs[members] - landmarks[cell], full_matrices=False).Vh
+        bases[cell, : min(dims, len(directions))] = directions[:dims]
+    return bases
+
+
 class CellMLP(MLP):
     """An :class:`MLP` whose first layer also adds a learned vector for the cell of the input:
     the nearest of ``m`` fixed landmarks (the k-means centroids of the training inputs).
 
     ``h_1 = relu(W x + b + s e_{c(x)})``, ``c(x) = argmin_l |x - mu_l|`` (from 1,024 landmarks
     the argmin over the list of the nearest coarse centre, see ``coarse``), then the MLP's
-    other layers. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
+    other layers. With ``local_dims`` the output also adds the cell's own linear map of
+    ``x - mu_{c(x)}`` along the cell's principal directions. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
     so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
     ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
     is as smooth as the MLP. The cell of a point is looked up in one matmul with the
@@ -202,6 +241,18 @@ class CellMLP(MLP):
     candidates : int, optional
         ``K``, the least length of a centre's list; default ``max(256, m / 8)``
         (``MIN_CANDIDATES``).
+    local_dims : int
+        ``Q``: with ``Q > 0`` each cell also maps its points linearly along its own ``Q``
+        principal directions (:func:`cell_directions`, from ``inputs``): the output gains
+        ``B A_c U_c (x - mu_c)``, with ``U_c`` (Q x in_dim) fixed, ``A_c`` (``local_rank`` x Q)
+        learned per cell and starting at zero, ``B`` (features x ``local_rank``) shared. Inside
+        a cell the MLP alone is as smooth as everywhere; this lets each cell order its own
+        points (see :class:`beyond_icon.parametric_sne.ParametricSNE`'s ``local_dims``).
+        0 (default): none.
+    inputs : (n, in_dim) tensor, optional
+        The training inputs, needed with ``local_dims``.
+    local_rank : int
+        Rank of the cells' maps (2).
 
     References
     ----------
@@ -225,6 +276,9 @@ class CellMLP(MLP):
         offset_scale: float | None = None,
         coarse: int | None = None,
         candidates: int | None = None,
+        local_dims: int = 0,
+        inputs: Tensor | None = None,
+        local_rank: int = 2,
     ):
         super().__init__(in_dim, hidden=hidden, batch_norm=batch_norm)
         if landmarks.dim() != 2 or landmarks.shape[1] != in_dim or len(landmarks) < 2:
@@ -245,6 +299,24 @@ class CellMLP(MLP):
             self.register_buffer("coarse", centres)
             self.register_buffer("coarse_lists", lists)
             self._build_tables()
+        if not is_int(local_dims) or local_dims < 0:
+            raise ValueError(f"local_dims must be a non-negative integer, got {local_dims!r}")
+        if not is_int(local_rank) or local_rank < 1:
+            raise ValueError(f"local_rank must be a positive integer, got {local_rank!r}")
+        self.local_dims = min(int(local_dims), in_dim)
+        self.local_rank = int(local_rank)
+        if self.local_dims:
+            if inputs is None:
+                raise ValueError(
+                    "local_dims needs the training inputs (inputs=...): each cell's directions "
+                    "are those of its training points"
+                )
+            inputs = inputs.detach().float().flatten(1)
+            bases = cell_directions(inputs, self.cells(inputs), landmarks, self.local_dims)
+            self.register_buffer("local_basis", bases)
+            self.local = nn.Embedding(m, self.local_rank * self.local_dims)
+            nn.init.zeros_(self.local.weight)  # it starts as the CellMLP without it
+            self.local_out = nn.Linear(self.local_rank, self.feature_dim, bias=False)
 
     @torch.no_grad()
     def _build_tables(self) -> None:
@@ -407,10 +479,19 @@ class CellMLP(MLP):
         x = x.flatten(1)
         cells = self.cells(x) if cells is None else cells
         h = self.net[0](x) + self.offset_scale * self.offsets(cells)
-        return self.net[1:](h)
+        out = self.net[1:](h)
+        basis = getattr(self, "local_basis", None)  # a CellMLP pickled before it: none
+        if basis is None:
+            return out
+        # the row's coordinates along its cell's own directions, mapped by the cell's A_c
+        offset = (x - self.landmarks.index_select(0, cells)).unsqueeze(-1)
+        along = torch.bmm(basis.index_select(0, cells).to(offset.dtype), offset)
+        maps = self.local(cells).view(len(cells), self.local_rank, self.local_dims)
+        return out + self.local_out(torch.bmm(maps.to(along.dtype), along).squeeze(-1))
 
     def extra_repr(self) -> str:
-        return f"cells={len(self.landmarks)}"
+        local = getattr(self, "local_dims", 0)
+        return f"cells={len(self.landmarks)}" + (f", local_dims={local}" if local else "")
 
 
 def _conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

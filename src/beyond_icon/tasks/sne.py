@@ -87,6 +87,11 @@ class SNEConfig(TaskConfig):
         "k-means cells of the MLP's input, each with a learned offset in its first layer "
         "(none: n / 5, at most 2048; 0: the plain MLP)",
     )
+    local_dims: int = option(
+        5,
+        "with the cells, each cell also maps its points linearly along its own top principal "
+        "directions, this many (0: none)",
+    )
     hidden: list[int] = option(
         default_factory=lambda: [128, 128],
         help="widths of the MLP's hidden layers, comma separated",
