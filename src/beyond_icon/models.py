@@ -22,6 +22,7 @@ __all__ = [
     "SmallCNN",
     "Standardize",
     "build_backbone",
+    "cell_directions",
     "resnet18",
     "resnet50",
 ]

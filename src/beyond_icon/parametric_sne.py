@@ -380,18 +380,23 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         the 10k test points against 20 and 22 ms, on 2 CPU cores. From 1,024 cells the lookup
         has two levels (:class:`beyond_icon.models.CellMLP`'s ``coarse``).
     local_dims : int
-        With the cells: each cell also maps its points linearly along its own ``local_dims``
-        principal directions (the top right singular vectors of its training inputs' offsets
-        from its centroid): the output gains ``B A_c U_c (x - mu_c)`` (``A_c``: 2 x
-        ``local_dims`` per cell, starting at zero; ``B`` shared; :class:`CellMLP`). 0: none.
-        Why: on Fashion-MNIST 60k the embedding is a vote inside the cells. For 97% of the
-        test points all 5 embedding neighbours lie in the point's own cell, and the MLP
-        alone, as smooth inside a cell as everywhere, orders a cell's points barely better
-        than chance (a vote of the 5 nearest inside the cell 0.802 against 0.795 for 5 drawn
-        at random; 0.816 for the 5 nearest in the plane of the cell's top two directions;
-        ``benchmarks/sne_cells.py``). Default 5: KL's test 5-NN on Fashion-MNIST 60k rose on
-        each of five seeds (0.809, 0.807, 0.807, 0.815, 0.807 against 0.807, 0.799, 0.805,
-        0.814, 0.804; mean 0.809 against 0.806), trustworthiness 0.989 to 0.990.
+        With the cells: each cell also maps its points linearly along its own
+        ``local_dims`` principal directions (the top right singular vectors of its
+        training inputs' offsets from its centroid): the output gains ``B A_c U_c (x -
+        mu_c)`` (``A_c``: 2 x ``local_dims`` per cell, starting at zero; ``B`` shared;
+        :class:`beyond_icon.models.CellMLP`). 0: none. Why: on Fashion-MNIST 60k the
+        embedding is a vote inside the cells. For 97% of the test points all 5 embedding
+        neighbours lie in the point's own cell, and the MLP alone, as smooth inside a
+        cell as everywhere, orders a cell's points barely better than chance (seed 1: a
+        vote of the 5 nearest inside the cell 0.802 against 0.791 for 5 drawn at random
+        and 0.816 for the 5 nearest in the plane of the cell's top two directions; 0.809
+        with these maps; ``benchmarks/sne_cells.py``). Default 5: KL's test 5-NN on
+        Fashion-MNIST 60k rose on each of five seeds (0.809, 0.807, 0.807, 0.815, 0.807
+        against 0.807, 0.799, 0.805, 0.814, 0.804; mean 0.809 against 0.806; openTSNE
+        0.817), trustworthiness 0.989 to 0.990; at 10k the four divergences gave 0.779
+        to 0.784 (openTSNE 0.788). On seed 1 (0.807), 10 directions gave 0.803, the maps
+        4 times larger 0.806 and the coordinates of the clean input rather than the
+        noisy one 0.808 (one run each).
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
