@@ -79,9 +79,10 @@ def network_inputs(estimator: ParametricSNE, x: np.ndarray) -> tuple[np.ndarray,
         raise ValueError("this estimator has no cells (n_cells=0 or a backbone without them)")
     x = estimator._check_new(x)
     stem = estimator.model_[0].eval()
-    flat = _float_tensor(x, torch.device("cpu")).reshape(len(x), -1)
+    device = next(estimator.model_.parameters()).device
+    flat = _float_tensor(x, device).reshape(len(x), -1)
     z = torch.cat([stem(flat[s : s + 8192]) for s in range(0, len(flat), 8192)])
-    return z.numpy(), body.cells(z).numpy()
+    return z.cpu().numpy(), body.cells(z).cpu().numpy()
 
 
 def cell_votes(
@@ -120,7 +121,8 @@ def cell_votes(
     same = c_train[near] == c_test[:, None]
     right = {name: 0 for name in ("embedding", "random", "majority", "local_pca", "inputs")}
     order = np.argsort(c_train, kind="stable")
-    starts = np.searchsorted(c_train[order], np.arange(int(c_train.max()) + 2))
+    cells = len(estimator.model_[2].landmarks)  # a cell may hold no training point
+    starts = np.searchsorted(c_train[order], np.arange(cells + 1))
     counted = 0
     for cell in np.unique(c_test):
         members = order[starts[cell] : starts[cell + 1]]

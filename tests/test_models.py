@@ -358,3 +358,28 @@ def test_cell_mlp_local_maps_refuse_bad_settings():
         models.CellMLP(3, landmarks, local_dims=1, inputs=landmarks, local_rank=0)
     wide = models.CellMLP(3, landmarks, local_dims=9, inputs=landmarks.repeat(3, 1))
     assert wide.local_dims == 3  # at most the input's dimension
+
+
+def test_cell_mlp_local_maps_in_blocks_of_rows_are_the_maps_of_all_rows(monkeypatch):
+    rng = torch.Generator().manual_seed(3)
+    landmarks = torch.randn(5, 4, generator=rng) * 3
+    inputs = landmarks[torch.arange(50) % 5] + torch.randn(50, 4, generator=rng)
+    net = models.CellMLP(4, landmarks, hidden=(6,), local_dims=2, inputs=inputs)
+    with torch.no_grad():
+        net.local.weight.normal_(generator=rng)
+    whole = net(inputs)
+    monkeypatch.setattr(models.CellMLP, "LOCAL_ROWS", 7)
+    torch.testing.assert_close(net(inputs), whole)
+
+
+def test_cell_mlp_pickled_before_the_local_maps_still_runs():
+    """A CellMLP pickled before local_dims existed has none of its attributes."""
+    import pickle
+
+    net, _ = _cell_mlp()
+    x = torch.randn(9, 5)
+    before = net(x)
+    del net.local_dims, net.local_rank
+    old = pickle.loads(pickle.dumps(net))
+    torch.testing.assert_close(old(x), before)
+    assert "cells=7" in repr(old) and "local_dims" not in repr(old)

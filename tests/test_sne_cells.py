@@ -28,7 +28,7 @@ def split():
 def fitted(split):
     # 12 cells of about 50 points, of several digits each: the votes inside a cell differ (with
     # 60 cells of 10 points every vote gave the same label)
-    return ParametricSNE(n_cells=12, n_steps=40, random_state=0).fit(split[0])
+    return ParametricSNE(n_cells=12, n_steps=40, random_state=0, device="cpu").fit(split[0])
 
 
 def test_votes_match_plain_classifiers(cells, split, fitted):
@@ -44,6 +44,30 @@ def test_votes_match_plain_classifiers(cells, split, fitted):
     assert 0.0 <= result["all_five"] <= result["own_cell"] <= 1.0
     assert result["voted"] == 1.0  # every test point's cell holds training points
     assert 1 <= result["pieces"] <= len(x) and 1 <= result["piece_size"] <= len(x)
+
+
+def test_votes_inside_cells_match_a_point_by_point_reference(cells, split, fitted):
+    """Each test point on its own: its cell's training points, the 5 nearest of them in the
+    embedding and in the inputs, their vote, and the cell's majority."""
+    x, y, xt, yt = split
+    result = cells.cell_votes(fitted, x, y, xt, yt)
+    z, c = cells.network_inputs(fitted, x)
+    zt, ct = cells.network_inputs(fitted, xt)
+    e, et = fitted.embedding_, fitted.transform(xt)
+    hits = {"embedding": 0, "inputs": 0, "majority": 0}
+    for i in range(len(xt)):
+        members = np.flatnonzero(c == ct[i])
+        k = min(5, len(members))
+        for name, train, point in (("embedding", e, et[i]), ("inputs", z, zt[i])):
+            nearest = members[np.argsort(((train[members] - point) ** 2).sum(1), kind="stable")]
+            hits[name] += np.bincount(y[nearest[:k]], minlength=10).argmax() == yt[i]
+        hits["majority"] += np.bincount(y[members], minlength=10).argmax() == yt[i]
+    for name, count in hits.items():
+        assert result["votes"][name] == pytest.approx(count / len(xt)), name
+    own = np.mean(
+        [(c[np.argsort(((e - p) ** 2).sum(1))[:5]] == ct[i]).mean() for i, p in enumerate(et)]
+    )
+    assert result["own_cell"] == pytest.approx(own)
 
 
 def test_a_map_that_keeps_the_inputs_votes_as_the_inputs_do(cells, split, fitted, monkeypatch):
@@ -63,6 +87,6 @@ def test_a_map_that_keeps_the_inputs_votes_as_the_inputs_do(cells, split, fitted
 
 def test_an_estimator_without_cells_is_refused(cells, split):
     x = split[0]
-    plain = ParametricSNE(n_cells=0, n_steps=5, random_state=0).fit(x)
+    plain = ParametricSNE(n_cells=0, n_steps=5, random_state=0, device="cpu").fit(x)
     with pytest.raises(ValueError, match="no cells"):
         cells.network_inputs(plain, x)

@@ -198,7 +198,8 @@ def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_pa
     and a run of recipe 4 (the exact cell lookup) is not one of recipe 5 either: the sweep refuses
     them whatever is passed (the demo then sets its folder aside). A run made before
     input_noise_power existed had the same noise on every feature: refused by the new default,
-    continued with input_noise_power=0. A run's config.yaml, recipe included, still loads as
+    continued with input_noise_power=0; one made before local_dims, likewise with local_dims=0.
+    A run's config.yaml, recipe included, still loads as
     --config."""
     import yaml
 
@@ -221,6 +222,14 @@ def test_an_sne_run_of_an_earlier_recipe_is_not_taken_for_the_new_default(tmp_pa
         sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
     assert error.value.keys == ["input_noise_power"] and "earlier recipe" not in str(error.value)
     assert sweep.plan("sne", ["tv"], [0], options | {"input_noise_power": 0.0}, tmp_path / "s")
+    # made before the cells' own maps: refused by the new default, continued with local_dims=0
+    assert written["local_dims"] == 5
+    before = {k: v for k, v in written.items() if k != "local_dims"}
+    config.write_text(yaml.safe_dump(before, sort_keys=False))
+    with pytest.raises(sweep.SettingsChanged, match="local_dims: 0 there, 5 now") as error:
+        sweep.plan("sne", ["tv"], [0], options, tmp_path / "s")
+    assert error.value.keys == ["local_dims"]
+    assert sweep.plan("sne", ["tv"], [0], options | {"local_dims": 0}, tmp_path / "s")
     # recipe 4 (the exact cell lookup)
     config.write_text(yaml.safe_dump(written | {"recipe": 4}, sort_keys=False))
     with pytest.raises(sweep.SettingsChanged, match="recipe: 4 there, 5 now") as error:

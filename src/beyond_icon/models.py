@@ -211,11 +211,12 @@ class CellMLP(MLP):
 
     ``h_1 = relu(W x + b + s e_{c(x)})``, ``c(x) = argmin_l |x - mu_l|`` (from 1,024 landmarks
     the argmin over the list of the nearest coarse centre, see ``coarse``), then the MLP's
-    other layers. With ``local_dims`` the output also adds the cell's own linear map of
-    ``x - mu_{c(x)}`` along the cell's principal directions. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
+    other layers. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
     so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
     ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
-    is as smooth as the MLP. The cell of a point is looked up in one matmul with the
+    is as smooth as the MLP. With ``local_dims`` the output also adds the cell's own linear
+    map of ``x - mu_{c(x)}`` along the cell's principal directions, which also starts at
+    zero, so that each cell can order its own points. The cell of a point is looked up in one matmul with the
     landmarks (from 1,024 landmarks, one with the coarse centres and one with a list), so it
     stays a single forward pass. Under Adam, ``s`` sets how fast the cells'
     vectors move against the weights'.
@@ -262,6 +263,7 @@ class CellMLP(MLP):
     """
 
     LOOKUP_ROWS = 512
+    LOCAL_ROWS = 8192  # rows of the cells' maps at a time (see forward)
     # (rows, m) float32 scores, 1 GiB at 4,096 cells (two levels: and a bool mask, 0.25 GiB)
     LOOKUP_ROWS_CUDA = 65536
     COARSE = 64
@@ -484,11 +486,21 @@ class CellMLP(MLP):
         basis = getattr(self, "local_basis", None)  # a CellMLP pickled before it: none
         if basis is None:
             return out
-        # the row's coordinates along its cell's own directions, mapped by the cell's A_c
+        # the row's coordinates along its cell's own directions, mapped by the cell's A_c; in
+        # blocks of rows, since each row gathers a (Q, in_dim) basis (transform's chunks of
+        # 65,536 rows of raw 784-pixel inputs: 1 GB at once)
+        rows = self.LOCAL_ROWS
+        local = [
+            self._local(x[s : s + rows], cells[s : s + rows], basis) for s in range(0, len(x), rows)
+        ]
+        return out + (local[0] if len(local) == 1 else torch.cat(local))
+
+    def _local(self, x: Tensor, cells: Tensor, basis: Tensor) -> Tensor:
+        """``B A_c U_c (x - mu_c)`` of each row."""
         offset = (x - self.landmarks.index_select(0, cells)).unsqueeze(-1)
         along = torch.bmm(basis.index_select(0, cells).to(offset.dtype), offset)
         maps = self.local(cells).view(len(cells), self.local_rank, self.local_dims)
-        return out + self.local_out(torch.bmm(maps.to(along.dtype), along).squeeze(-1))
+        return self.local_out(torch.bmm(maps.to(along.dtype), along).squeeze(-1))
 
     def extra_repr(self) -> str:
         local = getattr(self, "local_dims", 0)

@@ -298,6 +298,7 @@ LEGACY_SETTINGS = {
     "n_cells": 0,  # parametric SNE: the plain MLP, no cells
     "hidden": [256, 256],  # parametric SNE: the MLP's widths
     "input_noise_power": 0.0,  # parametric SNE: the same input noise on every feature
+    "local_dims": 0,  # parametric SNE: no per-cell maps
     "recipe": 1,  # a task's method before its recipe was versioned (TaskConfig.recipe)
 }
 
