@@ -200,8 +200,8 @@ def cell_directions(inputs: Tensor, cells: Tensor, landmarks: Tensor, dims: int)
     starts = torch.cumsum(counts, 0) - counts
     for cell in torch.nonzero(counts >= 2).flatten().tolist():
         members = order[starts[cell] : starts[cell] + counts[cell]]
-        directions = torch.linalg.svd(inputs[members] - landmarks[cell], full_matrices=False).Vh
-        bases[cell, : min(dims, len(directions))] = directions[:dims]
+        top = torch.linalg.svd(inputs[members] - landmarks[cell], full_matrices=False).Vh[:dims]
+        bases[cell, : len(top)] = top
     return bases
 
 
@@ -214,12 +214,12 @@ class CellMLP(MLP):
     other layers. It is an MLP on ``[x, s onehot(c(x))]`` whose one-hot columns start at zero,
     so it starts as the plain MLP: the one-hot part lets the map jump between cells, which a
     ReLU network of the inputs alone, smooth in ``x``, learns slowly, while inside a cell it
-    is as smooth as the MLP. With ``local_dims`` the output also adds the cell's own linear
-    map of ``x - mu_{c(x)}`` along the cell's principal directions, which also starts at
-    zero, so that each cell can order its own points. The cell of a point is looked up in one matmul with the
-    landmarks (from 1,024 landmarks, one with the coarse centres and one with a list), so it
-    stays a single forward pass. Under Adam, ``s`` sets how fast the cells'
-    vectors move against the weights'.
+    is as smooth as the MLP. With ``local_dims`` the output also adds the cell's own linear map
+    of ``x - mu_{c(x)}`` along the cell's principal directions, which also starts at zero, so
+    that each cell can order its own points. The cell of a point is looked up in one matmul with
+    the landmarks (from 1,024 landmarks, one with the coarse centres and one with a list), so it
+    stays a single forward pass. Under Adam, ``s`` sets how fast the cells' vectors move against
+    the weights'.
 
     Parameters
     ----------

@@ -395,10 +395,9 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
         against 0.807, 0.799, 0.805, 0.814, 0.804; mean 0.809 against 0.806; openTSNE
         0.817), trustworthiness 0.989 to 0.990; Hellinger's rose on each seed by 0.5 to
         0.8 points, to a mean of 0.812 (0.805 before), within 0.8 of openTSNE on every
-        seed; at 10k the four divergences gave 0.779
-        to 0.784 (openTSNE 0.788). On seed 1 (0.807), 10 directions gave 0.803, the maps
-        4 times larger 0.806 and the coordinates of the clean input rather than the
-        noisy one 0.808 (one run each).
+        seed; at 10k the four divergences gave 0.779 to 0.784 (openTSNE 0.788). On seed 1
+        (0.807), 10 directions gave 0.803, the maps 4 times larger 0.806 and the coordinates of
+        the clean input rather than the noisy one 0.808 (one run each).
     hidden : tuple of int
         Widths of the MLP's hidden layers (``backbone`` ``auto`` or ``mlp``). Default (128,
         128): with the cells, two layers of 128 reached the test 5-NN of two of 256 on
