@@ -17,7 +17,9 @@ call's.
 Each ``--variant "NAME=VALUE NAME=VALUE"`` adds rows of ours with those parameters on top of
 ``--set`` (for the divergences of ``--variant-divergences``, the first of ``--divergences`` by
 default), after the default rows and the baselines: several settings compared in the same run.
-``--json`` is rewritten after every row, so a run cut short keeps what it measured.
+``--json`` is rewritten after every row, so a run cut short keeps what it measured; so is
+``--plot``, a PNG of every method's test embedding side by side (coloured by class, each panel
+titled with its 5-NN accuracy).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sklearn.decomposition import PCA
 from beyond_icon import data, metrics
 from beyond_icon.data import as_float
 from beyond_icon.parametric_sne import ParametricSNE
+from beyond_icon.report import plot_embedding_grid
 from beyond_icon.train import resolve_device
 
 
@@ -62,6 +65,15 @@ def _regress(x_train, target, x_test, seed, steps=4000):
         optimizer.step()
     with torch.no_grad():
         return net((xt - mean) / scale).numpy(), net((xs - mean) / scale).numpy()
+
+
+def _short(method: str) -> str:
+    """A row's method as a panel title: ``ours (kl)``, ``openTSNE``, ``UMAP``."""
+    if method.startswith("beyond-icon ParametricSNE ("):
+        inside = method[len("beyond-icon ParametricSNE (") : -1]
+        divergence, _, settings = inside.partition("; ")
+        return f"ours ({divergence})" + ("" if settings == "defaults" else f", {settings}")
+    return method.split(" (")[0]
 
 
 def _parse_settings(items: list[str]) -> dict:
@@ -116,9 +128,18 @@ def main() -> None:
         help="transform the test split this many times; the median time is reported",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="also draw every method's test embedding into this PNG, one panel each",
+    )
     args = parser.parse_args()
     if args.transform_calls < 1:
         parser.error(f"--transform-calls must be at least 1, got {args.transform_calls}")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and not path.parent.is_dir():  # before the fits, not after
+            parser.error(f"{flag}: no folder {path.parent}")
     overrides = _parse_settings(args.set)
     variants = [_parse_settings(variant.split()) for variant in args.variant]
     needed = [] if args.skip_baselines else ["openTSNE"] + ([] if args.skip_umap else ["umap"])
@@ -142,7 +163,7 @@ def main() -> None:
         flush=True,
     )
 
-    rows = []
+    rows, panels = [], []
 
     def timed(transform, x):
         """The first call's result and the seconds of each of ``--transform-calls`` calls."""
@@ -168,6 +189,14 @@ def main() -> None:
         rows.append(row)
         if args.json is not None:
             args.json.write_text(json.dumps(rows, indent=2))
+        if args.plot is not None:
+            panels.append((f"{_short(name)}: 5-NN {row['knn5']:.3f}", emb_test, dataset.y_test))
+            plot_embedding_grid(
+                panels,
+                dataset.classes,
+                args.plot,
+                title=f"{args.data}: test split ({len(dataset.x_test)} points), seed {args.seed}",
+            )
         each = "" if len(calls) < 2 else " (" + ", ".join(f"{t:.3f}" for t in calls) + ")"
         print(
             f"  {name}: fit {fit_seconds:.1f} s, transform {transform_seconds:.3f} s{each}, "

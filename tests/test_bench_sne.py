@@ -28,3 +28,36 @@ def test_bench_sne_times_every_transform_call_and_reports_the_median(tmp_path):
     assert "transform" in done.stdout and "ParametricSNE (kl; n_steps=3)" in done.stdout
     bad = subprocess.run(command[:2] + ["--transform-calls", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--transform-calls must be at least 1" in bad.stderr
+
+
+def test_bench_sne_draws_every_method_into_the_plot(tmp_path):
+    plot = tmp_path / "embeddings.png"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench_sne.py"),
+        *("--data", "digits", "--n-train", "200", "--n-test", "100", "--skip-baselines"),
+        *("--divergences", "kl,tv", "--set", "n_steps=3", "--transform-calls", "1"),
+        *("--plot", str(plot)),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    width, height = Image.open(plot).size
+    assert width > 1.5 * height  # two panels side by side, not one
+    missing = command[:-1] + [str(tmp_path / "nowhere" / "embeddings.png")]
+    bad = subprocess.run(missing, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--plot: no folder" in bad.stderr
+
+
+def test_panel_titles_name_the_method():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_sne import _short
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert _short("beyond-icon ParametricSNE (kl; defaults)") == "ours (kl)"
+    assert _short("beyond-icon ParametricSNE (tv; n_steps=3)") == "ours (tv), n_steps=3"
+    assert _short("openTSNE (non-parametric; transform for test)") == "openTSNE"
+    assert _short("UMAP (transform for test)") == "UMAP"
