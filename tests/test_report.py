@@ -49,3 +49,25 @@ def test_a_confusion_of_many_clusters_stays_a_bounded_figure(tmp_path):
     )
     with Image.open(tmp_path / "c.png") as image:
         assert max(image.size) < 2500, image.size
+
+
+@pytest.mark.parametrize("n_panels", [1, 2, 6])
+def test_a_grids_legend_and_title_stay_clear_of_its_panels(n_panels):
+    """One panel had its legend drawn over it and its title cut at the figure's edges."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 10
+    panels = [
+        (f"ours ({i}): 5-NN 0.800", rng.normal(size=(200, 2)), labels) for i in range(n_panels)
+    ]
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"] + [f"c{i}" for i in range(5)]
+    fig = report._embedding_grid_figure(panels, classes, "fashion-mnist: test split, seed 0")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    figure_box = fig.bbox
+    legend = fig.legends[0].get_window_extent(renderer)
+    title = fig._suptitle.get_window_extent(renderer)
+    panels_right = max(ax.get_window_extent(renderer).x1 for ax in fig.axes if ax.axison)
+    assert legend.x0 >= panels_right  # beside the panels, not over them
+    assert figure_box.x0 <= title.x0 and title.x1 <= figure_box.x1  # the whole title shown
+    assert legend.x1 <= figure_box.x1
+    report.plt.close(fig)

@@ -85,9 +85,19 @@ def plot_embedding_grid(
     title: str = "",
 ) -> None:
     """Several 2-D embeddings side by side: ``panels`` of (title, embedding, labels)."""
+    fig = _embedding_grid_figure(panels, classes, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+LEGEND_INCHES = 1.6  # the class legend's strip at the right of a grid, whatever its panels
+
+
+def _embedding_grid_figure(panels, classes: Sequence[str], title: str = ""):
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    width = 3.6 * cols + LEGEND_INCHES  # one panel too: its legend beside it, not on it
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 3.4 * rows + 0.3), squeeze=False)
     for ax, (name, emb, lab) in zip(axes.flat, panels):
         _scatter(ax, np.asarray(emb), np.asarray(lab), classes, name, legend=False)
     for ax in list(axes.flat)[len(panels) :]:
@@ -95,10 +105,9 @@ def plot_embedding_grid(
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="center right", fontsize=7, frameon=False, markerscale=3)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        fig.suptitle(title, fontsize=11 if cols > 1 else 9)
+    fig.tight_layout(rect=(0, 0, 1 - LEGEND_INCHES / width, 1))
+    return fig
 
 
 def plot_grad_norm(histories: dict[str, list[dict]], path: str | Path, title: str = "") -> None:
