@@ -2,7 +2,9 @@
 
 Each method embeds the train split and maps the test split (ours with its network, openTSNE
 and UMAP with their ``transform``); the same metrics are taken on the test split: 5-NN accuracy
-(train embedding as reference), trustworthiness (k = 10, w.r.t. the PCA-50 inputs), wall time
+(train embedding as reference), trustworthiness (k = 10, w.r.t. the PCA-50 inputs), the test
+embedding's pieces (``metrics.embedding_pieces``: how many, and the largest one's share of the
+points; many small pieces are clumps that the two neighbourhood scores do not see), wall time
 of fitting and of transforming the test split. One run, one table, every method on the same
 machine with the same threads (ours on ``--device``, the CPU by default). Our fit time
 includes the PCA and a fresh neighbour search; the baselines get the PCA-50 inputs
@@ -186,6 +188,10 @@ def main() -> None:
             "knn5": metrics.knn_accuracy(emb_train, dataset.y_train, emb_test, dataset.y_test, 5),
             "trustworthiness": metrics.trustworthiness(p_test, emb_test, k=10),
         }
+        # clumps that 5-NN and trustworthiness do not see: the test embedding's pieces
+        pieces = metrics.embedding_pieces(emb_test)
+        row["pieces"] = int(pieces.max()) + 1
+        row["largest_piece"] = float(np.bincount(pieces).max() / len(pieces))
         rows.append(row)
         if args.json is not None:
             args.json.write_text(json.dumps(rows, indent=2))
@@ -200,7 +206,8 @@ def main() -> None:
         each = "" if len(calls) < 2 else " (" + ", ".join(f"{t:.3f}" for t in calls) + ")"
         print(
             f"  {name}: fit {fit_seconds:.1f} s, transform {transform_seconds:.3f} s{each}, "
-            f"5-NN {row['knn5']:.3f}, trustworthiness {row['trustworthiness']:.4f}",
+            f"5-NN {row['knn5']:.3f}, trustworthiness {row['trustworthiness']:.4f}, "
+            f"{row['pieces']} pieces (the largest {row['largest_piece']:.1%} of the points)",
             flush=True,
         )
 
@@ -274,13 +281,14 @@ def main() -> None:
 
     print(
         "\n| method | fit time (s) | transform time, test split (s) | 5-NN acc (test) "
-        "| trustworthiness (test, k=10) |"
+        "| trustworthiness (test, k=10) | pieces (test) | largest piece |"
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         line = (
             f"| {row['method']} | {row['fit_s']:.1f} | {row['transform_s']:.3f} | "
-            f"{row['knn5']:.3f} | {row['trustworthiness']:.3f} |"
+            f"{row['knn5']:.3f} | {row['trustworthiness']:.3f} | {row['pieces']} | "
+            f"{row['largest_piece']:.1%} |"
         )
         print(line.replace("| nan |", "| |"))
 

@@ -36,10 +36,9 @@ import time
 
 import numpy as np
 import torch
-from scipy.sparse.csgraph import connected_components
 from sklearn.neighbors import NearestNeighbors
 
-from beyond_icon import data
+from beyond_icon import data, metrics
 from beyond_icon.models import CellMLP
 from beyond_icon.parametric_sne import ParametricSNE, _float_tensor
 
@@ -151,9 +150,8 @@ def cell_votes(
     found = NearestNeighbors(n_neighbors=k).fit(z_train).kneighbors(z_test)[1]
     votes["inputs_all"] = float((_vote(y_train[found]) == y_test).mean())
     # the train embedding's pieces
-    tenth = NearestNeighbors(n_neighbors=11).fit(e_train).kneighbors(e_train)[0][:, 10]
-    graph = NearestNeighbors(radius=2.0 * float(np.median(tenth))).fit(e_train)
-    n_pieces, piece = connected_components(graph.radius_neighbors_graph(e_train))
+    piece = metrics.embedding_pieces(e_train)  # r = 2 x the median distance to the 10th
+    n_pieces = int(piece.max()) + 1
     sizes = np.bincount(piece)
     cells_in = np.array(
         [len(np.unique(c_train[piece == p])) for p in range(n_pieces)] if n_pieces < 20000 else [0]

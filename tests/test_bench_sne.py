@@ -30,6 +30,8 @@ def test_bench_sne_times_every_transform_call_and_reports_the_median(tmp_path):
     calls = row["transform_calls_s"]
     assert len(calls) == 3 and row["transform_s"] == sorted(calls)[1]
     assert 0 <= row["knn5"] <= 1 and 0 <= row["trustworthiness"] <= 1
+    assert 1 <= row["pieces"] <= 100 and 0 < row["largest_piece"] <= 1
+    assert f"{row['pieces']} pieces" in done.stdout
     assert "transform" in done.stdout and "ParametricSNE (kl; n_steps=3)" in done.stdout
     bad = subprocess.run(command[:2] + ["--transform-calls", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--transform-calls must be at least 1" in bad.stderr

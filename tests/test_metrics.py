@@ -127,3 +127,41 @@ def test_cluster_size_entropy_refuses_non_integer_ids():
         metrics.cluster_size_entropy(np.array([], dtype=int), 2)
     with pytest.raises(ValueError, match="n_clusters must be an integer >= 2"):
         metrics.cluster_size_entropy(np.array([0, 1]), 2.5)
+
+
+def test_embedding_pieces_counts_separate_clumps_and_ignores_scale():
+    rng = np.random.default_rng(0)
+    centres = np.stack(np.meshgrid(np.arange(7), np.arange(7)), -1).reshape(-1, 2) * 100.0
+    # uniform squares: a Gaussian clump's stray points may stand apart, pieces of their own
+    clumps = (centres[:, None, :] + rng.uniform(size=(49, 40, 2))).reshape(-1, 2)
+    ids = metrics.embedding_pieces(clumps)
+    assert ids.max() + 1 == 49
+    truth = np.repeat(np.arange(49), 40)
+    assert metrics.adjusted_rand(truth, ids) == 1.0  # each clump one piece, whole
+    assert np.array_equal(metrics.embedding_pieces(clumps * 1e-3), ids)  # scale-free
+    assert np.array_equal(metrics.embedding_pieces(clumps * 1e4), ids)
+
+
+def test_embedding_pieces_keeps_a_continuous_sheet_whole():
+    sheet = np.random.default_rng(1).uniform(size=(3000, 2))
+    ids = metrics.embedding_pieces(sheet)
+    assert np.bincount(ids).max() >= 0.99 * len(sheet)  # a stray point or two at most
+    two = np.concatenate([sheet, sheet + [5.0, 0.0]])  # two sheets, a gap of 4 widths
+    assert metrics.embedding_pieces(two).max() + 1 <= 4
+    assert set(np.unique(metrics.embedding_pieces(two)[:3000])).isdisjoint(
+        metrics.embedding_pieces(two)[3000:]
+    )
+
+
+def test_embedding_pieces_of_copies_and_bad_input():
+    copies = np.repeat(np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0]]), 20, axis=0)
+    ids = metrics.embedding_pieces(copies)  # the spacing is 0: each distinct point a piece
+    assert ids.max() + 1 == 3 and len(set(ids[:20])) == 1
+    with pytest.raises(ValueError, match="more than k"):
+        metrics.embedding_pieces(np.zeros((10, 2)))
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.embedding_pieces(np.full((20, 2), np.nan))
+    with pytest.raises(ValueError, match="k must be"):
+        metrics.embedding_pieces(copies, k=0)
+    with pytest.raises(ValueError, match="factor must be"):
+        metrics.embedding_pieces(copies, factor=0.0)

@@ -1,20 +1,23 @@
-"""Evaluation: k-NN accuracy, trustworthiness, silhouette, Hungarian accuracy, NMI, ARI and a
-linear probe. Inputs are numpy arrays or tensors; outputs are plain floats."""
+"""Evaluation: k-NN accuracy, trustworthiness, silhouette, an embedding's pieces, Hungarian
+accuracy, NMI, ARI and a linear probe. Inputs are numpy arrays or tensors; outputs are plain
+floats (the pieces: one id per point)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from scipy.sparse.csgraph import connected_components
 from sklearn import metrics as sk_metrics
 from sklearn.manifold import trustworthiness as sk_trustworthiness
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from beyond_icon._validation import is_int
 
 __all__ = [
     "adjusted_rand",
     "cluster_size_entropy",
+    "embedding_pieces",
     "hungarian_accuracy",
     "knn_accuracy",
     "linear_probe_accuracy",
@@ -126,6 +129,55 @@ def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int 
     if k < 1:
         raise ValueError("trustworthiness needs at least 4 points")
     return float(sk_trustworthiness(high, low, n_neighbors=k))
+
+
+def embedding_pieces(embedding, k: int = 10, factor: float = 2.0) -> np.ndarray:
+    """The pieces an embedding falls into: the connected components of the graph that joins
+    every two points closer than ``r = factor * median_i d_k(i)``, with ``d_k(i)`` the distance
+    from point ``i`` to its ``k``-th nearest neighbour.
+
+    ``r`` follows the embedding's own local spacing, so the pieces do not change with its
+    scale. A map that keeps a continuous dataset continuous gives few pieces, most points in
+    the largest; one that breaks it into tight clumps with space between them (as a map made
+    of cells can) gives many, which neighbourhood scores such as k-NN accuracy and
+    trustworthiness at small ``k``, taken inside the clumps, do not see.
+
+    Parameters
+    ----------
+    embedding : (n, d) array
+        Finite coordinates, ``n > k``.
+    k : int
+        The neighbour whose distance sets the local spacing (10).
+    factor : float
+        ``r`` in units of the median ``d_k`` (2).
+
+    Returns
+    -------
+    (n,) int array
+        The piece of each point, ``0 .. n_pieces - 1``: ``ids.max() + 1`` pieces,
+        ``np.bincount(ids).max() / n`` of the points in the largest.
+
+    References
+    ----------
+    Ester, M., Kriegel, H.-P., Sander, J. and Xu, X. (1996). A density-based algorithm for
+    discovering clusters in large spatial databases with noise. KDD. (Components of the
+    radius graph, DBSCAN with one point per core.)
+    """
+    if not (is_int(k) and k >= 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if not (np.isfinite(factor) and factor > 0):
+        raise ValueError(f"factor must be a positive finite number, got {factor!r}")
+    x = _np(embedding).reshape(len(embedding), -1).astype(np.float64)
+    if len(x) <= k:
+        raise ValueError(f"embedding_pieces needs more than k = {k} points, got {len(x)}")
+    if not np.isfinite(x).all():
+        raise ValueError("the embedding has non-finite coordinates")
+    spacing = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
+    radius = factor * float(np.median(spacing))
+    if not radius > 0:  # most points have k copies: each distinct point a piece
+        return np.unique(x, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    graph = NearestNeighbors(radius=radius).fit(x).radius_neighbors_graph(x)
+    return connected_components(graph, directed=False)[1].astype(np.int64)
 
 
 def silhouette(x, labels, max_points: int = 10_000, seed: int = 0) -> float:
