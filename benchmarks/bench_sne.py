@@ -30,6 +30,7 @@ import argparse
 import importlib
 import json
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -189,14 +190,15 @@ def main() -> None:
             "trustworthiness": metrics.trustworthiness(p_test, emb_test, k=10),
         }
         # clumps that 5-NN and trustworthiness do not see: the test embedding's pieces
-        pieces = metrics.embedding_pieces(emb_test)
+        pieces = metrics.embedding_pieces(emb_test, k=min(10, len(emb_test) - 1))
         row["pieces"] = int(pieces.max()) + 1
         row["largest_piece"] = float(np.bincount(pieces).max() / len(pieces))
         rows.append(row)
         if args.json is not None:
             args.json.write_text(json.dumps(rows, indent=2))
         if args.plot is not None:
-            panels.append((f"{_short(name)}: 5-NN {row['knn5']:.3f}", emb_test, dataset.y_test))
+            title = textwrap.fill(f"{_short(name)}: 5-NN {row['knn5']:.3f}", 40)  # a panel wide
+            panels.append((title, emb_test, dataset.y_test))
             plot_embedding_grid(
                 panels,
                 dataset.classes,

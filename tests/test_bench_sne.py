@@ -32,6 +32,9 @@ def test_bench_sne_times_every_transform_call_and_reports_the_median(tmp_path):
     assert 0 <= row["knn5"] <= 1 and 0 <= row["trustworthiness"] <= 1
     assert 1 <= row["pieces"] <= 100 and 0 < row["largest_piece"] <= 1
     assert f"{row['pieces']} pieces" in done.stdout
+    header, rule, line = done.stdout.strip().splitlines()[-3:]
+    assert header.count("|") == rule.count("|") == line.count("|") == 8  # 7 columns
+    assert line.endswith(f"| {row['pieces']} | {row['largest_piece']:.1%} |")
     assert "transform" in done.stdout and "ParametricSNE (kl; n_steps=3)" in done.stdout
     bad = subprocess.run(command[:2] + ["--transform-calls", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--transform-calls must be at least 1" in bad.stderr

@@ -165,3 +165,38 @@ def test_embedding_pieces_of_copies_and_bad_input():
         metrics.embedding_pieces(copies, k=0)
     with pytest.raises(ValueError, match="factor must be"):
         metrics.embedding_pieces(copies, factor=0.0)
+
+
+def _same_partition(a, b) -> bool:
+    return metrics.adjusted_rand(a, b) == 1.0 and a.max() == b.max()
+
+
+def test_embedding_pieces_merged_in_blocks_equal_the_whole_graph(monkeypatch):
+    """Dense clumps (most pairs joined) are merged block by block to bound the memory: the
+    same pieces as the graph built at once."""
+    rng = np.random.default_rng(2)
+    clumps = np.concatenate(
+        [rng.normal(size=(300, 2)) * 1e-3 + [10.0 * i, 0.0] for i in range(3)]
+        + [rng.uniform(size=(600, 2)) * 40.0]  # a sheet that sets the spacing, strays too
+    )
+    whole = metrics.embedding_pieces(clumps)
+    monkeypatch.setattr(metrics, "PIECES_MAX_PAIRS", 0)
+    for block in (1, 500, 10_000):
+        monkeypatch.setattr(metrics, "_PIECES_BLOCK_PAIRS", block)
+        assert _same_partition(metrics.embedding_pieces(clumps), whole), block
+
+
+def test_embedding_pieces_follow_k_and_factor():
+    rng = np.random.default_rng(3)
+    two = np.concatenate([rng.uniform(size=(200, 2)), rng.uniform(size=(200, 2)) + [1.5, 0.0]])
+    # the squares' gap is 0.5, about 5 times the median distance to the 10th neighbour
+    assert metrics.embedding_pieces(two, factor=2.0).max() + 1 >= 2
+    assert metrics.embedding_pieces(two, factor=20.0).max() + 1 == 1
+    assert metrics.embedding_pieces(two, k=10).max() + 1 >= 2
+    assert metrics.embedding_pieces(two, k=150).max() + 1 == 1  # a wider spacing joins them
+    with pytest.raises(ValueError, match="factor must be"):
+        metrics.embedding_pieces(two, factor=True)
+    with pytest.raises(ValueError, match="factor must be"):
+        metrics.embedding_pieces(two, factor="2")
+    with pytest.raises(ValueError, match="real numbers"):
+        metrics.embedding_pieces(two.astype(complex))

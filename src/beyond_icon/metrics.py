@@ -4,15 +4,18 @@ floats (the pieces: one id per point)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import connected_components
 from sklearn import metrics as sk_metrics
 from sklearn.manifold import trustworthiness as sk_trustworthiness
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+from sklearn.neighbors import KDTree, KNeighborsClassifier, NearestNeighbors
 
-from beyond_icon._validation import is_int
+from beyond_icon._validation import is_int, is_real
 
 __all__ = [
     "adjusted_rand",
@@ -132,20 +135,21 @@ def trustworthiness(high, low, k: int = 10, max_points: int = 10_000, seed: int 
 
 
 def embedding_pieces(embedding, k: int = 10, factor: float = 2.0) -> np.ndarray:
-    """The pieces an embedding falls into: the connected components of the graph that joins
-    every two points closer than ``r = factor * median_i d_k(i)``, with ``d_k(i)`` the distance
-    from point ``i`` to its ``k``-th nearest neighbour.
+    """The pieces of an embedding: the connected components of its radius graph.
 
-    ``r`` follows the embedding's own local spacing, so the pieces do not change with its
-    scale. A map that keeps a continuous dataset continuous gives few pieces, most points in
-    the largest; one that breaks it into tight clumps with space between them (as a map made
-    of cells can) gives many, which neighbourhood scores such as k-NN accuracy and
-    trustworthiness at small ``k``, taken inside the clumps, do not see.
+    Two points are joined when ``|z_i - z_j| <= r``, with ``r = factor * median_i d_k(i)`` and
+    ``d_k(i)`` the distance from point ``i`` to its ``k``-th nearest neighbour. ``r`` follows
+    the embedding's own local spacing, so the pieces do not change with its scale. A map that
+    keeps a continuous dataset continuous gives few pieces, most points in the largest; one
+    that breaks it into tight clumps with space between them (as a map made of cells can)
+    gives many, which neighbourhood scores such as k-NN accuracy and trustworthiness at small
+    ``k``, taken inside the clumps, do not see. Memory stays bounded when clumps are dense:
+    above ``PIECES_MAX_PAIRS`` joined pairs the graph is merged in blocks of rows.
 
     Parameters
     ----------
     embedding : (n, d) array
-        Finite coordinates, ``n > k``.
+        Finite real coordinates, ``n > k``.
     k : int
         The neighbour whose distance sets the local spacing (10).
     factor : float
@@ -154,30 +158,73 @@ def embedding_pieces(embedding, k: int = 10, factor: float = 2.0) -> np.ndarray:
     Returns
     -------
     (n,) int array
-        The piece of each point, ``0 .. n_pieces - 1``: ``ids.max() + 1`` pieces,
-        ``np.bincount(ids).max() / n`` of the points in the largest.
+        The piece of each point, ``0 .. n_pieces - 1`` (in no particular order):
+        ``ids.max() + 1`` pieces, ``np.bincount(ids).max() / n`` of the points in the largest.
 
     References
     ----------
     Ester, M., Kriegel, H.-P., Sander, J. and Xu, X. (1996). A density-based algorithm for
-    discovering clusters in large spatial databases with noise. KDD. (Components of the
-    radius graph, DBSCAN with one point per core.)
+    discovering clusters in large spatial databases with noise. KDD. (The pieces are DBSCAN's
+    clusters with ``eps = r`` and ``min_samples = 1``.)
     """
     if not (is_int(k) and k >= 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    if not (np.isfinite(factor) and factor > 0):
+    if not (is_real(factor) and math.isfinite(factor) and factor > 0):
         raise ValueError(f"factor must be a positive finite number, got {factor!r}")
-    x = _np(embedding).reshape(len(embedding), -1).astype(np.float64)
+    x = _np(embedding)
+    if x.dtype.kind not in "iuf":
+        raise ValueError(f"the embedding must be real numbers, got {x.dtype}")
+    x = x.reshape(len(x), -1).astype(np.float64)
     if len(x) <= k:
         raise ValueError(f"embedding_pieces needs more than k = {k} points, got {len(x)}")
     if not np.isfinite(x).all():
         raise ValueError("the embedding has non-finite coordinates")
     spacing = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)[0][:, k]
     radius = factor * float(np.median(spacing))
+    # copies are one point to the graph: a collapsed clump of copies costs no pairs
+    x, copies = np.unique(x, axis=0, return_inverse=True)
+    copies = copies.reshape(-1)
     if not radius > 0:  # most points have k copies: each distinct point a piece
-        return np.unique(x, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
-    graph = NearestNeighbors(radius=radius).fit(x).radius_neighbors_graph(x)
-    return connected_components(graph, directed=False)[1].astype(np.int64)
+        return copies.astype(np.int64)
+    tree = NearestNeighbors(radius=radius).fit(x)
+    pairs = int(KDTree(x).query_radius(x, radius, count_only=True).sum())
+    if pairs <= PIECES_MAX_PAIRS:
+        pieces = connected_components(tree.radius_neighbors_graph(x), directed=False)[1]
+    else:
+        pieces = _pieces_in_blocks(tree, x)
+    return pieces[copies].astype(np.int64)
+
+
+PIECES_MAX_PAIRS = 20_000_000  # joined pairs built at once (about 240 MB of graph)
+_PIECES_BLOCK_PAIRS = 5_000_000  # about the pairs of one block, when merged in blocks
+
+
+def _pieces_in_blocks(tree: NearestNeighbors, x: np.ndarray) -> np.ndarray:
+    """The radius graph's components, its rows' pairs merged block by block: each point's
+    label is its piece so far, and a block's pairs, as pairs of labels, join labels."""
+    n = len(x)
+    labels = np.arange(n)
+    counts = KDTree(x).query_radius(x, tree.radius, count_only=True)
+    start = 0
+    while start < n:
+        stop = start + 1 + int(np.searchsorted(np.cumsum(counts[start:]), _PIECES_BLOCK_PAIRS))
+        stop = min(stop, n)
+        found = tree.radius_neighbors(x[start:stop], return_distance=False)
+        rows = np.repeat(np.arange(start, stop), [len(f) for f in found])
+        pairs = np.unique(np.stack([labels[rows], labels[np.concatenate(found)]], 1), axis=0)
+        ids, inverse = np.unique(pairs, return_inverse=True)
+        inverse = inverse.reshape(pairs.shape)
+        graph = sp.coo_matrix(
+            (np.ones(len(pairs)), (inverse[:, 0], inverse[:, 1])), (len(ids),) * 2
+        )
+        joined = connected_components(graph, directed=False)[1]
+        first = np.full(joined.max() + 1, -1)
+        first[joined[::-1]] = ids[::-1]  # each joined group's smallest label stands for it
+        relabel = np.arange(n)
+        relabel[ids] = first[joined]
+        labels = relabel[labels]
+        start = stop
+    return np.unique(labels, return_inverse=True)[1].reshape(-1)
 
 
 def silhouette(x, labels, max_points: int = 10_000, seed: int = 0) -> float:
