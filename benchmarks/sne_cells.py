@@ -13,9 +13,9 @@ asks how much of the embedding's 5-NN classifier is a vote inside the test point
   ``inputs`` (the 5 nearest in the network's input space, the PCA features, inside the cell),
   beside ``inputs_all`` (the 5 nearest in the input space, any cell) and ``knn5`` (the
   embedding's plain 5-NN accuracy);
-- the train embedding's pieces: connected components of the graph that joins points closer
-  than ``2 x`` the median distance to the 10th neighbour, the median size of a point's piece
-  and the median number of cells in it.
+- the train embedding's pieces (:func:`beyond_icon.metrics.embedding_pieces`: connected
+  components of the graph that joins points within ``2 x`` the median distance to the 10th
+  neighbour), the median size of a point's piece and the median number of cells in it.
 
 If ``all_five`` is near 1, the embedding's 5-NN accuracy is a vote inside the cells, and it is
 bounded by how well the map orders the points of a cell (``embedding`` against ``random`` and

@@ -187,11 +187,11 @@ def embedding_pieces(embedding, k: int = 10, factor: float = 2.0) -> np.ndarray:
     if not radius > 0:  # most points have k copies: each distinct point a piece
         return copies.astype(np.int64)
     tree = NearestNeighbors(radius=radius).fit(x)
-    pairs = int(KDTree(x).query_radius(x, radius, count_only=True).sum())
-    if pairs <= PIECES_MAX_PAIRS:
+    counts = KDTree(x).query_radius(x, radius, count_only=True)  # each row's joined points
+    if counts.sum() <= PIECES_MAX_PAIRS:
         pieces = connected_components(tree.radius_neighbors_graph(x), directed=False)[1]
     else:
-        pieces = _pieces_in_blocks(tree, x)
+        pieces = _pieces_in_blocks(tree, x, counts)
     return pieces[copies].astype(np.int64)
 
 
@@ -199,12 +199,12 @@ PIECES_MAX_PAIRS = 20_000_000  # joined pairs built at once (about 240 MB of gra
 _PIECES_BLOCK_PAIRS = 5_000_000  # about the pairs of one block, when merged in blocks
 
 
-def _pieces_in_blocks(tree: NearestNeighbors, x: np.ndarray) -> np.ndarray:
-    """The radius graph's components, its rows' pairs merged block by block: each point's
-    label is its piece so far, and a block's pairs, as pairs of labels, join labels."""
+def _pieces_in_blocks(tree: NearestNeighbors, x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The radius graph's components, its rows' pairs (``counts`` a row) merged block by
+    block: each point's label is its piece so far, and a block's pairs, as pairs of labels,
+    join labels."""
     n = len(x)
     labels = np.arange(n)
-    counts = KDTree(x).query_radius(x, tree.radius, count_only=True)
     start = 0
     while start < n:
         stop = start + 1 + int(np.searchsorted(np.cumsum(counts[start:]), _PIECES_BLOCK_PAIRS))

@@ -90,13 +90,13 @@ def plot_embedding_grid(
     plt.close(fig)
 
 
-LEGEND_INCHES = 1.6  # the class legend's strip at the right of a grid, whatever its panels
+_LEGEND_INCHES = 1.6  # the class legend's strip at the right of a grid, whatever its panels
 
 
 def _embedding_grid_figure(panels, classes: Sequence[str], title: str = ""):
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    width = 3.6 * cols + LEGEND_INCHES  # one panel too: its legend beside it, not on it
+    width = 3.6 * cols + _LEGEND_INCHES  # one panel too: its legend beside it, not on it
     fig, axes = plt.subplots(rows, cols, figsize=(width, 3.4 * rows + 0.3), squeeze=False)
     for ax, (name, emb, lab) in zip(axes.flat, panels):
         _scatter(ax, np.asarray(emb), np.asarray(lab), classes, name, legend=False)
@@ -106,7 +106,7 @@ def _embedding_grid_figure(panels, classes: Sequence[str], title: str = ""):
     fig.legend(handles, names, loc="center right", fontsize=7, frameon=False, markerscale=3)
     if title:
         fig.suptitle(title, fontsize=11 if cols > 1 else 9)
-    fig.tight_layout(rect=(0, 0, 1 - LEGEND_INCHES / width, 1))
+    fig.tight_layout(rect=(0, 0, 1 - _LEGEND_INCHES / width, 1))
     return fig
 
 
