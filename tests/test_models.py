@@ -372,6 +372,28 @@ def test_cell_mlp_local_maps_in_blocks_of_rows_are_the_maps_of_all_rows(monkeypa
     torch.testing.assert_close(net(inputs), whole)
 
 
+@pytest.mark.parametrize("local_dims, m", [(3, 7), (0, 7), (2, 1100)])
+def test_cell_mlp_embed_folds_the_maps_through_the_head(local_dims, m):
+    """embed(x, head) is head(forward(x)) up to float32 rounding, with the maps folded into
+    one (out, in_dim) matrix per cell; also with the two-level lookup (m >= 1,024)."""
+    rng = torch.Generator().manual_seed(4)
+    landmarks = torch.randn(m, 5, generator=rng) * 4
+    inputs = landmarks[torch.arange(6 * m) % m] + torch.randn(6 * m, 5, generator=rng)
+    net = models.CellMLP(
+        5, landmarks, hidden=(6, 4), local_dims=local_dims, inputs=inputs if local_dims else None
+    )
+    head = torch.nn.Linear(net.feature_dim, 2)
+    with torch.no_grad():
+        net.offsets.weight.normal_(generator=rng)
+        if local_dims:
+            net.local.weight.normal_(generator=rng)
+    x = inputs[:40] + 0.3 * torch.randn(40, 5, generator=rng)
+    expected = head(net(x))
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(net.embed(x, head), expected, rtol=1e-5, atol=1e-5)
+    assert net.embed(x[:1], head).shape == (1, 2)
+
+
 def test_cell_mlp_pickled_before_the_local_maps_still_runs():
     """A CellMLP pickled before local_dims existed has none of its attributes."""
     import pickle

@@ -495,6 +495,38 @@ class CellMLP(MLP):
         ]
         return out + (local[0] if len(local) == 1 else torch.cat(local))
 
+    def embed(self, x: Tensor, head: nn.Linear) -> Tensor:
+        """``head(forward(x))``, with the cells' maps folded through the linear ``head``.
+
+        ``head(h + B A_c U_c (x - mu_c)) = head(h) + G_c x - G_c mu_c`` with ``G_c = W B A_c
+        U_c`` (``W``: the head's weight), an (out, in_dim) matrix per cell built once per call:
+        each row gathers ``out x in_dim`` numbers instead of its ``Q x in_dim`` basis, and the
+        ``(n, features)`` map of the maps is never formed. The same function as ``forward``
+        then ``head``, up to float rounding (the sums are taken in another order).
+
+        Parameters
+        ----------
+        x : (n, in_dim) tensor
+        head : torch.nn.Linear
+            The linear layer that follows this module (``feature_dim`` -> out).
+
+        Returns
+        -------
+        (n, out) tensor
+        """
+        x = x.flatten(1)
+        cells = self.cells(x)
+        h = self.net[0](x) + self.offset_scale * self.offsets(cells)
+        out = head(self.net[1:](h))
+        basis = getattr(self, "local_basis", None)
+        if basis is None:
+            return out
+        maps = self.local.weight.view(-1, self.local_rank, self.local_dims)
+        folded = torch.matmul(head.weight @ self.local_out.weight, maps) @ basis.to(maps.dtype)
+        shift = (folded @ self.landmarks.unsqueeze(-1)).squeeze(-1)  # G_c mu_c, (m, out)
+        local = (folded.index_select(0, cells) * x.unsqueeze(1)).sum(-1)
+        return out + local - shift.index_select(0, cells)
+
     def _local(self, x: Tensor, cells: Tensor, basis: Tensor) -> Tensor:
         """``B A_c U_c (x - mu_c)`` of each row."""
         offset = (x - self.landmarks.index_select(0, cells)).unsqueeze(-1)
