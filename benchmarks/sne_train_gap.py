@@ -265,8 +265,8 @@ def main() -> None:
                 super().__init__(width, hidden=hidden, batch_norm=True)
 
         class NormCellMLP(parametric_sne.CellMLP):
-            def __init__(self, width, landmarks, hidden=(128, 128), batch_norm=False):
-                super().__init__(width, landmarks, hidden=hidden, batch_norm=True)
+            def __init__(self, width, landmarks, batch_norm=False, **kwargs):
+                super().__init__(width, landmarks, batch_norm=True, **kwargs)
 
         parametric_sne.MLP, parametric_sne.CellMLP = NormMLP, NormCellMLP
     if args.output_scale:

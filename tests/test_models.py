@@ -373,7 +373,7 @@ def test_cell_mlp_local_maps_in_blocks_of_rows_are_the_maps_of_all_rows(monkeypa
 
 
 @pytest.mark.parametrize("local_dims, m", [(3, 7), (0, 7), (2, 1100)])
-def test_cell_mlp_embed_folds_the_maps_through_the_head(local_dims, m):
+def test_cell_mlp_embed_folds_the_maps_through_the_head(local_dims, m, monkeypatch):
     """embed(x, head) is head(forward(x)) up to float32 rounding, with the maps folded into
     one (out, in_dim) matrix per cell; also with the two-level lookup (m >= 1,024)."""
     rng = torch.Generator().manual_seed(4)
@@ -392,6 +392,8 @@ def test_cell_mlp_embed_folds_the_maps_through_the_head(local_dims, m):
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(net.embed(x, head), expected, rtol=1e-5, atol=1e-5)
     assert net.embed(x[:1], head).shape == (1, 2)
+    monkeypatch.setattr(models.CellMLP, "LOCAL_ROWS", 7)  # the maps in blocks of rows
+    torch.testing.assert_close(net.embed(x, head), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cell_mlp_pickled_before_the_local_maps_still_runs():
@@ -404,4 +406,6 @@ def test_cell_mlp_pickled_before_the_local_maps_still_runs():
     del net.local_dims, net.local_rank
     old = pickle.loads(pickle.dumps(net))
     torch.testing.assert_close(old(x), before)
+    head = torch.nn.Linear(old.feature_dim, 2)
+    torch.testing.assert_close(old.embed(x, head), head(before))
     assert "cells=7" in repr(old) and "local_dims" not in repr(old)

@@ -111,6 +111,34 @@ def test_transform_of_uint8_pixels_equals_that_of_their_floats(digits, lookup):
     np.testing.assert_allclose(est.transform(pixels), direct, atol=1e-5)
 
 
+def test_transform_folds_the_cells_maps_through_the_head(digits, lookup, monkeypatch):
+    """``transform`` goes through ``CellMLP.embed`` (the maps folded through the linear head)
+    and gives the network's own output, with maps far from their start."""
+    est = ParametricSNE(**FAST).fit(digits.x_train)
+    floats = digits.x_test.astype(np.float32) / 255
+    before = est.transform(floats)
+    body = est.model_[2]
+    with torch.no_grad():
+        body.local.weight.normal_(generator=torch.Generator().manual_seed(0))
+    calls = []
+    embed = CellMLP.embed
+    monkeypatch.setattr(
+        CellMLP, "embed", lambda self, x, head: calls.append(len(x)) or embed(self, x, head)
+    )
+    out = est.transform(floats)
+    assert calls == [len(floats)] and np.abs(out - before).max() > 0.1  # the maps count
+    with torch.no_grad():
+        direct = est.model_.eval()(torch.from_numpy(floats)).numpy()
+    np.testing.assert_allclose(out, direct, rtol=1e-5, atol=1e-4)
+    # more outputs than the maps' directions: the unfolded path, the same function
+    wide = ParametricSNE(**{**FAST, "n_components": 6}).fit(digits.x_train)
+    calls.clear()
+    with torch.no_grad():
+        expected = wide.model_.eval()(torch.from_numpy(floats)).numpy()
+    np.testing.assert_allclose(wide.transform(floats), expected, rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
 def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch, lookup):
     import beyond_icon.parametric_sne as module
 

@@ -498,10 +498,10 @@ class CellMLP(MLP):
     def embed(self, x: Tensor, head: nn.Linear) -> Tensor:
         """``head(forward(x))``, with the cells' maps folded through the linear ``head``.
 
-        ``head(h + B A_c U_c (x - mu_c)) = head(h) + G_c x - G_c mu_c`` with ``G_c = W B A_c
+        ``head(h + B A_c U_c (x - mu_c)) = head(h) + G_c (x - mu_c)`` with ``G_c = W B A_c
         U_c`` (``W``: the head's weight), an (out, in_dim) matrix per cell built once per call:
-        each row gathers ``out x in_dim`` numbers instead of its ``Q x in_dim`` basis, and the
-        ``(n, features)`` map of the maps is never formed. The same function as ``forward``
+        each row gathers ``out x in_dim`` numbers instead of its ``Q x in_dim`` basis (fewer
+        when ``out <= Q``), and the ``(n, features)`` map of the maps is never formed. The same function as ``forward``
         then ``head``, up to float rounding (the sums are taken in another order).
 
         Parameters
@@ -522,10 +522,17 @@ class CellMLP(MLP):
         if basis is None:
             return out
         maps = self.local.weight.view(-1, self.local_rank, self.local_dims)
-        folded = torch.matmul(head.weight @ self.local_out.weight, maps) @ basis.to(maps.dtype)
-        shift = (folded @ self.landmarks.unsqueeze(-1)).squeeze(-1)  # G_c mu_c, (m, out)
-        local = (folded.index_select(0, cells) * x.unsqueeze(1)).sum(-1)
-        return out + local - shift.index_select(0, cells)
+        folded = torch.matmul(head.weight @ self.local_out.weight, maps) @ basis
+        # in blocks of rows, as forward's maps: each row gathers an (out, in_dim) matrix
+        rows = self.LOCAL_ROWS
+        local = [
+            torch.bmm(
+                folded.index_select(0, c),
+                (block - self.landmarks.index_select(0, c)).unsqueeze(-1),
+            ).squeeze(-1)
+            for block, c in zip(x.split(rows), cells.split(rows))
+        ]
+        return out + (local[0] if len(local) == 1 else torch.cat(local))
 
     def _local(self, x: Tensor, cells: Tensor, basis: Tensor) -> Tensor:
         """``B A_c U_c (x - mu_c)`` of each row."""
