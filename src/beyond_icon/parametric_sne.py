@@ -988,8 +988,8 @@ class ParametricSNE(TransformerMixin, BaseEstimator):
             ):
                 # the cells' maps folded through the linear head (CellMLP.embed; the noise is
                 # off in eval mode), where that gathers fewer numbers per row: 10k
-                # Fashion-MNIST points, the network 24.5 -> 14.7 ms (medians of 30 calls, 2
-                # cores), the same embedding up to float rounding
+                # Fashion-MNIST points, the whole transform 29.5 -> 24.3 ms (medians of 37
+                # alternating calls, 2 cores), the same embedding up to float rounding
                 def rest(z: Tensor) -> Tensor:
                     return body.embed(z, head[0])
 
