@@ -9,10 +9,10 @@ of fitting and of transforming the test split. One run, one table, every method 
 machine with the same threads (ours on ``--device``, the CPU by default). Our fit time
 includes our PCA and a fresh neighbour search; the baselines' fit and transform times include
 the PCA-50 projection they run on (scikit-learn's, fitted inside the timed fit: the same
-projection as the one trustworthiness is measured in). Each method's transform of the test split is called ``--transform-calls`` times
-(5 by default) and the table shows the median time: one call's time moves by a third or more
-between calls (UMAP's first call includes numba's compilation); the metrics are the first
-call's.
+projection as the one trustworthiness is measured in). Each method's transform of the test
+split is called ``--transform-calls`` times (5 by default) and the table shows the median
+time: one call's time moves by a third or more between calls (UMAP's first call includes
+numba's compilation); the metrics are the first call's.
 
     pip install -e ".[bench]"
     python benchmarks/bench_sne.py --data fashion-mnist --n-train 10000 --n-test 10000

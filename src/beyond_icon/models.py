@@ -501,8 +501,9 @@ class CellMLP(MLP):
         ``head(h + B A_c U_c (x - mu_c)) = head(h) + G_c (x - mu_c)`` with ``G_c = W B A_c
         U_c`` (``W``: the head's weight), an (out, in_dim) matrix per cell built once per call:
         each row gathers ``out x in_dim`` numbers instead of its ``Q x in_dim`` basis (fewer
-        when ``out <= Q``), and the ``(n, features)`` map of the maps is never formed. The same function as ``forward``
-        then ``head``, up to float rounding (the sums are taken in another order).
+        when ``out <= Q``), and the ``(n, features)`` map of the maps is never formed. The
+        same function as ``forward`` then ``head``, up to float rounding (the sums are taken
+        in another order).
 
         Parameters
         ----------
