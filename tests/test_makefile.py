@@ -31,6 +31,8 @@ def _checkout_with_venv(tmp_path: Path, python: str) -> Path:
     (folder / "src" / "beyond_icon").mkdir(parents=True)
     shutil.copy(ROOT / "Makefile", folder)
     (folder / "pyproject.toml").write_text("")
+    (folder / "tools").mkdir()
+    shutil.copy(ROOT / "tools" / "relocatable_venv.py", folder / "tools")
     bin_ = folder / ".venv" / "bin"
     bin_.mkdir(parents=True)
     os.symlink(python, bin_ / "python")
