@@ -481,8 +481,7 @@ class CellMLP(MLP):
         cells are given (:meth:`nearest_among`)."""
         x = x.flatten(1)
         cells = self.cells(x) if cells is None else cells
-        h = self.net[0](x) + self.offset_scale * self.offsets(cells)
-        out = self.net[1:](h)
+        out = self._features(x, cells)
         basis = getattr(self, "local_basis", None)  # a CellMLP pickled before it: none
         if basis is None:
             return out
@@ -494,6 +493,11 @@ class CellMLP(MLP):
             self._local(x[s : s + rows], cells[s : s + rows], basis) for s in range(0, len(x), rows)
         ]
         return out + (local[0] if len(local) == 1 else torch.cat(local))
+
+    def _features(self, x: Tensor, cells: Tensor) -> Tensor:
+        """The MLP with the cells' vectors, without their maps: ``relu(W x + b + s e_c)``
+        then the other layers."""
+        return self.net[1:](self.net[0](x) + self.offset_scale * self.offsets(cells))
 
     def embed(self, x: Tensor, head: nn.Linear) -> Tensor:
         """``head(forward(x))``, with the cells' maps folded through the linear ``head``.
@@ -517,8 +521,7 @@ class CellMLP(MLP):
         """
         x = x.flatten(1)
         cells = self.cells(x)
-        h = self.net[0](x) + self.offset_scale * self.offsets(cells)
-        out = head(self.net[1:](h))
+        out = head(self._features(x, cells))
         basis = getattr(self, "local_basis", None)
         if basis is None:
             return out
